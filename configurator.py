@@ -1,0 +1,84 @@
+"""
+Settings as Python, nanoGPT style. Every stage script defines its defaults as plain globals and
+then runs
+
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+
+so that
+
+    python train.py config/vitl14.py --batch_size=512 --lr=3e-4 --out_dir=out/run1
+
+first executes the config file(s) and then applies --key=value overrides, in order. Values are
+parsed as Python literals (strings may be given bare). A key the script does not define, or a value
+of another type than the default's, stops the run with a message naming the key: a typo must never
+silently train the wrong model. After this runs, the script has a `config` dict of all its settings.
+"""
+import sys
+import types
+from ast import literal_eval
+
+CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def config_keys(g):
+    """The settings of a script: its plain-valued globals that do not start with an underscore."""
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+
+
+def coerce(key, value, default, where):
+    """Check `value` against the type of the default; ints are accepted where floats are expected."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    elif type(value) is type(default):
+        return value
+    raise SystemExit(f"config error ({where}): '{key}' expects {type(default).__name__} "
+                     f"(default {default!r}), got {type(value).__name__} {value!r}")
+
+
+def configure(g, args):
+    keys = config_keys(g)
+    for arg in args:
+        if arg in ('-h', '--help'):
+            print('settings (override with --key=value or a config file):')
+            for k in keys:
+                print(f'  --{k}={g[k]!r}')
+            raise SystemExit(0)
+        if not arg.startswith('--'):  # a config file: Python that assigns some of the settings
+            try:
+                src = open(arg).read()
+            except OSError as e:
+                raise SystemExit(f'config error: cannot read config file {arg}: {e.strerror}')
+            ns = {k: g[k] for k in keys}
+            ns['__file__'] = arg
+            exec(compile(src, arg, 'exec'), ns)
+            for k, v in ns.items():
+                if k.startswith('_') or isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                if k not in keys:
+                    raise SystemExit(f"config error ({arg}): unknown key '{k}'; "
+                                     f"known keys: {', '.join(keys)}")
+                g[k] = coerce(k, v, g[k], arg)
+        else:  # --key=value
+            key, eq, val = arg[2:].partition('=')
+            if not eq:
+                raise SystemExit(f"config error: '{arg}' is not of the form --key=value")
+            if key not in keys:
+                raise SystemExit(f"config error ({arg}): unknown key '{key}'; "
+                                 f"known keys: {', '.join(keys)}")
+            try:
+                val = literal_eval(val)
+            except (SyntaxError, ValueError):
+                pass  # a bare string such as --out_dir=out/run1
+            g[key] = coerce(key, val, g[key], arg)
+    g['config'] = {k: g[k] for k in keys}
+
+
+if __name__ == '__main__':  # exec'd from a stage script, whose globals these are
+    configure(globals(), sys.argv[1:])
