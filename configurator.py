@@ -17,12 +17,12 @@ import sys
 import types
 from ast import literal_eval
 
-CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+_CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
 def config_keys(g):
     """The settings of a script: its plain-valued globals that do not start with an underscore."""
-    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)]
 
 
 def coerce(key, value, default, where):

@@ -1,0 +1,68 @@
+"""configurator.py: config files and --key=value overrides, with errors that name the key."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def defaults():
+    return {'lr': 5e-4, 'batch_size': 256, 'compile': False, 'out_dir': 'out/x', 'init_from': None,
+            'betas': (0.9, 0.98), '_private': 1}
+
+
+def test_overrides_parse_as_python_literals():
+    g = defaults()
+    configure(g, ['--lr=1', '--batch_size=32', '--compile=True', '--out_dir=out/run 1',
+                  '--init_from=resume', '--betas=[0.9, 0.95]'])
+    assert g['lr'] == 1.0 and isinstance(g['lr'], float)  # an int is fine where a float is expected
+    assert g['batch_size'] == 32 and g['compile'] is True
+    assert g['out_dir'] == 'out/run 1' and g['init_from'] == 'resume'
+    assert g['betas'] == (0.9, 0.95) and isinstance(g['betas'], tuple)
+    assert g['config'] == {k: g[k] for k in defaults() if not k.startswith('_')}
+
+
+def test_config_file_then_override_in_order(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('import math\nbatch_size = 8 * 4\nlr = math.sqrt(4) * 1e-4\n_helper = 3\n')
+    g = defaults()
+    configure(g, [str(cfg), '--batch_size=16'])
+    assert g['batch_size'] == 16 and g['lr'] == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--lrr=0.1'], "unknown key 'lrr'"),
+    (['--batch_size=0.5'], "'batch_size' expects int"),
+    (['--compile=1'], "'compile' expects bool"),
+    (['--out_dir=3'], "'out_dir' expects str"),
+    (['--lr'], "not of the form --key=value"),
+    (['no/such/config.py'], 'cannot read config file no/such/config.py'),
+])
+def test_bad_overrides_name_the_key(args, message):
+    with pytest.raises(SystemExit, match=message.replace('(', r'\(')):
+        configure(defaults(), args)
+
+
+def test_unknown_key_in_config_file_names_file_and_key(tmp_path):
+    cfg = tmp_path / 'bad.py'
+    cfg.write_text('batch_sise = 64\n')
+    with pytest.raises(SystemExit, match=r"bad.py\): unknown key 'batch_sise'"):
+        configure(defaults(), [str(cfg)])
+
+
+def test_exec_from_a_script_edits_its_globals(tmp_path):
+    # the way stage scripts use it: exec'd at top level of a script run as __main__
+    script = tmp_path / 'stage.py'
+    script.write_text(
+        "import os, json\nsteps = 10\nname = 'a'\n"
+        f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
+        "print(json.dumps(config))\n")
+    out = subprocess.run([sys.executable, str(script), '--steps=3', '--name=b'],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '{"steps": 3, "name": "b"}'
+    bad = subprocess.run([sys.executable, str(script), '--stpes=3'], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown key 'stpes'" in bad.stderr
