@@ -1,0 +1,248 @@
+"""
+The CLIP image and text towers (Radford et al. 2021), which MLCD trains (An et al., ECCV 2024),
+plus loading of OpenAI / open_clip / Hugging Face CLIP weights and export to Hugging Face.
+
+VisionTransformer: conv patch embedding -> [class token; patches] + position embedding -> ln_pre
+-> pre-norm blocks -> ln_post(class token) -> linear projection.
+TextTransformer: token + position embedding -> causal pre-norm blocks -> ln_final ->
+projection of the end-of-text token (the highest id in the sequence).
+"""
+
+import json
+import math
+import os
+import re
+import zipfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: a GPU kernel; CPU machines and CI use torch's SDPA
+    from flash_attn import flash_attn_func
+except Exception:
+    flash_attn_func = None
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def attention(q, k, v, causal=False):
+    """The one place attention is computed. q, k, v: [B, T, heads, head_dim] -> same shape.
+    softmax(q k^T / sqrt(head_dim)) v, with a causal mask if asked."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, causal=causal)  # takes [B, T, h, d] directly
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants [B, h, T, d]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+
+class QuickGELU(nn.Module):
+    # the sigmoid approximation of GELU that OpenAI's CLIP weights were trained with
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTS = {'quick_gelu': QuickGELU, 'gelu': nn.GELU}
+
+
+class Attention(nn.Module):
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        assert width % heads == 0, f'width {width} is not divisible by heads {heads}'
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)  # fused q, k, v: OpenAI's in_proj maps onto it as is
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)
+        return self.proj(attention(q, k, v, self.causal).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, width, hidden, act):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.act = ACTS[act]()
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, width, heads, mlp_ratio, act, ln_eps, causal):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def block_flops(tokens, width, hidden):
+    """Forward FLOPs of one block on one sequence, counting 2 FLOPs per multiply-add (so that
+    MFU = flops / time / peak is right). Attention is counted densely, also when causal."""
+    T, D = tokens, width
+    return (2 * T * D * 3 * D       # qkv projection
+            + 2 * T * T * D         # q k^T
+            + 2 * T * T * D         # attention-weighted sum of v
+            + 2 * T * D * D         # output projection
+            + 2 * 2 * T * D * hidden)  # mlp fc and proj
+
+
+def init_weights(model, width, layers):
+    # OpenAI CLIP's initialisation: residual branch outputs are scaled down with depth
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    for block in model.blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+        nn.init.normal_(block.attn.proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.proj.weight, std=proj_std)
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            nn.init.zeros_(lin.bias)
+    if model.proj is not None:
+        nn.init.normal_(model.proj.weight, std=width ** -0.5)
+
+# -----------------------------------------------------------------------------
+# the two towers
+
+
+class VisionTransformer(nn.Module):
+
+    def __init__(self, image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=512,
+                 mlp_ratio=4.0, act='quick_gelu', ln_eps=1e-5, proj=True):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
+        if act not in ACTS:
+            raise ValueError(f'act must be one of {sorted(ACTS)}, got {act!r}')
+        self.config = dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+                           heads=heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio, act=act,
+                           ln_eps=ln_eps, proj=proj)
+        self.image_size, self.patch_size, self.width = image_size, patch_size, width
+        self.embed_dim = embed_dim if proj else width  # the output dimension of forward()
+        self.grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.cls_token = nn.Parameter(width ** -0.5 * torch.randn(width))
+        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(self.grid ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=ln_eps)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, ln_eps, causal=False)
+                                    for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width, eps=ln_eps)
+        self.proj = nn.Linear(width, embed_dim, bias=False) if proj else None
+        init_weights(self, width, layers)
+
+    def forward_tokens(self, x):
+        """[B, 3, H, W] normalised pixels -> [B, 1 + N, width]: all tokens after the last block,
+        class token first, before ln_post (what transformers calls last_hidden_state)."""
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f'expected {self.image_size}x{self.image_size} images, got '
+                             f'{tuple(x.shape[-2:])}; build the model with that image_size')
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, width]
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x):
+        """[B, 3, H, W] normalised pixels -> [B, embed_dim], projected and not L2-normalised
+        (with proj=False: the pooled post-ln class token, [B, width])."""
+        x = self.ln_post(self.forward_tokens(x)[:, 0])
+        return self.proj(x) if self.proj is not None else x
+
+    def flops(self):
+        """Forward FLOPs per image (2 per multiply-add) at self.image_size."""
+        c = self.config
+        N, D = self.grid ** 2, self.width
+        f = 2 * N * D * 3 * self.patch_size ** 2  # patch embedding
+        f += c['layers'] * block_flops(N + 1, D, int(D * c['mlp_ratio']))
+        f += 2 * D * self.embed_dim if self.proj is not None else 0
+        return f
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+class TextTransformer(nn.Module):
+
+    def __init__(self, context_length=77, vocab_size=49408, width=512, layers=12, heads=8,
+                 embed_dim=512, mlp_ratio=4.0, act='quick_gelu', ln_eps=1e-5):
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f'act must be one of {sorted(ACTS)}, got {act!r}')
+        self.config = dict(context_length=context_length, vocab_size=vocab_size, width=width,
+                           layers=layers, heads=heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
+                           act=act, ln_eps=ln_eps)
+        self.context_length, self.width, self.embed_dim = context_length, width, embed_dim
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, ln_eps, causal=True)
+                                    for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width, eps=ln_eps)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        init_weights(self, width, layers)
+
+    def forward(self, ids):
+        """[B, T<=context_length] int64 CLIP BPE ids -> [B, embed_dim] (not L2-normalised)."""
+        T = ids.shape[1]
+        if T > self.context_length:
+            raise ValueError(f'text of length {T} exceeds context_length {self.context_length}')
+        x = self.token_embed(ids) + self.pos_embed[:T]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_final(x)
+        # the end-of-text token has the highest id; causal attention makes it see the whole text
+        x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        return self.proj(x)
+
+    def flops(self):
+        """Forward FLOPs per text of context_length tokens (2 per multiply-add)."""
+        c = self.config
+        T, D = self.context_length, self.width
+        return c['layers'] * block_flops(T, D, int(D * c['mlp_ratio'])) + 2 * D * self.embed_dim
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+# -----------------------------------------------------------------------------
+# presets: the paper's models (DESIGN table, OpenAI CLIP architectures) and a tiny CPU model
+
+
+def _preset(image_size, patch, width, layers, heads, embed, t_width, t_layers, t_heads, act='quick_gelu'):
+    vision = dict(image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads,
+                  embed_dim=embed, act=act)
+    text = dict(context_length=77, vocab_size=49408, width=t_width, layers=t_layers, heads=t_heads,
+                embed_dim=embed, act=act)
+    return dict(vision=vision, text=text)
+
+
+PRESETS = {
+    'ViT-B/32': _preset(224, 32, 768, 12, 12, 512, 512, 12, 8),
+    'ViT-B/16': _preset(224, 16, 768, 12, 12, 512, 512, 12, 8),
+    'ViT-L/14': _preset(224, 14, 1024, 24, 16, 768, 768, 12, 12),
+    'ViT-L/14-336': _preset(336, 14, 1024, 24, 16, 768, 768, 12, 12),
+    'ViT-T/4': _preset(32, 4, 192, 6, 3, 128, 128, 3, 2, act='gelu'),  # CPU tests and small runs
+}
+
+
+def create(name, **vision_overrides):
+    """-> (VisionTransformer, TextTransformer) of a preset; keyword arguments override the vision
+    tower's settings (an embed_dim override applies to the text tower too, so they still match)."""
+    if name not in PRESETS:
+        raise ValueError(f'unknown model {name!r}; presets: {", ".join(PRESETS)}')
+    vcfg = {**PRESETS[name]['vision'], **vision_overrides}
+    tcfg = {**PRESETS[name]['text']}
+    if 'embed_dim' in vision_overrides:
+        tcfg['embed_dim'] = vision_overrides['embed_dim']
+    return VisionTransformer(**vcfg), TextTransformer(**tcfg)
