@@ -1,0 +1,278 @@
+"""
+Losses of MLCD (Multi-Label Cluster Discrimination, An et al., ECCV 2024):
+- PartialFC: k class centres sharded over ranks, a random fraction of the negatives sampled per
+  step, and the MLCD (Eq. 5) or MLC (Eq. 4) loss with an ArcFace margin on the positives.
+- clip_loss: the symmetric InfoNCE loss used to train a text tower against a locked image tower.
+Works on one process and under torch.distributed (one process per GPU, or gloo on CPU).
+
+Gradient convention under torch.distributed (both losses): the returned value is the mean over
+the GLOBAL batch and is the same on every rank; the gradient that reaches a rank's input rows is
+world_size * d(loss)/d(rows), so DDP's averaging (a division by world_size) of the backbone
+gradient gives exactly the single-process gradient of the same global batch. Parameters that
+live inside the loss and are not DDP-wrapped (the centres) get their exact gradient.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_range(num_classes, rank, world_size):
+    """Contiguous class range [start, start + n) held by `rank` (DESIGN §4)."""
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+# -----------------------------------------------------------------------------
+# differentiable collectives
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate x [b, ...] from every rank (equal b) along dim 0, with gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _world()
+        ctx.rank, ctx.b = rank, x.shape[0]
+        out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.chunk(world)), x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank used the gathered rows in its own loss, so the gradient of a local row is the
+        # SUM over ranks of their gradients for it (a reduce-scatter). NCCL has a reduce-scatter;
+        # gloo does not, so there we all-reduce and keep our slice.
+        grad = grad.contiguous()
+        if dist.get_backend() == 'nccl':
+            out = torch.empty((ctx.b,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+
+
+def all_gather_with_grad(x):
+    """all_gather along dim 0 whose backward sums the gradients of all ranks (reduce-scatter).
+    Identity without torch.distributed. Every rank must pass the same shape."""
+    if _world()[1] == 1:
+        return x
+    return _AllGather.apply(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is the identity: every rank evaluates the SAME loss from the
+    reduced value, so d(loss)/d(local term) = d(loss)/d(sum), which each rank already holds.
+    (Summing in backward too would count that one loss world_size times.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _WithValue(torch.autograd.Function):
+    """Returns `value` in the forward pass and passes the gradient to `x` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+# -----------------------------------------------------------------------------
+# MLCD / MLC over partial (sampled, sharded) class centres
+
+class PartialFC(nn.Module):
+    """k class centres split over ranks; each step scores the global batch against every local
+    positive of the batch plus a uniform random sample of local negatives (PartialFC), and returns
+    the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged over the global batch."""
+
+    def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3, loss_type='mlcd'):
+        super().__init__()
+        if loss_type not in ('mlcd', 'mlc'):
+            raise ValueError(f"loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
+        if not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f'sample_ratio must be in (0, 1], got {sample_ratio}')
+        rank, world = _world()
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
+        self.start, self.num_local = shard_range(num_classes, rank, world)
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embed_dim)))
+        self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
+        self.index = None  # local indices of the centres scored in the last forward
+        self.stats = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        # keep the sampler's generator on the weight's device (.to(), .cuda()); reseed it afterwards
+        super()._apply(fn, *args, **kwargs)
+        if self.generator.device != self.weight.device:
+            self.generator = torch.Generator(self.weight.device).manual_seed(self.generator.initial_seed())
+        return self
+
+    def extra_repr(self):
+        return (f'embed_dim={self.embed_dim}, num_classes={self.num_classes}, local=[{self.start}, '
+                f'{self.start + self.num_local}), sample_ratio={self.sample_ratio}, scale={self.scale}, '
+                f'margin={self.margin}, loss_type={self.loss_type}')
+
+    @torch.no_grad()
+    def sample(self, local_pos):
+        """Sorted local indices to score: all local positives of the global batch, filled up to
+        ceil(sample_ratio * n_r) with uniformly random local negatives."""
+        n = self.num_local
+        num = math.ceil(self.sample_ratio * n)
+        if num >= n:
+            return torch.arange(n, device=self.weight.device)
+        # uniform random keys in [0, 1); positives get 2 so topk always keeps them, the rest of the
+        # top-num is then a uniform random subset of the negatives
+        keys = torch.rand(n, generator=self.generator, device=self.weight.device)
+        keys[local_pos] = 2.0
+        num = max(num, local_pos.numel())
+        return keys.topk(num, sorted=False).indices.sort().values
+
+    def forward(self, embeddings, labels, index=None):
+        """embeddings [b, d] (this rank's rows), labels [b, l] int64 global class ids, -1 = none.
+        index: optional sorted local centre indices to score instead of sampling (must hold every
+        local positive of the global batch; tests use it to score the same set on any world size).
+        Returns the mean over the global batch of the per-sample loss, identical on every rank."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f'embeddings must be [b, {self.embed_dim}], got {tuple(embeddings.shape)}')
+        if labels.dim() == 1:
+            labels = labels[:, None]
+        if labels.dim() != 2 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f'labels must be [b, l] with b = {embeddings.shape[0]}, got {tuple(labels.shape)}')
+        if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
+            raise ValueError(f'labels must be in [-1, {self.num_classes}), got [{labels.min()}, {labels.max()}]')
+        rank, world = _world()
+        dev = self.weight.device
+        dt = torch.promote_types(self.weight.dtype, torch.float32)  # loss math: fp32 (fp64 in tests)
+
+        # Gather the global batch. Each rank backpropagates only its own centres' share of
+        # dL/dx; _AllGather's backward sums the shares into the exact dL/dx of the local rows.
+        # DDP then DIVIDES the backbone gradient by world_size, although the true gradient of the
+        # global mean is the SUM of the ranks' contributions: so scale the gradient by world_size.
+        x = embeddings.to(dev)
+        if world > 1:
+            x = _ScaleGrad.apply(all_gather_with_grad(x), float(world))
+            labels = _AllGather.apply(labels.to(dev).contiguous())  # ints: no gradient
+        labels = labels.to(dev).long()
+        B = x.shape[0]
+
+        # a duplicated id in a row counts once: sort each row and blank repeats
+        labels = labels.sort(dim=1).values
+        labels[:, 1:][labels[:, 1:] == labels[:, :-1]] = -1
+        is_local = (labels >= self.start) & (labels < self.start + self.num_local)
+        local_lab = torch.where(is_local, labels - self.start, 0)
+
+        # PartialFC sampling; col_of maps a local centre to its column among the sampled ones
+        given = index is not None
+        index = index.to(dev) if given else self.sample(local_lab[is_local].unique())
+        self.index = index
+        col_of = torch.full((self.num_local,), -1, dtype=torch.long, device=dev)
+        col_of[index] = torch.arange(index.numel(), device=dev)
+        pos_col = torch.where(is_local, col_of[local_lab], 0)
+        if given and (pos_col[is_local] < 0).any():
+            raise ValueError('index must contain every local positive of the global batch')
+
+        # cosines; under autocast the matmul runs in bf16, everything after it in fp32
+        e = F.normalize(x.to(dt), dim=1)
+        w = F.normalize(self.weight.index_select(0, index), dim=1)
+        cos = (e @ w.t()).to(dt)  # [B, k_sampled], never [B, k] when sample_ratio < 1
+
+        # positives: s_i = scale * cos(min(theta_i + m, pi)), computed as
+        # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), sin(theta) = sqrt(1 - cos^2) >= 0,
+        # which equals the acos form without its infinite gradient at cos = +-1 (the clamp of
+        # 1 - cos^2 only acts where cos is exactly +-1); theta + m >= pi  <=>  cos <= -cos(m)
+        c_pos = cos.gather(1, pos_col).clamp(-1.0, 1.0)  # [B, l]
+        sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
+        cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
+        s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m, -1.0)
+        # negatives: s_j = scale * cos(theta_j) for every sampled centre that is not a positive
+        pos_mask = torch.zeros_like(cos, dtype=torch.bool)
+        rows, slots = is_local.nonzero(as_tuple=True)
+        pos_mask[rows, pos_col[rows, slots]] = True
+        s_neg = (self.scale * cos).masked_fill(pos_mask, float('-inf'))
+
+        # Per-sample log-sum-exp of -s_i (positives) and s_j (negatives) over ALL ranks,
+        # max-stabilised: m = max over ranks of the local maxima, then sum over ranks of
+        # sum exp(z - m). m is a constant for autograd (log-sum-exp does not depend on it).
+        z_pos = (-s_pos).masked_fill(~is_local, float('-inf'))
+        m = torch.stack([z_pos.detach().amax(1), s_neg.detach().amax(1)], 1)  # [B, 2]
+        if world > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # a set empty on every rank: any finite m
+        sums = torch.stack([(z_pos - m[:, :1]).exp().sum(1), (s_neg - m[:, 1:]).exp().sum(1)], 1)
+        # logging statistics ride along in the same all-reduce (paper Fig. 3)
+        with torch.no_grad():
+            n_pos = is_local.sum()
+            pos_sum = (c_pos * is_local).sum()
+            neg_sum = cos.sum() - cos.gather(1, pos_col).mul(is_local).sum()
+            stats = torch.stack([pos_sum, n_pos.to(dt), neg_sum, (cos.numel() - n_pos).to(dt)])
+        if world > 1:
+            packed = _AllReduceSum.apply(torch.cat([sums.flatten(), stats]))
+            sums, stats = packed[:2 * B].view(B, 2), packed[2 * B:].detach()
+        nonempty = sums > 0
+        lse = torch.where(nonempty, m + torch.where(nonempty, sums, 1.0).log(), float('-inf'))
+        lse_pos, lse_neg = lse[:, 0], lse[:, 1]  # log sum_i exp(-s_i), log sum_j exp(s_j)
+
+        if self.loss_type == 'mlcd':
+            # Eq. 5: log(1 + sum_i exp(-s_i)) + log(1 + sum_j exp(s_j))
+            loss = F.softplus(lse_pos) + F.softplus(lse_neg)
+        else:
+            # Eq. 4: log(1 + sum_j exp(s_j) * sum_i exp(-s_i))
+            loss = F.softplus(lse_neg + lse_pos)
+        stats = stats.tolist()
+        self.stats = {'pos_cos': stats[0] / max(stats[1], 1.0), 'neg_cos': stats[2] / max(stats[3], 1.0)}
+        return loss.mean()
+
+
+# -----------------------------------------------------------------------------
+# CLIP contrastive loss (for LiT)
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """Symmetric InfoNCE over the global batch. image_emb, text_emb: [b, d] this rank's rows
+    (L2-normalised here); logit_scale: the multiplier (exp of the learnable log temperature,
+    capped by the caller). Each rank scores its own rows against all gathered columns; the value
+    returned is the global-batch mean, the same on every rank."""
+    rank, world = _world()
+    dt = torch.promote_types(image_emb.dtype, torch.float32)  # fp32 (fp64 in tests)
+    img = F.normalize(image_emb.to(dt), dim=-1)
+    txt = F.normalize(text_emb.to(dt), dim=-1)
+    # Rank r's loss_r is the mean over its rows; the global mean is (1/W) sum_r loss_r. The
+    # gather's backward sums every rank's gradient for a row, so a row receives
+    # sum_r d loss_r/d row = W * d(global mean)/d row, and DDP's division by W makes it exact.
+    img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)
+    target = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+    loss = (F.cross_entropy(logit_scale * img @ txt_all.t(), target) +
+            F.cross_entropy(logit_scale * txt @ img_all.t(), target)) / 2
+    if world > 1:  # report the global mean; the gradient stays the one of this rank's share
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        loss = _WithValue.apply(loss, total / world)
+    return loss
