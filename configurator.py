@@ -80,5 +80,10 @@ def configure(g, args):
     g['config'] = {k: g[k] for k in keys}
 
 
-if __name__ == '__main__':  # exec'd from a stage script, whose globals these are
+if __name__ == '__main__':
+    # exec'd from a stage script: configure that script's globals with the imported module's copy
+    # of configure(), whose own name lookups cannot be shadowed by a setting called e.g. `compile`
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the script sits beside us
+    from configurator import configure
     configure(globals(), sys.argv[1:])
