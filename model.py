@@ -124,11 +124,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
         if act not in ACTS:
             raise ValueError(f'act must be one of {sorted(ACTS)}, got {act!r}')
+        embed_dim = embed_dim if proj else width  # the output dimension of forward()
         self.config = dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
                            heads=heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio, act=act,
                            ln_eps=ln_eps, proj=proj)
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
-        self.embed_dim = embed_dim if proj else width  # the output dimension of forward()
+        self.embed_dim = embed_dim
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.cls_token = nn.Parameter(width ** -0.5 * torch.randn(width))
@@ -246,3 +247,325 @@ def create(name, **vision_overrides):
     if 'embed_dim' in vision_overrides:
         tcfg['embed_dim'] = vision_overrides['embed_dim']
     return VisionTransformer(**vcfg), TextTransformer(**tcfg)
+
+# -----------------------------------------------------------------------------
+# position embeddings at another image size
+
+
+def resize_pos_embed(pos_embed, grid):
+    """[1 + g*g, D] -> [1 + grid*grid, D]: bicubic interpolation over the g x g patch grid,
+    the class token's embedding untouched; returned as is when the grid does not change."""
+    n, D = pos_embed.shape
+    g = math.isqrt(n - 1)
+    if g * g != n - 1:
+        raise ValueError(f'position embedding of {n} rows is not 1 + a square grid')
+    if g == grid:
+        return pos_embed
+    patches = pos_embed[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # rows are (h, w) row-major
+    patches = F.interpolate(patches, size=(grid, grid), mode='bicubic', align_corners=False,
+                            antialias=True)  # Keys' a=-0.5 cubic, as open_clip and timm resize
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, D).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:1], patches])
+
+# -----------------------------------------------------------------------------
+# loading other people's checkpoints: rename their keys onto ours, infer the architecture from the
+# tensor shapes, then load strictly. Each rule: (regex on their key, tower, our key); tower None
+# means a known key we do not use. '{block}' in our key is the block's inner name, mapped through
+# the format's block table.
+
+OPENAI_RULES = [  # OpenAI CLIP and open_clip (which kept OpenAI's names)
+    (r'logit_scale|input_resolution|context_length|vocab_size|.*attn_mask', None, None),
+    (r'visual\.conv1\.weight', 'vision', 'patch_embed.weight'),
+    (r'visual\.class_embedding', 'vision', 'cls_token'),
+    (r'visual\.positional_embedding', 'vision', 'pos_embed'),
+    (r'visual\.ln_pre\.(weight|bias)', 'vision', r'ln_pre.\1'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.(.+)', 'vision', r'blocks.\1.{block}'),
+    (r'visual\.ln_post\.(weight|bias)', 'vision', r'ln_post.\1'),
+    (r'visual\.proj', 'vision', 'proj.weight'),  # stored [width, embed]: transposed below
+    (r'token_embedding\.weight', 'text', 'token_embed.weight'),
+    (r'positional_embedding', 'text', 'pos_embed'),
+    (r'transformer\.resblocks\.(\d+)\.(.+)', 'text', r'blocks.\1.{block}'),
+    (r'ln_final\.(weight|bias)', 'text', r'ln_final.\1'),
+    (r'text_projection', 'text', 'proj.weight'),  # stored [width, embed]: transposed below
+]
+OPENAI_BLOCK = {'ln_1': 'ln_1', 'attn.in_proj': 'attn.qkv', 'attn.out_proj': 'attn.proj',
+                'ln_2': 'ln_2', 'mlp.c_fc': 'mlp.fc', 'mlp.c_proj': 'mlp.proj'}
+OPENAI_TRANSPOSED = {'visual.proj', 'text_projection'}
+
+HF_RULES = [  # transformers CLIPModel / CLIPVisionModel(WithProjection); 'vision_model.' is absent
+    # from CLIPVisionModel files written by transformers >= 5
+    (r'logit_scale|.*position_ids', None, None),
+    (r'(?:vision_model\.)?embeddings\.class_embedding', 'vision', 'cls_token'),
+    (r'(?:vision_model\.)?embeddings\.patch_embedding\.weight', 'vision', 'patch_embed.weight'),
+    (r'(?:vision_model\.)?embeddings\.position_embedding\.weight', 'vision', 'pos_embed'),
+    (r'(?:vision_model\.)?pre_layrnorm\.(weight|bias)', 'vision', r'ln_pre.\1'),
+    (r'(?:vision_model\.)?encoder\.layers\.(\d+)\.(.+)', 'vision', r'blocks.\1.{block}'),
+    (r'(?:vision_model\.)?post_layernorm\.(weight|bias)', 'vision', r'ln_post.\1'),
+    (r'visual_projection\.weight', 'vision', 'proj.weight'),
+    (r'text_model\.embeddings\.token_embedding\.weight', 'text', 'token_embed.weight'),
+    (r'text_model\.embeddings\.position_embedding\.weight', 'text', 'pos_embed'),
+    (r'text_model\.encoder\.layers\.(\d+)\.(.+)', 'text', r'blocks.\1.{block}'),
+    (r'text_model\.final_layer_norm\.(weight|bias)', 'text', r'ln_final.\1'),
+    (r'text_projection\.weight', 'text', 'proj.weight'),
+]
+HF_BLOCK = {'layer_norm1': 'ln_1', 'self_attn.q_proj': 'attn.q', 'self_attn.k_proj': 'attn.k',
+            'self_attn.v_proj': 'attn.v', 'self_attn.out_proj': 'attn.proj', 'layer_norm2': 'ln_2',
+            'mlp.fc1': 'mlp.fc', 'mlp.fc2': 'mlp.proj'}
+
+
+def _names(keys, limit=12):
+    keys = sorted(keys)
+    return ', '.join(keys[:limit]) + (f' ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def _rename(sd, rules, block_table, transposed=()):
+    """their state dict -> ({'vision': ours, 'text': ours}, [their keys no rule knows])."""
+    towers, unexpected = {'vision': {}, 'text': {}}, []
+    for key, value in sd.items():
+        for pattern, tower, target in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                break
+        else:
+            unexpected.append(key)
+            continue
+        if tower is None:
+            continue
+        name = m.expand(target)
+        if '{block}' in name:  # e.g. 'attn.in_proj_weight' -> 'attn.qkv.weight'
+            module, _, param = m.group(2).replace('in_proj_', 'in_proj.').rpartition('.')
+            if module not in block_table:
+                unexpected.append(key)
+                continue
+            name = name.replace('{block}', f'{block_table[module]}.{param}')
+        towers[tower][name] = value.t() if key in transposed else value
+    for sd in towers.values():  # separate q, k, v projections -> one fused qkv Linear
+        for name in [n for n in sd if re.fullmatch(r'blocks\.\d+\.attn\.q\.(weight|bias)', n)]:
+            parts = [name.replace('.q.', f'.{p}.') for p in 'qkv']
+            if all(p in sd for p in parts):
+                sd[name.replace('.q.', '.qkv.')] = torch.cat([sd.pop(p) for p in parts])
+    return towers, unexpected
+
+
+def _shapes(sd, tower, required):
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(f'{tower} weights lack keys: {_names(missing)}')
+    return {k: sd[k].shape for k in required}
+
+
+def _vision_config(sd, head_width=64):
+    """architecture of a vision tower from its (renamed) weights; heads are not visible in the
+    weights: CLIP's convention is head width 64 unless the format's config says otherwise."""
+    s = _shapes(sd, 'vision', ['patch_embed.weight', 'pos_embed', 'blocks.0.mlp.fc.weight'])
+    width, _, patch, _ = s['patch_embed.weight']
+    grid = math.isqrt(s['pos_embed'][0] - 1)
+    proj = 'proj.weight' in sd
+    return dict(image_size=grid * patch, patch_size=patch, width=width,
+                layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
+                heads=width // head_width, embed_dim=sd['proj.weight'].shape[0] if proj else width,
+                mlp_ratio=s['blocks.0.mlp.fc.weight'][0] / width, proj=proj)
+
+
+def _text_config(sd, heads=None):
+    s = _shapes(sd, 'text', ['token_embed.weight', 'pos_embed', 'proj.weight', 'blocks.0.mlp.fc.weight'])
+    vocab, width = s['token_embed.weight']
+    return dict(context_length=s['pos_embed'][0], vocab_size=vocab, width=width,
+                layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
+                heads=heads or width // 64, embed_dim=s['proj.weight'][0],
+                mlp_ratio=s['blocks.0.mlp.fc.weight'][0] / width)
+
+
+def _build(cls, cfg, sd, source, image_size=None):
+    """construct cls(**cfg) and load sd strictly; a mismatch is a ValueError naming the keys."""
+    sd = {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in sd.items()}  # DDP / compile
+    if image_size is not None and cls is VisionTransformer and image_size != cfg['image_size']:
+        if 'pos_embed' in sd:
+            sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], image_size // cfg['patch_size'])
+        cfg = {**cfg, 'image_size': image_size}
+    model = cls(**cfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f'{source}: weights do not fit {cls.__name__}({cfg}): '
+                         f'missing keys [{_names(missing)}]; unexpected keys [{_names(unexpected)}]; '
+                         f'wrong shapes [{_names(wrong)}]')
+    model.load_state_dict(sd)
+    return model
+
+
+def _load_weights(path):
+    """a state dict (or our checkpoint dict) from a file; never unpickles arbitrary objects."""
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f'{path}: reading .safetensors needs the safetensors package '
+                             '(pip install safetensors)') from None
+        return load_file(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            torchscript = any(n.endswith('constants.pkl') for n in z.namelist())
+        if torchscript:
+            # OpenAI's released CLIP .pt files are TorchScript archives. torch.jit.load is used for
+            # that format only: it reads TorchScript code and tensors, not pickled Python objects.
+            return {k: v for k, v in torch.jit.load(path, map_location='cpu').state_dict().items()}
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
+
+
+def _hf_dir(path):
+    with open(os.path.join(path, 'config.json')) as f:
+        config = json.load(f)
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.exists(index):  # sharded
+        with open(index) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    else:
+        files = [n for n in ('model.safetensors', 'pytorch_model.bin')
+                 if os.path.exists(os.path.join(path, n))][:1]
+    if not files:
+        raise ValueError(f'{path}: no model.safetensors or pytorch_model.bin next to config.json')
+    sd = {}
+    for f in files:
+        sd.update(_load_weights(os.path.join(path, f)))
+    return config, sd
+
+
+def _hf_act(cfg, source):
+    act = cfg.get('hidden_act', 'quick_gelu')  # transformers' CLIP default
+    if act not in ACTS:
+        raise ValueError(f'{source}: hidden_act {act!r} is not supported (one of {sorted(ACTS)})')
+    return act
+
+
+def from_pretrained(path, image_size=None, act=None):
+    """-> (VisionTransformer, TextTransformer or None) from
+    - our checkpoints: a torch.save'd dict with 'vision_config', 'vision' (+ 'text_config', 'text');
+    - OpenAI CLIP .pt files (TorchScript archive or plain state dict) and open_clip checkpoints
+      (plain, or wrapped in 'state_dict' with 'module.' prefixes; a directory or a file with an
+      open_clip_config.json beside it); these weights do not record the activation: OpenAI's is
+      QuickGELU (the default here), pass act='gelu' for open_clip models trained with GELU;
+    - Hugging Face directories (config.json + model.safetensors / pytorch_model.bin) of a
+      CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection. A CLIPVisionModel has no
+      projection: its vision(x) is the pooled post-layernorm class token, as transformers returns.
+    image_size: build the vision tower for this size, interpolating the position embeddings."""
+    source, oc_config = path, None
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, 'config.json')):
+            return _from_hf(path, image_size)
+        for name in ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin'):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise ValueError(f'{path}: directory has neither config.json (Hugging Face) nor open_clip weights')
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: no such checkpoint file')
+    oc = os.path.join(os.path.dirname(path), 'open_clip_config.json')
+    if os.path.exists(oc):
+        with open(oc) as f:
+            oc_config = json.load(f).get('model_cfg', {})
+    ckpt = _load_weights(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{path}: expected a state dict, got {type(ckpt).__name__}')
+
+    if 'vision_config' in ckpt:  # ours
+        for key in ('vision',) + (('text',) if 'text_config' in ckpt else ()):
+            if key not in ckpt:
+                raise ValueError(f'{path}: checkpoint has {key}_config but no {key!r} key')
+        vision = _build(VisionTransformer, ckpt['vision_config'], ckpt['vision'], path, image_size)
+        text = _build(TextTransformer, ckpt['text_config'], ckpt['text'], path) if 'text_config' in ckpt else None
+        return vision, text
+
+    sd = ckpt.get('state_dict', ckpt)  # open_clip training checkpoints wrap the weights
+    sd = {re.sub(r'^module\.', '', k): v for k, v in sd.items() if torch.is_tensor(v)}
+    if 'visual.conv1.weight' not in sd:
+        raise ValueError(f'{source}: not a CLIP checkpoint we know (no visual.conv1.weight, vision_config '
+                         f'or config.json); its keys: [{_names(sd)}]')
+    towers, unexpected = _rename(sd, OPENAI_RULES, OPENAI_BLOCK, OPENAI_TRANSPOSED)
+    if unexpected:
+        raise ValueError(f'{source}: unexpected keys for an OpenAI/open_clip CLIP: [{_names(unexpected)}]')
+    head_width, text_heads = 64, None
+    if oc_config is not None:  # open_clip's config knows what the weights do not
+        act = act or ('quick_gelu' if oc_config.get('quick_gelu') else 'gelu')
+        head_width = oc_config.get('vision_cfg', {}).get('head_width', 64)
+        text_heads = oc_config.get('text_cfg', {}).get('heads')
+    act = act or 'quick_gelu'
+    vcfg = {**_vision_config(towers['vision'], head_width), 'act': act}
+    vision = _build(VisionTransformer, vcfg, towers['vision'], source, image_size)
+    text = None
+    if towers['text']:
+        tcfg = {**_text_config(towers['text'], text_heads), 'act': act}
+        text = _build(TextTransformer, tcfg, towers['text'], source)
+    return vision, text
+
+
+def _from_hf(path, image_size=None):
+    config, sd = _hf_dir(path)
+    towers, unexpected = _rename(sd, HF_RULES, HF_BLOCK)
+    if unexpected:
+        raise ValueError(f'{path}: unexpected keys for a Hugging Face CLIP: [{_names(unexpected)}]')
+    # CLIPModel nests the tower configs; CLIPVisionModel's config is the vision config itself
+    vconf = config.get('vision_config', config)
+    vcfg = _vision_config(towers['vision'])
+    vcfg.update(heads=vconf.get('num_attention_heads', 12), act=_hf_act(vconf, path),
+                ln_eps=vconf.get('layer_norm_eps', 1e-5))
+    vision = _build(VisionTransformer, vcfg, towers['vision'], path, image_size)
+    text = None
+    if towers['text']:
+        tconf = config.get('text_config', {})
+        tcfg = _text_config(towers['text'], tconf.get('num_attention_heads', 8))
+        tcfg.update(act=_hf_act(tconf, path), ln_eps=tconf.get('layer_norm_eps', 1e-5))
+        text = _build(TextTransformer, tcfg, towers['text'], path)
+    return vision, text
+
+
+def export_hf(vision, directory):
+    """write vision as a Hugging Face CLIP vision directory (config.json + model.safetensors, or
+    pytorch_model.bin without safetensors) that transformers' CLIPVisionModel.from_pretrained
+    loads. With a projection the files are a CLIPVisionModelWithProjection (a superset: the
+    CLIPVisionModel class loads them too and skips visual_projection.weight)."""
+    c = vision.config
+    hf = {}
+    for k, v in vision.state_dict().items():
+        m = re.fullmatch(r'blocks\.(\d+)\.(.+)\.(weight|bias)', k)
+        if m and m.group(2) == 'attn.qkv':
+            for name, part in zip(('q_proj', 'k_proj', 'v_proj'), v.chunk(3)):
+                hf[f'vision_model.encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(3)}'] = part
+            continue
+        if m:
+            inner = {ours: theirs for theirs, ours in HF_BLOCK.items()}[m.group(2)]
+            hf[f'vision_model.encoder.layers.{m.group(1)}.{inner}.{m.group(3)}'] = v
+            continue
+        hf[{'cls_token': 'vision_model.embeddings.class_embedding',
+            'patch_embed.weight': 'vision_model.embeddings.patch_embedding.weight',
+            'pos_embed': 'vision_model.embeddings.position_embedding.weight',
+            'ln_pre.weight': 'vision_model.pre_layrnorm.weight',
+            'ln_pre.bias': 'vision_model.pre_layrnorm.bias',
+            'ln_post.weight': 'vision_model.post_layernorm.weight',
+            'ln_post.bias': 'vision_model.post_layernorm.bias',
+            'proj.weight': 'visual_projection.weight'}[k]] = v
+    hf = {k: v.detach().cpu().contiguous().clone() for k, v in hf.items()}
+    dtype = str(next(iter(hf.values())).dtype).removeprefix('torch.')
+    config = dict(architectures=['CLIPVisionModelWithProjection' if c['proj'] else 'CLIPVisionModel'],
+                  model_type='clip_vision_model', hidden_size=c['width'],
+                  intermediate_size=int(c['width'] * c['mlp_ratio']), num_hidden_layers=c['layers'],
+                  num_attention_heads=c['heads'], image_size=c['image_size'], patch_size=c['patch_size'],
+                  hidden_act=c['act'], layer_norm_eps=c['ln_eps'], num_channels=3,
+                  projection_dim=vision.embed_dim, attention_dropout=0.0, initializer_factor=1.0,
+                  initializer_range=0.02, torch_dtype=dtype)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(hf, os.path.join(directory, 'pytorch_model.bin'))
+    else:
+        save_file(hf, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})

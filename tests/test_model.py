@@ -1,0 +1,304 @@
+"""model.py against independent references: transformers' CLIP (which defines the Hugging Face
+format), the same weights rewritten in OpenAI / open_clip layout, a float64 attention formula, and
+the ViT FLOP formula."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+import transformers  # the reference for the Hugging Face format (requirements-dev.txt)
+
+
+WIDTH, T_WIDTH, EMBED = 128, 64, 48  # head width 64, as OpenAI / open_clip weights assume
+
+
+def hf_clip(act, seed=0):
+    """a random-weight transformers CLIPModel with a small config."""
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=T_WIDTH, intermediate_size=4 * T_WIDTH, num_hidden_layers=2,
+                         num_attention_heads=1, vocab_size=49408, max_position_embeddings=77,
+                         hidden_act=act, eos_token_id=49407),
+        vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=EMBED)
+    m = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():  # transformers zero-inits biases and sets LayerNorm to 1/0: perturb them
+        for name, p in m.named_parameters():
+            if name.endswith('bias') or 'norm' in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    ids = torch.randint(1, 49406, (3, 77), generator=g)
+    for row, eot in enumerate([5, 20, 76]):  # end-of-text (highest id) then padding zeros
+        ids[row, eot] = 49407
+        ids[row, eot + 1:] = 0
+    return x, ids
+
+
+def features(obj):  # transformers 5 returns an output object from get_*_features, 4.x a tensor
+    return obj if torch.is_tensor(obj) else obj.pooler_output
+
+
+def reference(m, x, ids):
+    with torch.no_grad():
+        return features(m.get_image_features(pixel_values=x)), features(m.get_text_features(input_ids=ids))
+
+
+def ours(path, x, ids, **kw):
+    vision, text = model.from_pretrained(str(path), **kw)
+    with torch.no_grad():
+        return vision(x), (text(ids) if text is not None else None), vision, text
+
+
+def to_openai(m):
+    """transformers CLIPModel weights rewritten in OpenAI CLIP's layout (independently of model.py)."""
+    sd, out = m.state_dict(), {}
+    for tower, prefix in (('vision_model', 'visual.'), ('text_model', '')):
+        layers = m.config.vision_config.num_hidden_layers if tower == 'vision_model' else m.config.text_config.num_hidden_layers
+        for i in range(layers):
+            a, b = f'{tower}.encoder.layers.{i}.', f'{prefix}transformer.resblocks.{i}.'
+            for p in ('weight', 'bias'):
+                out[f'{b}attn.in_proj_{p}'] = torch.cat([sd[f'{a}self_attn.{n}_proj.{p}'] for n in 'qkv'])
+                out[f'{b}attn.out_proj.{p}'] = sd[f'{a}self_attn.out_proj.{p}']
+                out[f'{b}ln_1.{p}'] = sd[f'{a}layer_norm1.{p}']
+                out[f'{b}ln_2.{p}'] = sd[f'{a}layer_norm2.{p}']
+                out[f'{b}mlp.c_fc.{p}'] = sd[f'{a}mlp.fc1.{p}']
+                out[f'{b}mlp.c_proj.{p}'] = sd[f'{a}mlp.fc2.{p}']
+    for p in ('weight', 'bias'):
+        out[f'visual.ln_pre.{p}'] = sd[f'vision_model.pre_layrnorm.{p}']
+        out[f'visual.ln_post.{p}'] = sd[f'vision_model.post_layernorm.{p}']
+        out[f'ln_final.{p}'] = sd[f'text_model.final_layer_norm.{p}']
+    out['visual.conv1.weight'] = sd['vision_model.embeddings.patch_embedding.weight']
+    out['visual.class_embedding'] = sd['vision_model.embeddings.class_embedding']
+    out['visual.positional_embedding'] = sd['vision_model.embeddings.position_embedding.weight']
+    out['visual.proj'] = sd['visual_projection.weight'].t().contiguous()
+    out['token_embedding.weight'] = sd['text_model.embeddings.token_embedding.weight']
+    out['positional_embedding'] = sd['text_model.embeddings.position_embedding.weight']
+    out['text_projection'] = sd['text_projection.weight'].t().contiguous()
+    out['logit_scale'] = sd['logit_scale']
+    return {k: v.clone() for k, v in out.items()}
+
+
+@pytest.fixture(scope='module', params=['quick_gelu', 'gelu'])
+def clip(request, tmp_path_factory):
+    m = hf_clip(request.param)
+    path = tmp_path_factory.mktemp('hf') / 'clip'
+    m.save_pretrained(path)
+    x, ids = inputs()
+    return m, path, x, ids, reference(m, x, ids)
+
+
+def test_hf_clipmodel(clip):
+    m, path, x, ids, (img, txt) = clip
+    v, t, vision, text = ours(path, x, ids)
+    assert vision.config['act'] == m.config.vision_config.hidden_act
+    assert vision.embed_dim == text.embed_dim == EMBED and vision.image_size == 32
+    torch.testing.assert_close(v, img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t, txt, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_clipvisionmodel(clip, tmp_path):
+    m, _, x, _, _ = clip
+    hv = transformers.CLIPVisionModel(m.config.vision_config).eval()
+    hv.load_state_dict({k[len('vision_model.'):]: v for k, v in m.state_dict().items()
+                        if k.startswith('vision_model.')})
+    hv.save_pretrained(tmp_path / 'vis')
+    with torch.no_grad():
+        out = hv(pixel_values=x)
+    v, t, vision, _ = ours(tmp_path / 'vis', x, None)
+    assert t is None and vision.config['proj'] is False and vision.embed_dim == WIDTH
+    torch.testing.assert_close(v, out.pooler_output, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # all tokens = transformers' last_hidden_state
+        torch.testing.assert_close(vision.forward_tokens(x), out.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_openai_and_open_clip_layouts(clip, tmp_path):
+    m, _, x, ids, (img, txt) = clip
+    sd = to_openai(m)
+    act = m.config.vision_config.hidden_act
+    kw = {} if act == 'quick_gelu' else {'act': 'gelu'}  # OpenAI weights are QuickGELU by default
+    # plain OpenAI state dict
+    torch.save(sd, tmp_path / 'openai.pt')
+    # open_clip training checkpoint: wrapped in 'state_dict', DDP 'module.' prefixes
+    torch.save({'epoch': 3, 'name': 'run', 'state_dict': {'module.' + k: v for k, v in sd.items()}},
+               tmp_path / 'epoch_3.pt')
+    # open_clip release directory, with the config that records the activation
+    os.makedirs(tmp_path / 'oc')
+    torch.save(sd, tmp_path / 'oc' / 'open_clip_pytorch_model.bin')
+    with open(tmp_path / 'oc' / 'open_clip_config.json', 'w') as f:
+        json.dump({'model_cfg': {'embed_dim': EMBED, 'quick_gelu': act == 'quick_gelu',
+                                 'vision_cfg': {'width': WIDTH, 'head_width': 64},
+                                 'text_cfg': {'width': T_WIDTH, 'heads': 1}}}, f)
+    for path, extra in ((tmp_path / 'openai.pt', kw), (tmp_path / 'epoch_3.pt', kw), (tmp_path / 'oc', {})):
+        v, t, vision, text = ours(path, x, ids, **extra)
+        assert vision.config['act'] == text.config['act'] == act, path
+        torch.testing.assert_close(v, img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t, txt, atol=1e-5, rtol=1e-5)
+
+
+class Holder(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.jit: the format OpenAI released
+def test_openai_torchscript_archive(tmp_path):
+    """OpenAI's .pt files are TorchScript archives whose state_dict() holds the weights plus
+    input_resolution / context_length / vocab_size tensors; build one with the same names."""
+    m = hf_clip('quick_gelu', seed=2)  # OpenAI's models are QuickGELU
+    x, ids = inputs()
+    img, txt = reference(m, x, ids)
+    sd = to_openai(m)
+    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    root = Holder()
+    for key, value in sd.items():
+        *path, name = key.split('.')
+        mod = root
+        for p in path:
+            if not hasattr(mod, p):
+                mod.add_module(p, Holder())
+            mod = getattr(mod, p)
+        mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    torch.jit.save(torch.jit.script(root), tmp_path / 'ViT-tiny.pt')
+    v, t, _, _ = ours(tmp_path / 'ViT-tiny.pt', x, ids)
+    torch.testing.assert_close(v, img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t, txt, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('proj', [True, False])
+def test_export_hf_roundtrip(tmp_path, proj):
+    torch.manual_seed(0)
+    vision = model.VisionTransformer(image_size=32, patch_size=8, width=WIDTH, layers=2, heads=2,
+                                     embed_dim=EMBED, act='gelu', proj=proj).eval()
+    model.export_hf(vision, tmp_path / 'hf')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours_out = vision(x)
+        pooled = vision.ln_post(vision.forward_tokens(x)[:, 0])
+        hv = transformers.CLIPVisionModel.from_pretrained(tmp_path / 'hf').eval()
+        torch.testing.assert_close(hv(pixel_values=x).pooler_output, pooled, atol=1e-5, rtol=1e-5)
+        if proj:
+            hp = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / 'hf').eval()
+            torch.testing.assert_close(hp(pixel_values=x).image_embeds, ours_out, atol=1e-5, rtol=1e-5)
+        back, text = model.from_pretrained(str(tmp_path / 'hf'))  # and back into ours
+        assert text is None and back.config == vision.config
+        torch.testing.assert_close(back(x), ours_out, atol=0, rtol=0)
+
+
+def test_our_checkpoint_and_create(tmp_path):
+    torch.manual_seed(0)
+    vision, text = model.create('ViT-T/4')
+    assert (vision.image_size, vision.embed_dim, text.embed_dim) == (32, 128, 128)
+    assert model.VisionTransformer(**vision.config).config == vision.config
+    torch.save({'vision_config': vision.config, 'vision': vision.state_dict(), 'text_config': text.config,
+                'text': text.state_dict(), 'logit_scale': torch.tensor(4.6), 'step': 7}, tmp_path / 'ckpt.pt')
+    x, ids = inputs()
+    v2, t2 = model.from_pretrained(str(tmp_path / 'ckpt.pt'))
+    with torch.no_grad():
+        torch.testing.assert_close(v2(x), vision(x), atol=0, rtol=0)
+        torch.testing.assert_close(t2(ids), text(ids), atol=0, rtol=0)
+    # a larger image size: same weights except the interpolated position embeddings
+    v3, _ = model.from_pretrained(str(tmp_path / 'ckpt.pt'), image_size=48)
+    assert v3.image_size == 48 and v3.pos_embed.shape == (1 + 12 * 12, 192)
+    assert v3(torch.randn(1, 3, 48, 48)).shape == (1, 128)
+    with pytest.raises(ValueError, match='unknown model'):
+        model.create('ViT-X/1')
+
+
+def test_mismatched_checkpoints_name_the_keys(clip, tmp_path):
+    m, path, *_ = clip
+    sd = to_openai(m)
+    sd['visual.transformer.resblocks.0.ls_1.gamma'] = torch.ones(WIDTH)  # layer scale: not CLIP
+    del sd['ln_final.bias']
+    torch.save(sd, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match=r'resblocks\.0\.ls_1\.gamma'):
+        model.from_pretrained(str(tmp_path / 'bad.pt'))
+    del sd['visual.transformer.resblocks.0.ls_1.gamma']
+    torch.save(sd, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match=r'missing keys \[ln_final\.bias\]'):
+        model.from_pretrained(str(tmp_path / 'bad.pt'))
+    # our own format with a config that does not fit the weights
+    vision = model.VisionTransformer(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16)
+    sd = vision.state_dict()
+    sd['extra.weight'] = torch.zeros(1)
+    torch.save({'vision_config': {**vision.config, 'layers': 2}, 'vision': sd}, tmp_path / 'ours.pt')
+    with pytest.raises(ValueError, match=r'blocks\.1\.attn\.qkv\.weight.*extra\.weight'):
+        model.from_pretrained(str(tmp_path / 'ours.pt'))
+    torch.save({'fc.weight': torch.zeros(2, 2)}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match=r'fc\.weight'):
+        model.from_pretrained(str(tmp_path / 'other.pt'))
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_matches_float64_formula(causal):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 13, 3, 16
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    out = model.attention(q, k, v, causal=causal)
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    s = q64 @ k64.transpose(-1, -2) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float('-inf'))
+    ref = (torch.softmax(s, dim=-1) @ v64).transpose(1, 2)
+    assert out.shape == (B, T, H, D)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    if causal:  # the first token sees only itself
+        torch.testing.assert_close(out[:, 0], v[:, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_pos_embed_interpolation():
+    torch.manual_seed(0)
+    pe = torch.randn(1 + 7 * 7, 5)
+    assert model.resize_pos_embed(pe, 7) is pe  # exact identity at the same size
+    g, n = 7, 24  # 224/32 -> 336/14 style grid change
+    rows = torch.arange(g, dtype=torch.float32).repeat_interleave(g)  # value = row index: a ramp
+    ramp = torch.cat([torch.tensor([[-5.0, 3.0]]), torch.stack([rows, 2 * rows + 1], 1)])
+    out = model.resize_pos_embed(ramp, n)
+    assert out.shape == (1 + n * n, 2)
+    assert torch.equal(out[0], ramp[0])  # class token untouched
+    grid = out[1:, 0].reshape(n, n)
+    assert torch.allclose(grid, grid[:, :1].expand(n, n))  # constant along each row
+    col = grid[:, 0]
+    assert (col.diff() >= 0).all() and col.min() >= -0.2 and col.max() <= g - 1 + 0.2  # smooth, no ringing
+    src = (torch.arange(n) + 0.5) * g / n - 0.5  # pixel-centre sample positions (align_corners=False)
+    inner = (src.floor() >= 1) & (src.floor() + 2 <= g - 1)  # all 4 bicubic taps inside the grid
+    torch.testing.assert_close(col[inner], src[inner].float(), atol=1e-5, rtol=0)  # a ramp stays a ramp
+    torch.testing.assert_close(out[1:, 1], 2 * out[1:, 0] + 1, atol=1e-5, rtol=0)  # linear in values
+    # a ViT-L/14 tower moved from 224 to 336 through from_pretrained's code path
+    vision = model.VisionTransformer(image_size=224, patch_size=14, width=64, layers=1, heads=1, embed_dim=8)
+    big = model._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=336)
+    assert big.pos_embed.shape == (1 + 24 * 24, 64) and big.image_size == 336
+    same = model._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=224)
+    assert torch.equal(same.pos_embed, vision.pos_embed)
+
+
+def test_flops_and_params():
+    with torch.device('meta'):  # shapes only: no memory, no init time
+        vision, text = model.create('ViT-B/16')
+    # independent count of ViT-B/16 at 224: multiply-adds (MACs) of every matmul, incl. attention
+    L, D, P, T, E = 12, 768, 16, 197, 512
+    macs = 196 * 3 * P * P * D                     # patch embedding
+    macs += L * (T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * 4 * D)  # qkv, QK^T, AV, out, MLP
+    macs += D * E                                  # projection
+    # flops() counts 2 FLOPs per multiply-add; the often quoted "17.5 GFLOPs" of ViT-B/16 counts
+    # one per multiply-add (fvcore convention), i.e. ~17.5e9 MACs
+    assert vision.flops() == 2 * macs
+    assert abs(vision.flops() / 2 / 17.5e9 - 1) < 0.03
+    assert abs(vision.num_params() / 86.2e6 - 1) < 0.01  # CLIP ViT-B/16 image tower: 86.2M
+    assert abs(text.num_params() / 63.4e6 - 1) < 0.01  # CLIP's 12x512 text tower: 63.4M
+    Tt, Dt = 77, 512
+    assert text.flops() == 2 * (12 * (Tt * Dt * 3 * Dt + 2 * Tt * Tt * Dt + Tt * Dt * Dt + 2 * Tt * Dt * 4 * Dt) + Dt * E)
+    with torch.device('meta'):
+        v14, _ = model.create('ViT-L/14-336')
+    assert (v14.image_size, v14.width, len(v14.blocks), v14.embed_dim) == (336, 1024, 24, 768)
+    assert model.PRESETS['ViT-L/14']['text']['width'] == 768 and model.PRESETS['ViT-L/14']['text']['heads'] == 12
