@@ -1,0 +1,807 @@
+"""
+Data: image sources -> uint8 .npy shards, the CLIP BPE tokenizer, and a memory-mapped loader
+with augmentation on the device.
+
+    python data.py --src=path/to/imagefolder --out=data/mine --image_size=224
+    python data.py --src='laion/{00000..00099}.tar' ...   (a glob: --src='laion/*.tar')
+    python data.py --src=captions.tsv --out=data/cc      (lines of path<TAB>caption)
+    python data.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
+
+A dataset is a directory (DESIGN.md section 3): meta.json, images_00000.npy uint8 [n,S,S,3],
+texts_00000.npy uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy int32 [N].
+Every image is stored once, resized so that its shorter side is S (bicubic, antialiased) and
+centre-cropped, so training reads raw pixels with no decoding at all.
+"""
+import functools
+import glob
+import gzip
+import html
+import importlib.util
+import io
+import json
+import math
+import multiprocessing
+import os
+import posixpath
+import queue
+import re
+import tarfile
+import threading
+import time
+import unicodedata
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
+
+# -----------------------------------------------------------------------------
+# CLIP tokenizer: byte-level BPE, vocabulary 49408 = 256 bytes + 256 bytes</w> + 48894 merges + 2
+# special tokens. The merges file is the one OpenAI released; it ships inside the open_clip_torch
+# wheel, so `pip install --no-deps open_clip_torch` gives it to a machine without internet.
+
+SOT, EOT = 49406, 49407  # <start_of_text>, <end_of_text>
+
+
+def _bytes_to_unicode():
+    # every byte gets a printable unicode stand-in so that BPE never sees whitespace/control bytes
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _char_class(codepoints):
+    """Code points -> the inside of a regex character class, as ranges."""
+    c = np.unique(np.asarray(codepoints, np.int64))
+    cut = np.nonzero(np.diff(c) != 1)[0]
+    lo, hi = c[np.r_[0, cut + 1]], c[np.r_[cut, len(c) - 1]]
+    return ''.join('\\U%08x' % a if a == b else '\\U%08x-\\U%08x' % (a, b) for a, b in zip(lo.tolist(), hi.tolist()))
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    spec = importlib.util.find_spec('open_clip')  # finds the package without importing it
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], 'bpe_simple_vocab_16e6.txt.gz')
+    if path is None or not os.path.exists(path):
+        raise ImportError('the CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) comes from the '
+                          'open_clip_torch package: pip install --no-deps open_clip_torch')
+    merges = gzip.open(path).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    byte_enc = _bytes_to_unicode()
+    vocab = list(byte_enc.values())
+    vocab = vocab + [v + '</w>' for v in vocab] + [''.join(m) for m in merges]
+    vocab += ['<start_of_text>', '<end_of_text>']
+    encoder = {t: i for i, t in enumerate(vocab)}
+    assert len(encoder) == 49408 and encoder['<end_of_text>'] == EOT
+    ranks = {m: i for i, m in enumerate(merges)}
+    # CLIP splits words with the `regex` pattern [\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ (IGNORECASE).
+    # The stdlib `re` has no \p{..}, so the same classes are built from unicodedata. Under
+    # IGNORECASE `regex` drops characters that are not letters/digits but case-fold to one
+    # (U+0345): they are left out of the 'other' class too, so they match nothing, as there.
+    cats = np.array(list(map(unicodedata.category, map(chr, range(0x110000)))))
+    major = cats.view('U1')[::2]
+    L, N = np.nonzero(major == 'L')[0], np.nonzero(major == 'N')[0]
+    LN = set(L.tolist()) | set(N.tolist())
+    other = np.nonzero(np.isin(major, list('MPSC')) & ~np.isin(cats, ['Cn', 'Co', 'Cs']))[0]
+    folds = [c for c in other.tolist() if any(len(v) == 1 and ord(v) in LN for v in
+                                               (chr(c).lower(), chr(c).upper(), chr(c).casefold()))]
+    pat = re.compile(r"<start_of_text>|<end_of_text>|'[sSſ]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]"
+                     rf"|[{_char_class(L)}]+|[{_char_class(N)}]|[^\s{_char_class(np.concatenate([L, N, folds]))}]+")
+    return encoder, ranks, byte_enc, pat, {}
+
+
+def _bpe(word, ranks, cache):
+    if word in cache:
+        return cache[word]
+    parts = list(word[:-1]) + [word[-1] + '</w>']
+    while len(parts) > 1:  # merge the lowest-ranked adjacent pair, everywhere it occurs, until none applies
+        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    if len(cache) < 1_000_000:
+        cache[word] = parts
+    return parts
+
+
+def clean_text(text):
+    """CLIP's text cleaning: ftfy (only if installed), HTML unescape twice, collapse whitespace, lowercase."""
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return ' '.join(text.split()).lower()
+
+
+def encode(text):
+    """BPE ids of one string, without the start/end tokens."""
+    encoder, ranks, byte_enc, pat, cache = _tokenizer()
+    ids = []
+    for tok in pat.findall(clean_text(text)):
+        if tok in ('<start_of_text>', '<end_of_text>'):
+            ids.append(encoder[tok])
+            continue
+        word = ''.join(byte_enc[b] for b in tok.encode('utf-8'))
+        ids.extend(encoder[p] for p in _bpe(word, ranks, cache))
+    return ids
+
+
+def tokenize(texts, context_length=77):
+    """CLIP tokenization: int64 [n, context_length], <start_of_text> ids <end_of_text> then zeros;
+    too long texts are cut and still end with <end_of_text> (as OpenAI CLIP / open_clip)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = np.zeros((len(texts), context_length), dtype=np.int64)
+    for i, t in enumerate(texts):
+        ids = [SOT] + encode(t)[:context_length - 2] + [EOT]
+        out[i, :len(ids)] = ids
+    return out
+
+# -----------------------------------------------------------------------------
+# decoding one image: any PIL mode -> upright RGB, shorter side -> S, centre crop
+
+
+class Skip(Exception):
+    """An input that cannot become a sample; the message is the reason recorded in meta.json."""
+
+
+def to_rgb(im):
+    """Any PIL mode to RGB. Transparent pixels are composited on WHITE (web images with alpha are
+    mostly logos and cut-outs drawn for a white page; dropping alpha would expose whatever colour
+    the invisible pixels happen to hold). 16-bit grey is scaled (v / 257), not clipped."""
+    if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+        a = np.asarray(im).astype(np.float64) / 257.0  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+    if 'transparency' in im.info or im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        im = im.convert('RGBA')
+        white = Image.new('RGBA', im.size, (255, 255, 255, 255))
+        white.alpha_composite(im)
+        im = white
+    return im if im.mode == 'RGB' else im.convert('RGB')
+
+
+def decode(data, image_size, max_pixels=Image.MAX_IMAGE_PIXELS):
+    """Encoded image bytes -> uint8 [S, S, 3]. Raises Skip(reason)."""
+    if not data:
+        raise Skip('empty file')
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:  # checked from the header, before anything is decoded
+            raise Skip(f'too large: {w}x{h} pixels (max_pixels={max_pixels})')
+        im.draft('RGB', (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale, sides stay >= S
+        try:
+            im = ImageOps.exif_transpose(im)  # camera orientation tag -> upright pixels
+        except Exception:
+            pass  # a broken EXIF block does not make the pixels unusable
+        im = to_rgb(im)
+        w, h = im.size
+        m = min(w, h)
+        box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)  # centre square, in source pixels
+        # one bicubic resampling of the centre square to S x S (PIL's resize is antialiased when shrinking)
+        im = im.resize((image_size, image_size), Image.BICUBIC, box=box)
+        return np.asarray(im, dtype=np.uint8)
+    except Skip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise Skip(f'too large: {e}')
+    except Exception as e:  # corrupt, truncated, unknown format
+        raise Skip(f'unreadable: {type(e).__name__}: {e}')
+
+# -----------------------------------------------------------------------------
+# synthetic data: coloured shapes on varied backgrounds, captioned, labelled by the largest shape
+
+SHAPES = ('circle', 'square', 'triangle', 'semicircle', 'cross', 'ring')
+COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (240, 215, 40),
+           'purple': (140, 60, 180), 'orange': (245, 135, 30), 'white': (245, 245, 245), 'black': (25, 25, 25)}
+BACKGROUNDS = {'gray': (128, 128, 128), 'white': (235, 235, 235), 'black': (30, 30, 30), 'green': (70, 130, 70),
+               'blue': (60, 90, 160), 'brown': (120, 85, 50), 'pink': (235, 170, 190), 'teal': (40, 140, 140)}
+
+
+def _shape_sdf(shape, px, py):
+    # signed distance (roughly, in units of the shape's radius), negative inside
+    if shape == 'circle':
+        return np.hypot(px, py) - 1.0
+    if shape == 'square':
+        return np.maximum(np.abs(px), np.abs(py)) - 0.8
+    if shape == 'semicircle':
+        return np.maximum(np.hypot(px, py + 0.4) - 1.0, -(py + 0.4))
+    if shape == 'triangle':  # equilateral: three half-planes
+        return np.max([np.cos(a) * px + np.sin(a) * py for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)], 0) - 0.5
+    if shape == 'cross':
+        bar = lambda a, b: np.maximum(np.abs(a) - 1.0, np.abs(b) - 0.33)
+        return np.minimum(bar(px, py), bar(py, px))
+    if shape == 'ring':
+        return np.abs(np.hypot(px, py) - 0.72) - 0.28
+    raise ValueError(shape)
+
+
+def synthetic_one(index, image_size, seed):
+    """Image `index` of the synthetic set: (uint8 [S,S,3], caption, class id). Deterministic."""
+    rng = np.random.default_rng([seed, index])
+    S = image_size
+    bg_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    u = (np.arange(S, dtype=np.float32) + 0.5) / S
+    gx, gy = np.meshgrid(u, u)
+    a = rng.uniform(0, 2 * math.pi)
+    grad = (np.cos(a) * (gx - 0.5) + np.sin(a) * (gy - 0.5))[..., None] * rng.uniform(20, 60)
+    img = np.array(BACKGROUNDS[bg_name], np.float32) + grad + rng.normal(0, 5, (S, S, 3)).astype(np.float32)
+    k = int(rng.integers(1, 4))
+    radii = np.sort(rng.uniform(0.1, 0.3, k))[::-1]  # largest first: it names the class
+    names = [c for c in COLOURS if c != bg_name]
+    objects = [(r, SHAPES[rng.integers(len(SHAPES))], names[rng.integers(len(names))], rng.uniform(r, 1 - r, 2),
+                rng.uniform(0, 2 * math.pi), rng.uniform(-15, 15, 3)) for r in radii]
+    for r, shape, colour, (cx, cy), t, jitter in objects[::-1]:  # largest drawn last: never hidden
+        dx, dy = (gx - cx) / r, (gy - cy) / r
+        px, py = np.cos(t) * dx + np.sin(t) * dy, -np.sin(t) * dx + np.cos(t) * dy
+        cover = np.clip(0.5 - _shape_sdf(shape, px, py) * r * S, 0, 1)[..., None]  # antialiased edge
+        img = img * (1 - cover) + (np.array(COLOURS[colour]) + jitter).astype(np.float32) * cover
+    objects = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for _, s, c, _, _, _ in objects]
+    desc = objects[0] if k == 1 else ', '.join(objects[:-1]) + ' and ' + objects[-1]
+    caption = f'{desc} on a {bg_name} background'
+    cls = SHAPES.index(objects[0].split()[-1])
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), caption, cls
+
+
+def synthetic(count, image_size=32, seed=0, start=0):
+    """The built-in synthetic dataset: images [start, start+count) as a dict of
+    images uint8 [n,S,S,3], captions list[str], classes int32 [n], classnames list[str]."""
+    items = [synthetic_one(i, image_size, seed) for i in range(start, start + count)]
+    images = np.stack([x[0] for x in items]) if items else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return dict(images=images, captions=[x[1] for x in items],
+                classes=np.array([x[2] for x in items], np.int32), classnames=list(SHAPES))
+
+# -----------------------------------------------------------------------------
+# sources: each yields (i, key, kind, payload, caption, class) in a fixed order, so that shard
+# s always holds source items [s * shard_size, (s+1) * shard_size): that is what makes resume exact
+
+
+def _is_image(name):
+    return name.rsplit('.', 1)[-1].lower() in IMAGE_EXTS and not posixpath.basename(name).startswith('.')
+
+
+def _folder_source(root):
+    classnames = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+    dirs = [(os.path.join(root, d), c) for c, d in enumerate(classnames)] or [(root, None)]
+    files = []
+    for d, c in dirs:
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames.sort()
+            files += [(os.path.join(dirpath, f), c) for f in sorted(filenames) if _is_image(f)]
+    items = [(os.path.relpath(p, root).replace(os.sep, '/'), 'path', p, None, c) for p, c in files]
+    return items, (classnames or None)
+
+
+def _list_source(path):
+    base, items = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            line = line.rstrip('\r\n')
+            if not line.strip():
+                continue
+            p, _, caption = line.partition('\t')
+            items.append((p, 'path', os.path.join(base, p), caption, None))
+    return items
+
+
+def _tar_source(paths, skip):
+    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only."""
+    i = 0
+    for path in paths:
+        with tarfile.open(path) as tf:
+            groups, key = [], None
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = posixpath.split(m.name)
+                stem, _, ext = base.partition('.')
+                k = posixpath.join(d, stem)
+                if k != key:
+                    groups.append((k, {}))
+                    key = k
+                groups[-1][1][ext.lower()] = m
+                if len(groups) > 1:  # a group is complete once the next key starts
+                    yield _tar_item(tf, path, i, *groups.pop(0), skip(i))
+                    i += 1
+            for g in groups:
+                yield _tar_item(tf, path, i, *g, skip(i))
+                i += 1
+
+
+def _tar_item(tf, path, i, key, members, skipped):
+    key = f'{path}:{key}'
+    img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    if skipped:
+        return (i, key, 'none', None, None, None)
+    data = tf.extractfile(img).read() if img is not None else None
+    caption = tf.extractfile(members['txt']).read().decode('utf-8', 'replace') if 'txt' in members else None
+    return (i, key, 'bytes' if img is not None else 'missing', data, caption, None)
+
+
+def _open_source(src):
+    """-> (type, items (list or None), tar paths (or None), classnames, has_text)"""
+    if src == 'synthetic':
+        return 'synthetic', None, None, list(SHAPES), True
+    if os.path.isdir(src):
+        items, classnames = _folder_source(src)
+        return 'folder', items, None, classnames, False
+    if src.endswith('.tar') or any(ch in src for ch in '*?['):
+        paths = sorted(glob.glob(src))
+        if not paths:
+            raise ValueError(f'--src={src}: no tar file matches')
+        return 'tar', None, paths, None, True
+    if os.path.isfile(src):
+        return 'list', _list_source(src), None, None, True
+    raise ValueError(f'--src={src}: not an image folder, a tar file or glob, a path<TAB>caption list, or "synthetic"')
+
+# -----------------------------------------------------------------------------
+# worker: one source item -> (i, key, image or None, tokens or None, class, skip reason or None)
+
+_worker = {}
+
+
+def _init_worker(image_size, max_pixels, seed, has_text):
+    _worker.update(image_size=image_size, max_pixels=max_pixels, seed=seed, has_text=has_text)
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    torch.set_num_threads(1)
+
+
+def _process(item):
+    i, key, kind, payload, caption, cls = item
+    S = _worker['image_size']
+    try:
+        if kind == 'synthetic':
+            img, caption, cls = synthetic_one(payload, S, _worker['seed'])
+        else:
+            if kind == 'missing':
+                raise Skip('missing')
+            if kind == 'path':
+                try:
+                    with open(payload, 'rb') as f:
+                        payload = f.read()
+                except OSError as e:
+                    raise Skip('missing' if isinstance(e, FileNotFoundError) else f'unreadable: {e}')
+            if _worker['has_text'] and not (caption or '').strip():
+                raise Skip('empty caption')
+            img = decode(payload, S, _worker['max_pixels'])
+        tokens = tokenize([caption])[0].astype(np.uint16) if _worker['has_text'] else None
+        return i, key, img, tokens, cls, None
+    except Skip as e:
+        return i, key, None, None, cls, str(e)
+
+# -----------------------------------------------------------------------------
+# shard writer
+
+
+def _atomic_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f)
+    os.replace(path + '.tmp', path)
+
+
+class _ImageShard:
+    """Streams rows into images_XXXXX.npy.tmp (memory stays at one row); the .npy header is
+    rewritten with the final row count (numpy pads it for this) and the file renamed into place."""
+
+    def __init__(self, path, image_size):
+        self.path, self.n, self.S = path, 0, image_size
+        self.f = open(path + '.tmp', 'wb')
+        self.header_len = self._header()
+
+    def _header(self):
+        self.f.seek(0)
+        np.lib.format.write_array_header_1_0(self.f, {'descr': '|u1', 'fortran_order': False, 'shape': (self.n, self.S, self.S, 3)})
+        return self.f.tell()
+
+    def write(self, img):
+        self.f.write(img.tobytes())
+        self.n += 1
+
+    def close(self):
+        assert self._header() == self.header_len  # same length, so the rows are untouched
+        self.f.close()
+        os.replace(self.path + '.tmp', self.path)
+
+
+def _clear(out):
+    for p in glob.glob(os.path.join(out, '*')):
+        base = os.path.basename(p)
+        if re.fullmatch(r'(images|texts|shard)_\d+\.(npy|json)(\.tmp)?|(classes\.npy|meta\.json|build\.json|data\.json)(\.tmp)?', base):
+            os.remove(p)
+
+
+def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, workers=None, overwrite=False,
+          max_pixels=Image.MAX_IMAGE_PIXELS, progress=True):
+    """Write the shards of `src` into `out` and return meta. Resumes an interrupted build of the
+    same settings; refuses to touch a finished one unless overwrite=True."""
+    from tqdm import tqdm
+    workers = workers or len(os.sched_getaffinity(0))
+    kind, items, tars, classnames, has_text = _open_source(src)
+    params = dict(src=src, image_size=image_size, shard_size=shard_size, max_pixels=max_pixels,
+                  **(dict(count=count, seed=seed) if kind == 'synthetic' else {}))
+    os.makedirs(out, exist_ok=True)
+    state_path, meta_path = os.path.join(out, 'build.json'), os.path.join(out, 'meta.json')
+    if os.path.exists(meta_path) or os.path.exists(state_path):
+        if overwrite:
+            _clear(out)
+        elif os.path.exists(meta_path):
+            raise ValueError(f'{meta_path} exists: {out} holds a finished dataset; pass --overwrite=True to rebuild it')
+        elif json.load(open(state_path)) != params:
+            raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
+                             f'{json.load(open(state_path))}); pass --overwrite=True to start over')
+    _atomic_json(state_path, params)
+
+    # shards that an interrupted run finished are kept (their record is written last)
+    done = {}
+    for p in glob.glob(os.path.join(out, 'shard_*.json')):
+        done[int(os.path.basename(p)[6:-5])] = json.load(open(p))
+    skip = lambda i: i // shard_size in done
+    if kind == 'synthetic':
+        total = count
+        stream = ((i, str(i), 'synthetic', i, None, None) for i in range(count) if not skip(i))
+    elif kind == 'tar':
+        total = None
+        stream = (it for it in _tar_source(tars, skip) if it[2] != 'none')
+    else:
+        total = len(items)
+        stream = ((i,) + it for i, it in enumerate(items) if not skip(i))
+    if total == 0:
+        raise ValueError(f'--src={src}: no images found')
+    if has_text:
+        _tokenizer()  # load once here, so forked workers inherit it
+
+    def finish(s, shard, texts, classes, skipped, n_items):
+        shard.close()
+        if has_text:
+            np.save(os.path.join(out, f'texts_{s:05d}.npy.tmp.npy'), np.array(texts, np.uint16).reshape(-1, 77))
+            os.replace(os.path.join(out, f'texts_{s:05d}.npy.tmp.npy'), os.path.join(out, f'texts_{s:05d}.npy'))
+        done[s] = dict(count=shard.n, items=n_items, skipped=skipped,
+                       classes=classes if classnames is not None else None)
+        _atomic_json(os.path.join(out, f'shard_{s:05d}.json'), done[s])
+
+    # ordered results, with at most `bound` items in flight, so that memory stays bounded even
+    # when the source streams bytes out of tar files faster than the workers decode them
+    bound = threading.BoundedSemaphore(workers * 64)
+
+    def bounded(it):
+        for x in it:
+            bound.acquire()
+            yield x
+
+    t0, n_new = time.time(), 0
+    init = (image_size, max_pixels, seed, has_text)
+    pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 1 else None
+    try:
+        if pool:
+            results = pool.imap(_process, bounded(stream), chunksize=16)
+        else:
+            _init_worker(*init)
+            results = map(_process, stream)
+        cur = None
+        bar = tqdm(total=total, initial=sum(d['items'] for d in done.values()), disable=not progress,
+                   desc=f'data {os.path.basename(out.rstrip("/"))}', unit='img')
+        for i, key, img, tokens, cls, reason in results:
+            if pool:
+                bound.release()
+            s = i // shard_size
+            if cur is None or s != cur[0]:
+                if cur is not None:
+                    finish(*cur)
+                cur = (s, _ImageShard(os.path.join(out, f'images_{s:05d}.npy'), image_size), [], [], [], 0)
+            s, shard, texts, classes, skipped, n_items = cur
+            if reason is None:
+                shard.write(img)
+                if has_text:
+                    texts.append(tokens)
+                classes.append(cls)
+                n_new += 1
+            else:
+                skipped.append([key, reason])
+            cur = (s, shard, texts, classes, skipped, n_items + 1)
+            bar.update(1)
+        if cur is not None:
+            finish(*cur)
+        bar.close()
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+
+    # every shard is on disk: classes.npy, then meta.json last (its presence means "finished")
+    order = sorted(done)
+    assert order == list(range(len(order))), f'missing shard records in {out}'
+    count_all = sum(done[s]['count'] for s in order)
+    if count_all == 0:
+        raise ValueError(f'--src={src}: none of the {sum(done[s]["items"] for s in order)} items could be read '
+                         f'(first: {next((d["skipped"][0] for d in done.values() if d["skipped"]), None)})')
+    if classnames is not None:
+        np.save(os.path.join(out, 'classes.npy.tmp.npy'), np.concatenate([np.array(done[s]['classes'], np.int32) for s in order]))
+        os.replace(os.path.join(out, 'classes.npy.tmp.npy'), os.path.join(out, 'classes.npy'))
+    skipped = [x for s in order for x in done[s]['skipped']]
+    reasons = {}
+    for _, r in skipped:
+        reasons[r.split(':')[0]] = reasons.get(r.split(':')[0], 0) + 1
+    meta = dict(count=count_all, image_size=image_size, has_text=has_text, classnames=classnames,
+                source=src, source_type=kind, context_length=77 if has_text else None,
+                shards=[dict(images=f'images_{s:05d}.npy', texts=f'texts_{s:05d}.npy' if has_text else None,
+                             count=done[s]['count']) for s in order],
+                skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
+                build=dict(params, seconds=round(time.time() - t0, 3), images_per_s=round(n_new / max(time.time() - t0, 1e-9), 1)))
+    _atomic_json(meta_path, meta)
+    for s in order:
+        os.remove(os.path.join(out, f'shard_{s:05d}.json'))
+    os.remove(state_path)
+    return meta
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+class Dataset:
+    """A built dataset directory; images are read straight from memory-mapped shards."""
+
+    def __init__(self, data_dir):
+        path = os.path.join(data_dir, 'meta.json')
+        if not os.path.exists(path):
+            raise ValueError(f'{data_dir}: no meta.json (build it with: python data.py --src=... --out={data_dir})')
+        self.dir = data_dir
+        self.meta = json.load(open(path))
+        self.image_size = self.meta['image_size']
+        self.classnames = self.meta.get('classnames')
+        cp = os.path.join(data_dir, 'classes.npy')
+        self.classes = np.load(cp) if os.path.exists(cp) else None
+        self.offsets = np.cumsum([0] + [s['count'] for s in self.meta['shards']])
+        self._mm = {}  # opened on first use: a process only maps the shards it reads
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def _shard(self, kind, s):
+        if (kind, s) not in self._mm:
+            self._mm[kind, s] = np.load(os.path.join(self.dir, self.meta['shards'][s][kind]), mmap_mode='r')
+        return self._mm[kind, s]
+
+    def _gather(self, kind, idx, out):
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f'{self.dir}: index out of range [0, {len(self)})')
+        order = np.argsort(idx, kind='stable')  # read in file order, place in the order asked
+        sidx = idx[order]
+        shard = np.searchsorted(self.offsets, sidx, side='right') - 1
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            out[order[sel]] = self._shard(kind, s)[sidx[sel] - self.offsets[s]]
+        return out
+
+    def images(self, idx, out=None):
+        """uint8 [n, S, S, 3] for indices in any order; `out` may be a (pinned) buffer to fill."""
+        n = np.asarray(idx).size
+        out = np.empty((n, self.image_size, self.image_size, 3), np.uint8) if out is None else out
+        return self._gather('images', idx, out)
+
+    def texts(self, idx):
+        """int64 [n, 77] CLIP token ids."""
+        if not self.meta.get('has_text'):
+            raise ValueError(f'{self.dir}: this dataset has no texts')
+        out = np.empty((np.asarray(idx).size, self.meta.get('context_length') or 77), np.uint16)
+        return self._gather('texts', idx, out).astype(np.int64)
+
+# -----------------------------------------------------------------------------
+# on-device augmentation: random resized crop + horizontal flip as ONE affine resampling
+
+
+def crop_params(n, generator, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """RandomResizedCrop boxes as fractions of the image: [n, 4] (cx, cy, w, h), and flips [n] bool.
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of `attempts` draws that fits
+    is used, else the whole image (the torchvision recipe, without rounding to pixels)."""
+    s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
+    logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w, h = torch.sqrt(s * torch.exp(logr)), torch.sqrt(s / torch.exp(logr))
+    ok = (w <= 1) & (h <= 1)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)
+    w = torch.where(ok.any(1), w.gather(1, first)[:, 0], torch.ones(n))
+    h = torch.where(ok.any(1), h.gather(1, first)[:, 0], torch.ones(n))
+    u = torch.rand(n, 3, generator=generator)
+    cx, cy = w / 2 + (1 - w) * u[:, 0], h / 2 + (1 - h) * u[:, 1]
+    return torch.stack([cx, cy, w, h], 1), u[:, 2] < 0.5
+
+
+def resized_crop(x, boxes, flip, size):
+    """x float [B,C,H,W]; boxes [B,4] (cx, cy, w, h) in fractions; flip [B] bool -> [B,C,size,size].
+    Output pixel centres map linearly into the box (mirrored when flipped); bilinear sampling."""
+    B = x.shape[0]
+    theta = torch.zeros(B, 2, 3, dtype=torch.float32)
+    theta[:, 0, 0] = boxes[:, 2] * (1 - 2 * flip.float())
+    theta[:, 0, 2] = 2 * boxes[:, 0] - 1
+    theta[:, 1, 1] = boxes[:, 3]
+    theta[:, 1, 2] = 2 * boxes[:, 1] - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [B, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+def normalize(x):
+    """float [B,3,H,W] in 0..255 -> CLIP-normalised."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+def resize(x, size):
+    """float [B,3,H,W] 0..255 -> [B,3,size,size], bicubic antialiased (no-op at the stored size)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode='bicubic', antialias=True, align_corners=False).clamp_(0, 255)
+
+
+def _to_device(u8, device):
+    """uint8 numpy/tensor [B,H,W,3] -> float [B,3,H,W] on device (non-blocking from pinned memory)."""
+    x = torch.as_tensor(u8)
+    x = x.to(device, non_blocking=x.is_pinned())
+    return x.permute(0, 3, 1, 2).float().contiguous()
+
+
+def _seed(*xs):
+    return int(np.random.SeedSequence(list(xs)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _prefetch(fn, args, depth):
+    """Yields fn(a) for a in args, computed `depth` ahead in a background thread."""
+    q, stop = queue.Queue(depth), threading.Event()
+
+    def put(x):
+        while not stop.is_set():
+            try:
+                return q.put(x, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work():
+        try:
+            for a in args:
+                if stop.is_set():
+                    return
+                put((0, fn(a)))
+            put((1, None))
+        except BaseException as e:  # re-raised in the consumer
+            put((2, e))
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == 1:
+                return
+            if kind == 2:
+                raise x
+            yield x
+    finally:
+        stop.set()
+
+
+class Loader:
+    """Training batches. Step `step` of epoch `epoch` takes global batch `step` of a permutation
+    seeded by (seed, epoch); rank r gets its slice [r*B, (r+1)*B). Augmentation randomness is
+    seeded by (seed, epoch, step, rank), so batch(epoch, step) is a pure function: resuming at a
+    step gives exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, data_dir, batch_size, image_size, labels=None, with_text=False, rank=0, world_size=1,
+                 seed=0, augment=True, device='cpu', scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), prefetch=4):
+        self.ds = Dataset(data_dir)
+        self.batch_size, self.image_size, self.labels = batch_size, image_size, labels
+        self.with_text, self.rank, self.world_size, self.seed = with_text, rank, world_size, seed
+        self.augment, self.device, self.scale, self.ratio, self.prefetch = augment, torch.device(device), scale, ratio, prefetch
+        if labels is not None and len(labels) != len(self.ds):
+            raise ValueError(f'labels have {len(labels)} rows, dataset {data_dir} has {len(self.ds)} images')
+        if with_text and not self.ds.meta.get('has_text'):
+            raise ValueError(f'{data_dir}: with_text=True but this dataset has no texts')
+        self.steps_per_epoch = len(self.ds) // (batch_size * world_size)  # drop the incomplete last global batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f'{data_dir}: {len(self.ds)} images < one global batch ({batch_size} x {world_size})')
+        self._perm = (None, None)
+
+    def indices(self, epoch, step):
+        if not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f'step {step} outside [0, {self.steps_per_epoch})')
+        e, perm = self._perm
+        if e != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
+            self._perm = (epoch, perm)
+        start = (step * self.world_size + self.rank) * self.batch_size
+        return perm[start:start + self.batch_size]
+
+    def batch(self, epoch, step):
+        idx = self.indices(epoch, step)
+        pin = self.device.type == 'cuda'
+        buf = torch.empty((len(idx), self.ds.image_size, self.ds.image_size, 3), dtype=torch.uint8, pin_memory=pin)
+        self.ds.images(idx, out=buf.numpy())
+        x = _to_device(buf, self.device)
+        if self.augment:
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, self.rank))
+            boxes, flip = crop_params(len(idx), g, self.scale, self.ratio)
+            x = resized_crop(x, boxes, flip, self.image_size)
+        else:
+            x = resize(x, self.image_size)
+        out = dict(images=normalize(x), labels=None, texts=None, index=torch.from_numpy(idx.astype(np.int64)))
+        if self.labels is not None:
+            order = np.argsort(idx)
+            rows = np.empty((len(idx),) + tuple(self.labels.shape[1:]), np.int64)
+            rows[order] = self.labels[idx[order]]
+            out['labels'] = torch.from_numpy(rows).to(self.device, non_blocking=pin)
+        if self.with_text:
+            out['texts'] = torch.from_numpy(self.ds.texts(idx)).to(self.device, non_blocking=pin)
+        return out
+
+    def iterate(self, epoch, start_step=0):
+        """batch(epoch, s) for s in [start_step, steps_per_epoch), prepared in a background thread."""
+        return _prefetch(lambda s: self.batch(epoch, s), range(start_step, self.steps_per_epoch), self.prefetch)
+
+
+def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4):
+    """Evaluation order, no augmentation: rank r reads its contiguous slice
+    [start_r, start_r + n_r), n_r = N // W + (r < N % W). Yields (index int64 [b], images [b,3,S,S])."""
+    ds = Dataset(data_dir)
+    N = len(ds)
+    n, start = N // world_size + (rank < N % world_size), rank * (N // world_size) + min(rank, N % world_size)
+    device = torch.device(device)
+
+    def load(a):
+        idx = np.arange(a, min(a + batch_size, start + n))
+        buf = torch.empty((len(idx), ds.image_size, ds.image_size, 3), dtype=torch.uint8, pin_memory=device.type == 'cuda')
+        ds.images(idx, out=buf.numpy())
+        return torch.from_numpy(idx), normalize(resize(_to_device(buf, device), image_size))
+
+    return _prefetch(load, range(start, start + n, batch_size), prefetch)
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == '__main__':
+    # settings (override with --key=value). They live in their own namespace so that the library
+    # constants above (CLIP_MEAN, ...) are not mistaken for settings.
+    cfg = dict(
+        src='synthetic',       # image folder (class sub-folders), tar file/glob, path<TAB>caption list, or 'synthetic'
+        out='data/synthetic',  # output directory
+        image_size=224,        # stored side: shorter side resized to this, centre-cropped
+        count=10000,           # synthetic only: number of images
+        seed=0,                # synthetic only
+        shard_size=10000,      # source items per shard file (bounded memory, resume granularity)
+        workers=0,             # decoding processes (0: one per CPU core)
+        overwrite=False,       # rebuild a finished output
+        max_pixels=Image.MAX_IMAGE_PIXELS,  # larger images are skipped (decompression bombs)
+    )
+    keys = list(cfg)
+    cfg.update(__name__='__main__', __file__=os.path.abspath(__file__))
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), cfg)
+    config = {k: cfg[k] for k in keys}
+    try:
+        meta = build(**{k: v for k, v in config.items() if k != 'workers'}, workers=config['workers'] or None)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    result = dict(out=config['out'], count=meta['count'], shards=len(meta['shards']), image_size=meta['image_size'],
+                  has_text=meta['has_text'], classes=len(meta['classnames']) if meta['classnames'] else None,
+                  skipped=meta['skipped']['count'], skipped_reasons=meta['skipped']['reasons'],
+                  seconds=meta['build']['seconds'], images_per_s=meta['build']['images_per_s'])
+    print(json.dumps(result))
+    _atomic_json(os.path.join(config['out'], 'data.json'), result)
