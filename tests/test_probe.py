@@ -1,0 +1,150 @@
+"""probe.py: the linear probe (L-BFGS logistic regression, CLIP's lambda search), zero-shot and
+retrieval metrics, checked against brute force and hand-built cases with known answers; the
+script end to end on the synthetic set (raw pixels and a random-weight checkpoint)."""
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import probe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the fits here are tiny: thread start-up and contention cost more than the arithmetic
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n, d, classes, spread, seed):
+    """Gaussian class clusters: means ~N(0, I), within-class noise `spread`."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    return (means[y] + spread * rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_probe_separable_features_reach_100_percent():
+    x, y = blobs(600, 16, 5, 0.1, seed=0)
+    # separable by construction: the nearest class mean classifies every point correctly
+    x_tr, y_tr, x_va, y_va, x_te, y_te = x[:300], y[:300], x[300:400], y[300:400], x[400:], y[400:]
+    out = probe.linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, 5, max_iter=200, log=lambda s: None)
+    assert out['top1'] == 1.0 and out['mean_per_class'] == 1.0
+    assert out['lambdas_tried'] <= 15  # 7 coarse values + at most 2 per halving (4 halvings)
+
+
+def test_fit_logreg_reaches_the_optimum():
+    # first-order optimality of  mean CE + lam/(2n) ||W||^2, written out independently:
+    # dW = X^T (softmax(XW + b) - onehot) / n + lam/n W = 0, db = mean(softmax - onehot) = 0
+    x, y = blobs(200, 8, 3, 1.5, seed=1)
+    lam = 3.0
+    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, tol=1e-10)
+    X = torch.tensor(x, dtype=torch.float64)
+    P = torch.softmax(X @ W + b, 1) - F.one_hot(torch.tensor(y), 3).double()
+    gW = X.T @ P / len(y) + lam / len(y) * W
+    gb = P.mean(0)
+    assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+    assert W.abs().max() > 0.1  # and it moved away from the zero start
+
+
+def test_lambda_search_matches_brute_force_grid():
+    # a real probe: noisy classes, so that the validation score has an interior peak
+    x, y = blobs(160, 10, 3, 2.0, seed=3)
+    score = probe.probe_score(x[:80], y[:80], x[80:], y[80:], 3, max_iter=100)
+    lam, tried = probe.search_lambda(score)
+    grid = probe.lambda_grid()
+    assert len(grid) == 97 and np.isclose(grid[0], 1e-6) and np.isclose(grid[-1], 1e6)
+    scores = [score(g) for g in grid]
+    best = max(range(len(grid)), key=lambda k: (scores[k], k))  # same tie rule: larger lambda
+    assert 0 < best < 96, 'the case should have an interior optimum'
+    assert np.isclose(lam, grid[best]) and len(tried) == 15
+    # the coarse sweep is CLIP's [1e-6, 1e-4, ..., 1e6]
+    assert all(any(np.isclose(t, 10.0 ** e) for t in tried) for e in range(-6, 7, 2))
+
+
+def test_lambda_search_finds_the_peak_of_any_unimodal_score():
+    grid = np.log10(probe.lambda_grid())
+    for peak in grid:
+        lam, tried = probe.search_lambda(lambda l: -abs(np.log10(l) - peak))
+        assert np.isclose(np.log10(lam), peak) and len(tried) <= 15
+
+
+def test_class_accuracy_top1_and_mean_per_class():
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 2, 2])  # class 0: 3/4, class 1: 1/2, class 2: 2/2
+    top1, mpc = probe.class_accuracy(pred, y, 4)  # class 3 absent: not in the mean
+    assert top1 == 6 / 8 and np.isclose(mpc, (0.75 + 0.5 + 1.0) / 3)
+
+
+def test_split_train_val_is_a_seeded_partition():
+    tr, va = probe.split_train_val(100, 0.2, seed=5)
+    assert len(va) == 20 and sorted(np.concatenate([tr, va])) == list(range(100))
+    tr2, va2 = probe.split_train_val(100, 0.2, seed=5)
+    assert (va == va2).all() and not (va == probe.split_train_val(100, 0.2, seed=6)[1]).all()
+
+
+def test_zero_shot_hand_built():
+    # a text "encoder" that puts each class name on its own axis and the template on a 4th axis,
+    # so the classifier row of class c must be normalise(e_c + w * e_3) for the template weights
+    axes = {'cat': 0, 'dog': 1, 'car': 2}
+
+    def encode(strings):
+        out = torch.zeros(len(strings), 4)
+        for i, s in enumerate(strings):
+            name = s.split()[-1].rstrip('.')
+            out[i, axes[name]] = 2.0  # the norm differs per template: normalised away first
+            out[i, 3] = 2.0 if s.startswith('a photo') else 0.0
+        return out
+    W = probe.zero_shot_weights(encode, ['cat', 'dog', 'car'], ['a photo of a {}.', 'art of a {}.'])
+    # template 1 -> (1, 0, 0, 1)/sqrt2, template 2 -> (1, 0, 0, 0); mean, renormalised:
+    expect = F.normalize(torch.tensor([1 + 2 ** -0.5, 0, 0, 2 ** -0.5]), dim=0)
+    assert torch.allclose(W[0], expect, atol=1e-6) and torch.allclose(W[2], expect[[1, 2, 0, 3]], atol=1e-6)
+    images = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.2, 0.9, 0, 0], [0, 0.5, 0.6, 0]])
+    y = torch.tensor([0, 1, 2, 0, 1])  # the last two are planted errors: predicted 1 and 2
+    logits = F.normalize(images, dim=1) @ W.T
+    assert probe.topk_accuracy(logits, y, 1) == 3 / 5
+    assert probe.topk_accuracy(logits, y, 2) == 1.0  # both errors have the truth second
+    assert probe.topk_accuracy(logits, y, 5) == 1.0  # k > classes means all of them
+
+
+def test_retrieval_recall_hand_built():
+    # sim = identity, then plant errors: image 3's caption is beaten by 6 other captions;
+    # caption 7 is beaten by 2 other images (rank 2); ties do not count against the answer
+    n = 20
+    sim = torch.eye(n, dtype=torch.float64)
+    sim[3, [0, 1, 2, 4, 5, 6]] = 2.0   # row 3: i2t rank 6; columns 0,1,2,4,5,6: t2i rank 1
+    sim[[8, 9], 7] = 1.5               # column 7: t2i rank 2; rows 8, 9: i2t rank 1
+    sim[10, 11] = 1.0                  # a tie with the diagonal: no change
+    # image queries: rank 6 (image 3), rank 1 (images 8, 9), rank 0 otherwise
+    # text queries: rank 1 (texts 0, 1, 2, 4, 5, 6), rank 2 (text 7), rank 0 otherwise
+    r = probe.retrieval_recall(sim, torch.eye(n, dtype=torch.float64))  # img @ I^T = sim
+    assert r['i2t_R@1'] == 17 / 20 and r['i2t_R@5'] == 19 / 20 and r['i2t_R@10'] == 1.0
+    assert r['t2i_R@1'] == 13 / 20 and r['t2i_R@5'] == 1.0 and r['t2i_R@10'] == 1.0
+    # the chunked ranks equal the unchunked ones
+    for a, b in zip(probe.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64), chunk=3),
+                    probe.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64))):
+        assert (a == b).all()
+
+
+def test_templates_are_clips_80():
+    spec = importlib.util.find_spec('open_clip')
+    if spec is None:
+        pytest.skip('open_clip_torch is not installed (requirements: pip install --no-deps open_clip_torch)')
+    path = os.path.join(list(spec.submodule_search_locations)[0], 'zero_shot_metadata.py')
+    tree = ast.parse(open(path).read())  # read, never imported (its dependencies are absent)
+    node = next(n for n in tree.body if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], 'id', '') == 'OPENAI_IMAGENET_TEMPLATES')
+    ref = [''.join(v.value if isinstance(v, ast.Constant) else '{}' for v in lam.body.values)
+           for lam in node.value.elts]
+    assert probe.CLIP_TEMPLATES == ref and len(ref) == 80
