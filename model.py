@@ -79,7 +79,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), act)
+        self.mlp = MLP(width, round(width * mlp_ratio), act)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -166,7 +166,7 @@ class VisionTransformer(nn.Module):
         c = self.config
         N, D = self.grid ** 2, self.width
         f = 2 * N * D * 3 * self.patch_size ** 2  # patch embedding
-        f += c['layers'] * block_flops(N + 1, D, int(D * c['mlp_ratio']))
+        f += c['layers'] * block_flops(N + 1, D, round(D * c['mlp_ratio']))
         f += 2 * D * self.embed_dim if self.proj is not None else 0
         return f
 
@@ -211,7 +211,7 @@ class TextTransformer(nn.Module):
         """Forward FLOPs per text of context_length tokens (2 per multiply-add)."""
         c = self.config
         T, D = self.context_length, self.width
-        return c['layers'] * block_flops(T, D, int(D * c['mlp_ratio'])) + 2 * D * self.embed_dim
+        return c['layers'] * block_flops(T, D, round(D * c['mlp_ratio'])) + 2 * D * self.embed_dim
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -347,17 +347,17 @@ def _rename(sd, rules, block_table, transposed=()):
     return towers, unexpected
 
 
-def _shapes(sd, tower, required):
+def _shapes(sd, required, source):
     missing = [k for k in required if k not in sd]
     if missing:
-        raise ValueError(f'{tower} weights lack keys: {_names(missing)}')
+        raise ValueError(f'{source}: missing keys [{_names(missing)}] (in our names)')
     return {k: sd[k].shape for k in required}
 
 
-def _vision_config(sd, head_width=64):
+def _vision_config(sd, source, head_width=64):
     """architecture of a vision tower from its (renamed) weights; heads are not visible in the
     weights: CLIP's convention is head width 64 unless the format's config says otherwise."""
-    s = _shapes(sd, 'vision', ['patch_embed.weight', 'pos_embed', 'blocks.0.mlp.fc.weight'])
+    s = _shapes(sd, ['patch_embed.weight', 'pos_embed', 'blocks.0.mlp.fc.weight'], source)
     width, _, patch, _ = s['patch_embed.weight']
     grid = math.isqrt(s['pos_embed'][0] - 1)
     proj = 'proj.weight' in sd
@@ -367,8 +367,8 @@ def _vision_config(sd, head_width=64):
                 mlp_ratio=s['blocks.0.mlp.fc.weight'][0] / width, proj=proj)
 
 
-def _text_config(sd, heads=None):
-    s = _shapes(sd, 'text', ['token_embed.weight', 'pos_embed', 'proj.weight', 'blocks.0.mlp.fc.weight'])
+def _text_config(sd, source, heads=None):
+    s = _shapes(sd, ['token_embed.weight', 'pos_embed', 'proj.weight', 'blocks.0.mlp.fc.weight'], source)
     vocab, width = s['token_embed.weight']
     return dict(context_length=s['pos_embed'][0], vocab_size=vocab, width=width,
                 layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
@@ -416,7 +416,9 @@ def _load_weights(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
+        first = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f'{path}: not a readable checkpoint (torch.load weights_only=True: '
+                         f'{type(e).__name__}: {first})') from None
 
 
 def _hf_dir(path):
@@ -497,11 +499,11 @@ def from_pretrained(path, image_size=None, act=None):
         head_width = oc_config.get('vision_cfg', {}).get('head_width', 64)
         text_heads = oc_config.get('text_cfg', {}).get('heads')
     act = act or 'quick_gelu'
-    vcfg = {**_vision_config(towers['vision'], head_width), 'act': act}
+    vcfg = {**_vision_config(towers['vision'], source, head_width), 'act': act}
     vision = _build(VisionTransformer, vcfg, towers['vision'], source, image_size)
     text = None
     if towers['text']:
-        tcfg = {**_text_config(towers['text'], text_heads), 'act': act}
+        tcfg = {**_text_config(towers['text'], source, text_heads), 'act': act}
         text = _build(TextTransformer, tcfg, towers['text'], source)
     return vision, text
 
@@ -513,14 +515,18 @@ def _from_hf(path, image_size=None):
         raise ValueError(f'{path}: unexpected keys for a Hugging Face CLIP: [{_names(unexpected)}]')
     # CLIPModel nests the tower configs; CLIPVisionModel's config is the vision config itself
     vconf = config.get('vision_config', config)
-    vcfg = _vision_config(towers['vision'])
+    vcfg = _vision_config(towers['vision'], path)
     vcfg.update(heads=vconf.get('num_attention_heads', 12), act=_hf_act(vconf, path),
                 ln_eps=vconf.get('layer_norm_eps', 1e-5))
     vision = _build(VisionTransformer, vcfg, towers['vision'], path, image_size)
     text = None
     if towers['text']:
         tconf = config.get('text_config', {})
-        tcfg = _text_config(towers['text'], tconf.get('num_attention_heads', 8))
+        tcfg = _text_config(towers['text'], path, tconf.get('num_attention_heads', 8))
+        eos, top = tconf.get('eos_token_id', 2), tcfg['vocab_size'] - 1
+        if eos not in (2, top):  # 2: transformers' legacy value, meaning "pool at the highest id"
+            raise ValueError(f'{path}: text eos_token_id {eos} is not the highest id {top}; '
+                             'this text tower pools at the highest id, as CLIP does')
         tcfg.update(act=_hf_act(tconf, path), ln_eps=tconf.get('layer_norm_eps', 1e-5))
         text = _build(TextTransformer, tcfg, towers['text'], path)
     return vision, text
@@ -555,7 +561,7 @@ def export_hf(vision, directory):
     dtype = str(next(iter(hf.values())).dtype).removeprefix('torch.')
     config = dict(architectures=['CLIPVisionModelWithProjection' if c['proj'] else 'CLIPVisionModel'],
                   model_type='clip_vision_model', hidden_size=c['width'],
-                  intermediate_size=int(c['width'] * c['mlp_ratio']), num_hidden_layers=c['layers'],
+                  intermediate_size=round(c['width'] * c['mlp_ratio']), num_hidden_layers=c['layers'],
                   num_attention_heads=c['heads'], image_size=c['image_size'], patch_size=c['patch_size'],
                   hidden_act=c['act'], layer_norm_eps=c['ln_eps'], num_channels=3,
                   projection_dim=vision.embed_dim, attention_dropout=0.0, initializer_factor=1.0,

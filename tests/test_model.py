@@ -5,6 +5,7 @@ the ViT FLOP formula."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def hf_clip(act, seed=0):
     cfg = transformers.CLIPConfig(
         text_config=dict(hidden_size=T_WIDTH, intermediate_size=4 * T_WIDTH, num_hidden_layers=2,
                          num_attention_heads=1, vocab_size=49408, max_position_embeddings=77,
-                         hidden_act=act, eos_token_id=49407),
+                         hidden_act=act, eos_token_id=2 if act == 'quick_gelu' else 49407),  # both pooling rules
         vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
         projection_dim=EMBED)
@@ -302,3 +303,24 @@ def test_flops_and_params():
         v14, _ = model.create('ViT-L/14-336')
     assert (v14.image_size, v14.width, len(v14.blocks), v14.embed_dim) == (336, 1024, 24, 768)
     assert model.PRESETS['ViT-L/14']['text']['width'] == 768 and model.PRESETS['ViT-L/14']['text']['heads'] == 12
+
+
+def test_without_safetensors(tmp_path, monkeypatch):
+    """safetensors is a dev dependency only: export falls back to pytorch_model.bin, and reading a
+    .safetensors file says what to install."""
+    torch.manual_seed(0)
+    vision = model.VisionTransformer(image_size=16, patch_size=8, width=64, layers=1, heads=1, embed_dim=8).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, 'safetensors.torch', None)  # makes `import safetensors.torch` fail
+        model.export_hf(vision, tmp_path / 'bin')
+        assert sorted(os.listdir(tmp_path / 'bin')) == ['config.json', 'pytorch_model.bin']
+        back, _ = model.from_pretrained(str(tmp_path / 'bin'))
+        model.export_hf(vision, tmp_path / 'st')  # fallback again, then give it a safetensors name
+        os.rename(tmp_path / 'st' / 'pytorch_model.bin', tmp_path / 'st' / 'model.safetensors')
+        with pytest.raises(ValueError, match='needs the safetensors package'):
+            model.from_pretrained(str(tmp_path / 'st'))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), vision(x), atol=0, rtol=0)
+        hp = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / 'bin').eval()
+        torch.testing.assert_close(hp(pixel_values=x).image_embeds, vision(x), atol=1e-5, rtol=1e-5)
