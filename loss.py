@@ -217,7 +217,14 @@ class PartialFC(nn.Module):
         pos_mask = torch.zeros_like(cos, dtype=torch.bool)
         rows, slots = is_local.nonzero(as_tuple=True)
         pos_mask[rows, pos_col[rows, slots]] = True
-        s_neg = (self.scale * cos).masked_fill(pos_mask, float('-inf'))
+        # logging statistics (paper Fig. 3) from the same cosines; they ride along in the all-reduce
+        with torch.no_grad():
+            n_pos = is_local.sum()
+            pos_sum = (c_pos * is_local).sum()
+            neg_sum = cos.sum() - cos.gather(1, pos_col).mul(is_local).sum()
+            stats = torch.stack([pos_sum, n_pos.to(dt), neg_sum, (cos.numel() - n_pos).to(dt)])
+        # in place from here on: one [B, k_sampled] buffer besides the cosines
+        s_neg = cos.mul(self.scale).masked_fill_(pos_mask, float('-inf'))
 
         # Per-sample log-sum-exp of -s_i (positives) and s_j (negatives) over ALL ranks,
         # max-stabilised: m = max over ranks of the local maxima, then sum over ranks of
@@ -227,13 +234,7 @@ class PartialFC(nn.Module):
         if world > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX)
         m = torch.where(torch.isfinite(m), m, 0.0)  # a set empty on every rank: any finite m
-        sums = torch.stack([(z_pos - m[:, :1]).exp().sum(1), (s_neg - m[:, 1:]).exp().sum(1)], 1)
-        # logging statistics ride along in the same all-reduce (paper Fig. 3)
-        with torch.no_grad():
-            n_pos = is_local.sum()
-            pos_sum = (c_pos * is_local).sum()
-            neg_sum = cos.sum() - cos.gather(1, pos_col).mul(is_local).sum()
-            stats = torch.stack([pos_sum, n_pos.to(dt), neg_sum, (cos.numel() - n_pos).to(dt)])
+        sums = torch.stack([(z_pos - m[:, :1]).exp().sum(1), s_neg.sub_(m[:, 1:]).exp_().sum(1)], 1)
         if world > 1:
             packed = _AllReduceSum.apply(torch.cat([sums.flatten(), stats]))
             sums, stats = packed[:2 * B].view(B, 2), packed[2 * B:].detach()
