@@ -412,7 +412,7 @@ def _load_weights(path):
         if torchscript:
             # OpenAI's released CLIP .pt files are TorchScript archives. torch.jit.load is used for
             # that format only: it reads TorchScript code and tensors, not pickled Python objects.
-            return {k: v for k, v in torch.jit.load(path, map_location='cpu').state_dict().items()}
+            return dict(torch.jit.load(path, map_location='cpu').state_dict())
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -457,6 +457,7 @@ def from_pretrained(path, image_size=None, act=None):
       CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection. A CLIPVisionModel has no
       projection: its vision(x) is the pooled post-layernorm class token, as transformers returns.
     image_size: build the vision tower for this size, interpolating the position embeddings."""
+    path = os.fspath(path)
     source, oc_config = path, None
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, 'config.json')):
