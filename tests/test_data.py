@@ -1,0 +1,516 @@
+"""data.py: shard writer on real file formats, tokenizer against an independent implementation,
+loader coverage / determinism / augmentation geometry, real CIFAR-10 folders."""
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
+S = 16
+
+
+def noise(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_bytes(im, **kw):
+    f = io.BytesIO()
+    im.save(f, 'PNG', **kw)
+    return f.getvalue()
+
+
+def jpeg_bytes(im, **kw):
+    f = io.BytesIO()
+    im.save(f, 'JPEG', quality=95, **kw)
+    return f.getvalue()
+
+
+def put(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
+def stored(out):
+    """All images / texts of a built dataset, concatenated from the shards (independent of Dataset)."""
+    meta = json.load(open(os.path.join(out, 'meta.json')))
+    ims = np.concatenate([np.load(os.path.join(out, s['images'])) for s in meta['shards']])
+    txt = np.concatenate([np.load(os.path.join(out, s['texts'])) for s in meta['shards']]) if meta['has_text'] else None
+    return meta, ims, txt
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_corpus():
+    rng = np.random.default_rng(0)
+    fixed = [
+        'a photo of a cat', 'A Photo Of A CAT.', "don't stop, it's what we'll do; they've I'm you'd",
+        'café naïve façade Ångström über straße Øre crème brûlée', 'Ελληνικά γράμματα', 'русский текст, Ёжик',
+        'العربية نص', 'עברית', 'हिन्दी पाठ', 'ภาษาไทย', '中文字符测试，你好！', '日本語のテキスト、カタカナ', '한국어 텍스트',
+        'emoji 😀😃🎉👍🏽 👨‍👩‍👧 🇫🇷 ❤️', 'numbers 0 12 345 6789 3.14159 1,000,000 ٣٤ ½ ²', '!!!??? ... --- *** ((()))',
+        '@user #hashtag https://example.com/a?b=c&d=e', 'tabs\tand\nnewlines\r\n  and   spaces ', '',
+        ' '.join(['very long text'] * 60), 'x' * 300, 'supercalifragilisticexpialidocious antidisestablishmentarianism',
+        "l'été c'est l'heure", 'ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ', 'ﬁ ligature', 'math ∑∫√∞≈≠ ≤ ≥', '©®™ §¶ €£¥ ₹',
+    ]
+    pools = ['abcdefghijklmnopqrstuvwxyz     ', 'ABCXYZ0123456789', ".,;:!?'\"-()[]{}<>/@#$%^&*_+=~`|\\",
+             'éèêëàâäîïôöùûüçñåøæœß', 'αβγδεζηθλμπσωΑΒΓ', 'абвгдежзийклмн', '的一是不了人我在有他这中大来上个',
+             'あいうえおかきくけこアイウエオ', '가나다라마바사', '😀🎉🐱🚀🌍🍕👍🏽', '٠١٢٣٤٥٦٧٨٩०१२३', ' \t\n']
+    texts = list(fixed)
+    while len(texts) < 300:
+        k = rng.integers(1, 4)
+        chosen = [pools[j] for j in rng.choice(len(pools), k, replace=False)]
+        alphabet = ''.join(chosen)
+        texts.append(''.join(alphabet[j] for j in rng.integers(0, len(alphabet), rng.integers(1, 120))))
+    return texts
+
+
+def test_tokenizer_matches_instant_clip_tokenizer():
+    import instant_clip_tokenizer
+    ref = instant_clip_tokenizer.Tokenizer()
+    texts = tokenizer_corpus()
+    ours = data.tokenize(texts)
+    assert ours.dtype == np.int64 and ours.shape == (len(texts), 77)
+    # instant_clip_tokenizer only lowercases, so it is given the text after CLIP's cleaning step
+    theirs = ref.tokenize_batch([data.clean_text(t) for t in texts], 77).astype(np.int64)
+    bad = [t for t, a, b in zip(texts, ours, theirs) if not np.array_equal(a, b)]
+    assert not bad, f'{len(bad)} strings differ, e.g. {bad[:3]!r}'
+    assert sum(r[76] == data.EOT for r in ours) >= 3  # truncated rows exist, and end with <end_of_text>
+
+
+def test_tokenizer_specials_truncation_cleaning():
+    t = data.tokenize(['a photo of a cat', ' '.join(['dog'] * 200)])
+    assert t[0, 0] == 49406 and t[0, 6] == 49407 and (t[0, 7:] == 0).all()
+    assert t[1, 0] == 49406 and t[1, 76] == 49407 and (t[1, 1:76] == t[0, 5] * 0 + t[1, 1]).all()
+    assert data.tokenize(['x'], context_length=5).shape == (1, 5)
+    # html unescape (twice), whitespace collapsed, lowercased: as CLIP's basic_clean/whitespace_clean
+    assert np.array_equal(data.tokenize(['Salt &amp;amp; PEPPER\n\t  on  toast']), data.tokenize(['salt & pepper on toast']))
+    max_id = max(int(data.tokenize(tokenizer_corpus()).max()), 0)
+    assert max_id < 49408
+
+
+def test_tokenizer_character_classes_match_regex_module():
+    # CLIP splits words with the `regex` package's \p{L} / \p{N}; ours are built from unicodedata.
+    # Compare the split on every code point both Unicode versions know (transformers needs `regex`).
+    import regex
+    ref = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                        regex.IGNORECASE)
+    pat = data._tokenizer()[3]
+    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ('Cn', 'Cs', 'Co')
+             and not chr(c).isspace()]
+    for sep in ('a', '1', '.', "'", ' '):
+        s = sep.join(chars) + "'S'll 'ſ 'D"
+        assert pat.findall(s) == ref.findall(s), sep
+
+
+def test_tokenizer_missing_vocabulary_says_how_to_install(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+    data._tokenizer.cache_clear()
+    try:
+        with pytest.raises(ImportError, match='pip install --no-deps open_clip_torch'):
+            data.tokenize(['hello'])
+    finally:
+        monkeypatch.undo()
+        data._tokenizer.cache_clear()
+
+# ----------------------------------------------------------------------------- shard writer: folder
+
+
+def make_folder(root):
+    """Class folders with one file per case; returns {key: expected uint8 [S,S,3] or (skip reason, tolerance)}."""
+    exp = {}
+    # exact pixels, no resampling needed
+    a = noise(S, S, 1)
+    put(f'{root}/cat/a.png', png_bytes(Image.fromarray(a)))
+    exp['cat/a.png'] = (a, 0)
+    # wider than tall: red margins are cropped away, the centre survives exactly
+    b = noise(S, S, 2)
+    wide = np.concatenate([np.full((S, 4, 3), (255, 0, 0), np.uint8), b, np.full((S, 4, 3), (255, 0, 0), np.uint8)], 1)
+    put(f'{root}/cat/b.png', png_bytes(Image.fromarray(wide)))
+    exp['cat/b.png'] = (b, 0)
+    # larger: shorter side 48 -> 16 (bicubic, antialiased); reference = torch's antialiased bicubic of the centre crop
+    yy, xx = np.mgrid[0:48, 0:64]
+    big = np.stack([xx * 4, yy * 5, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
+    put(f'{root}/cat/big.png', png_bytes(Image.fromarray(big)))
+    ref = F.interpolate(torch.tensor(big[:, 8:56]).permute(2, 0, 1)[None].float(), size=(S, S), mode='bicubic',
+                        antialias=True, align_corners=False)[0].permute(1, 2, 0).clamp(0, 255).round().numpy().astype(np.uint8)
+    exp['cat/big.png'] = (ref, 2)
+    put(f'{root}/cat/huge.png', png_bytes(Image.fromarray(noise(80, 80, 3))))  # over max_pixels
+    exp['cat/huge.png'] = 'too large'
+    # grey 'L' and bilevel '1'
+    put(f'{root}/bird/l.png', png_bytes(Image.new('L', (S, S), 77)))
+    exp['bird/l.png'] = (np.full((S, S, 3), 77, np.uint8), 0)
+    put(f'{root}/bird/one.png', png_bytes(Image.new('1', (S, S), 1)))
+    exp['bird/one.png'] = (np.full((S, S, 3), 255, np.uint8), 0)
+    # CMYK JPEG of pure red
+    put(f'{root}/dog/cmyk.jpg', jpeg_bytes(Image.new('CMYK', (S, S), (0, 255, 255, 0))))
+    exp['dog/cmyk.jpg'] = (np.full((S, S, 3), (255, 0, 0), np.uint8), 8)
+    # palette with a transparent index: left half transparent (-> white), right half opaque blue
+    p = Image.new('P', (S, S), 0)
+    p.putpalette([0, 255, 0, 0, 0, 255] + [0] * 762)
+    p.paste(1, (S // 2, 0, S, S))
+    put(f'{root}/dog/palette.png', png_bytes(p, transparency=0))
+    e = np.full((S, S, 3), 255, np.uint8)
+    e[:, S // 2:] = (0, 0, 255)
+    exp['dog/palette.png'] = (e, 0)
+    # RGBA: invisible green (-> white), half-transparent red over white, opaque blue
+    rgba = np.zeros((S, S, 4), np.uint8)
+    rgba[:, :5] = (0, 255, 0, 0)
+    rgba[:, 5:10] = (255, 0, 0, 128)
+    rgba[:, 10:] = (0, 0, 255, 255)
+    put(f'{root}/dog/rgba.png', png_bytes(Image.fromarray(rgba, 'RGBA')))
+    e = np.zeros((S, S, 3), np.uint8)
+    e[:, :5] = 255
+    e[:, 5:10] = (255, 127, 127)
+    e[:, 10:] = (0, 0, 255)
+    exp['dog/rgba.png'] = (e, 1)
+    # 16-bit grey: 0..65535 scaled to 0..255 (257 * k -> k), not clipped
+    g16 = (np.arange(S * S).reshape(S, S) * 257).astype(np.uint16)
+    put(f'{root}/dog/gray16.png', png_bytes(Image.fromarray(g16)))
+    exp['dog/gray16.png'] = (np.repeat(np.arange(S * S).reshape(S, S, 1), 3, 2).astype(np.uint8), 0)
+    # EXIF orientation 6 (display rotated 90 degrees clockwise): stored left red | right blue, 16 wide 32 tall.
+    # Upright it is 32 wide 16 tall with red on top and blue below.
+    st = np.zeros((2 * S, S, 3), np.uint8)
+    st[:, :S // 2] = (255, 0, 0)
+    st[:, S // 2:] = (0, 0, 255)
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    put(f'{root}/dog/exif.jpg', jpeg_bytes(Image.fromarray(st), exif=ex.tobytes()))
+    e = np.zeros((S, S, 3), np.uint8)
+    e[:S // 2] = (255, 0, 0)
+    e[S // 2:] = (0, 0, 255)
+    exp['dog/exif.jpg'] = (e, 'rows')
+    # broken files
+    put(f'{root}/dog/corrupt.jpg', bytes(np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8)))
+    exp['dog/corrupt.jpg'] = 'unreadable'
+    good = jpeg_bytes(Image.fromarray(noise(64, 64, 6)))
+    put(f'{root}/dog/truncated.jpg', good[:len(good) // 2])
+    exp['dog/truncated.jpg'] = 'unreadable'
+    put(f'{root}/dog/empty.jpg', b'')
+    exp['dog/empty.jpg'] = 'empty file'
+    put(f'{root}/dog/notes.txt', b'not an image, not listed')
+    return exp
+
+
+def check_pixels(key, got, want, tol):
+    if tol == 'rows':  # JPEG: judge away from the red/blue edge
+        assert (np.abs(got[:S // 2 - 2].astype(int) - (255, 0, 0)) < 40).all(), key
+        assert (np.abs(got[S // 2 + 2:].astype(int) - (0, 0, 255)) < 40).all(), key
+    else:
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= tol, key
+
+
+def test_folder_source_round_trip_and_bad_files(tmp_path):
+    exp = make_folder(tmp_path / 'src')
+    out = str(tmp_path / 'out')
+    meta = data.build(str(tmp_path / 'src'), out, image_size=S, shard_size=4, workers=2, max_pixels=5000, progress=False)
+    keys = sorted(exp)  # the folder order: sorted classes, sorted files
+    kept = [k for k in keys if isinstance(exp[k], tuple)]
+    meta2, ims, txt = stored(out)
+    assert meta == meta2 and txt is None and meta['has_text'] is False
+    assert meta['classnames'] == ['bird', 'cat', 'dog'] and meta['count'] == len(kept) == len(ims)
+    assert meta['image_size'] == S and ims.dtype == np.uint8 and ims.shape[1:] == (S, S, 3)
+    assert sum(s['count'] for s in meta['shards']) == len(kept)
+    skipped = {k: r for k, r in meta['skipped']['items']}
+    assert {k: r.split(':')[0] for k, r in skipped.items()} == {k: v for k, v in exp.items() if isinstance(v, str)}
+    assert meta['skipped']['count'] == 4 and meta['skipped']['reasons']['unreadable'] == 2
+    classes = np.load(os.path.join(out, 'classes.npy'))
+    assert classes.dtype == np.int32
+    assert classes.tolist() == [meta['classnames'].index(k.split('/')[0]) for k in kept]  # aligned despite skips
+    for k, got in zip(kept, ims):
+        check_pixels(k, got, *exp[k])
+    # the reader gives the same rows in any order
+    ds = data.Dataset(out)
+    idx = [5, 0, 3, 3, len(ds) - 1]
+    assert np.array_equal(ds.images(idx), ims[idx]) and np.array_equal(ds.classes, classes)
+    with pytest.raises(ValueError, match='no texts'):
+        ds.texts([0])
+    with pytest.raises(ValueError, match='out of range'):
+        ds.images([len(ds)])
+
+# ----------------------------------------------------------------------------- tar and list sources
+
+
+def tar_bytes(members):
+    f = io.BytesIO()
+    with tarfile.open(fileobj=f, mode='w') as tf:
+        for name, payload in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(payload)
+            tf.addfile(ti, io.BytesIO(payload))
+    return f.getvalue()
+
+
+def test_tar_source_webdataset_layout(tmp_path):
+    ims = {k: noise(S, S, 10 + i) for i, k in enumerate(['k0', 'k1', 'k3', 'k4', 'k6', 'evil'])}
+    webp = io.BytesIO()
+    Image.fromarray(ims['k4']).save(webp, 'WEBP', lossless=True)
+    a = [('000/k0.png', png_bytes(Image.fromarray(ims['k0']))), ('000/k0.txt', b'A red CAR'), ('000/k0.json', b'{"url": "x"}'),
+         ('000/k1.png', png_bytes(Image.fromarray(ims['k1']))), ('000/k1.txt', b'  \n'),   # empty caption
+         ('000/k2.txt', b'caption without image'),                                         # no image
+         ('000/k3.png', png_bytes(Image.fromarray(ims['k3']))),                             # no caption
+         ('000/k4.webp', webp.getvalue()), ('000/k4.txt', 'ünïcode ✓ caption'.encode())]
+    b = [('k5.jpg', b''), ('k5.txt', b'zero-byte image'),
+         ('k6.png', png_bytes(Image.fromarray(ims['k6']))), ('k6.txt', b'fish &amp; chips'),
+         ('../../evil.png', png_bytes(Image.fromarray(ims['evil']))), ('../../evil.txt', b'never written to disk')]
+    put(f'{tmp_path}/tars/00000.tar', tar_bytes(a))
+    put(f'{tmp_path}/tars/00001.tar', tar_bytes(b))
+    out = str(tmp_path / 'out')
+    meta = data.build(f'{tmp_path}/tars/*.tar', out, image_size=S, shard_size=3, workers=2, progress=False)
+    _, got, txt = stored(out)
+    keep = [('k0', 'A red CAR'), ('k4', 'ünïcode ✓ caption'), ('k6', 'fish &amp; chips'), ('evil', 'never written to disk')]
+    assert meta['count'] == 4 and meta['has_text'] and meta['classnames'] is None and meta['source_type'] == 'tar'
+    for (k, cap), im, t in zip(keep, got, txt):
+        assert np.array_equal(im, ims[k]), k
+        assert t.dtype == np.uint16 and np.array_equal(t.astype(np.int64), data.tokenize([cap])[0]), k
+    sk = {k.split(':')[-1]: r for k, r in meta['skipped']['items']}
+    assert sk == {'000/k1': 'empty caption', '000/k2': 'missing', '000/k3': 'empty caption', 'k5': 'empty file'}
+    assert all(k.startswith(f'{tmp_path}/tars/0000') for k, _ in meta['skipped']['items'])
+    assert not os.path.exists(tmp_path.parent / 'evil.png') and not os.path.exists(tmp_path / 'evil.png')
+    assert np.array_equal(data.Dataset(out).texts([2, 0]), data.tokenize(['fish & chips', 'a red car']))
+
+
+def test_list_source(tmp_path):
+    a, b = noise(S, S, 20), noise(S, S, 21)
+    put(f'{tmp_path}/imgs/a.png', png_bytes(Image.fromarray(a)))
+    put(f'{tmp_path}/imgs/b.jpg', jpeg_bytes(Image.fromarray(np.full((S, S, 3), 200, np.uint8))))
+    put(f'{tmp_path}/imgs/c.png', png_bytes(Image.fromarray(b)))
+    lines = ['imgs/a.png\tfirst caption', 'imgs/missing.png\ta file that is not there', '', 'imgs/b.jpg\t',
+             'imgs/c.png\tthird', f'{tmp_path}/imgs/a.png\tabsolute path, again']
+    put(f'{tmp_path}/list.tsv', '\n'.join(lines).encode())
+    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    _, got, txt = stored(str(tmp_path / 'out'))
+    assert meta['count'] == 3 and meta['source_type'] == 'list'
+    assert np.array_equal(got, np.stack([a, b, a]))
+    assert np.array_equal(txt.astype(np.int64), data.tokenize(['first caption', 'third', 'absolute path, again']))
+    assert meta['skipped']['items'] == [['imgs/missing.png', 'missing'], ['imgs/b.jpg', 'empty caption']]
+
+# ----------------------------------------------------------------------------- overwrite, resume, CLI
+
+
+def test_refuse_overwrite_and_resume_after_interruption(tmp_path, monkeypatch):
+    kw = dict(image_size=S, count=50, seed=3, shard_size=16, workers=1, progress=False)
+    full = str(tmp_path / 'full')
+    data.build('synthetic', full, **kw)
+    with pytest.raises(ValueError, match='overwrite'):
+        data.build('synthetic', full, **kw)
+    # interrupt a build in the middle of its third shard
+    part = str(tmp_path / 'part')
+    real = data._process
+
+    def crash(item):
+        if item[0] == 37:
+            raise KeyboardInterrupt
+        return real(item)
+    monkeypatch.setattr(data, '_process', crash)
+    with pytest.raises(KeyboardInterrupt):
+        data.build('synthetic', part, **kw)
+    monkeypatch.setattr(data, '_process', real)
+    assert not os.path.exists(os.path.join(part, 'meta.json'))
+    assert os.path.exists(os.path.join(part, 'images_00001.npy')) and not os.path.exists(os.path.join(part, 'images_00002.npy'))
+    first = os.stat(os.path.join(part, 'images_00000.npy'))
+    with pytest.raises(ValueError, match='other settings'):
+        data.build('synthetic', part, **dict(kw, seed=4))
+    data.build('synthetic', part, **kw)  # resumes
+    again = os.stat(os.path.join(part, 'images_00000.npy'))
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # finished shards kept
+    (m1, i1, t1), (m2, i2, t2) = stored(full), stored(part)
+    assert np.array_equal(i1, i2) and np.array_equal(t1, t2)
+    assert np.array_equal(np.load(f'{full}/classes.npy'), np.load(f'{part}/classes.npy'))
+    assert {k: v for k, v in m1.items() if k != 'build'} == {k: v for k, v in m2.items() if k != 'build'}
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))  # no leftover temporary files
+    data.build('synthetic', full, **dict(kw, count=20, overwrite=True))
+    assert stored(full)[0]['count'] == 20 and not os.path.exists(f'{full}/images_00002.npy')
+
+
+def test_cli(tmp_path):
+    out = str(tmp_path / 'syn')
+    cmd = [sys.executable, os.path.join(ROOT, 'data.py'), '--src=synthetic', f'--out={out}', '--count=40',
+           '--image_size=16', '--workers=2']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['count'] == 40 and res == json.load(open(os.path.join(out, 'data.json')))
+    assert np.array_equal(data.Dataset(out).images(range(40)), data.synthetic(40, 16, 0)['images'])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode != 0 and 'overwrite' in r.stderr and 'Traceback' not in r.stderr
+    r = subprocess.run(cmd[:2] + ['--src=/nonexistent/dir', f'--out={tmp_path}/x'], capture_output=True, text=True)
+    assert r.returncode != 0 and '/nonexistent/dir' in r.stderr and 'Traceback' not in r.stderr
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic():
+    d = data.synthetic(60, 64, seed=3)
+    assert d['images'].shape == (60, 64, 64, 3) and d['images'].dtype == np.uint8
+    assert np.array_equal(d['images'], data.synthetic(60, 64, seed=3)['images'])
+    assert not np.array_equal(d['images'], data.synthetic(60, 64, seed=4)['images'])
+    tail = data.synthetic(10, 64, seed=3, start=50)
+    assert np.array_equal(tail['images'], d['images'][50:]) and tail['captions'] == d['captions'][50:]
+    obj = r'an? (\w+) (\w+)'
+    counts = set()
+    for im, cap, c in zip(d['images'], d['captions'], d['classes']):
+        m = re.fullmatch(rf'{obj}(?:, {obj})?(?: and {obj})? on an? (\w+) background', cap)
+        assert m, cap
+        objects = re.findall(obj, cap.rsplit(' on ', 1)[0])
+        counts.add(len(objects))
+        colour, shape = objects[0]
+        assert shape in data.SHAPES and colour in data.COLOURS and m.group(7) in data.BACKGROUNDS
+        assert d['classnames'][c] == shape  # the class is the largest (first named) shape
+        near = (np.abs(im.astype(int) - data.COLOURS[colour]).max(-1) <= 20).sum()
+        assert near >= 20, cap  # it is drawn on top, in its colour
+    assert counts == {1, 2, 3} and len(set(d['classes'].tolist())) == len(data.SHAPES)
+    assert data.synthetic(2, 7, 0)['images'].shape == (2, 7, 7, 3)
+
+# ----------------------------------------------------------------------------- loader
+
+
+@pytest.fixture(scope='module')
+def syn(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('syn') / 'd')
+    data.build('synthetic', out, image_size=S, count=100, seed=0, shard_size=30, workers=1, progress=False)
+    return out
+
+
+def test_loader_two_ranks_cover_each_index_once(syn):
+    N, B = 100, 8
+    labels = (np.arange(N)[:, None] * np.array([[1, 7]]) % 97).astype(np.int32)
+    ds = data.Dataset(syn)
+    seen = []
+    for epoch in (0, 1):
+        loaders = [data.Loader(syn, B, S, labels=labels, with_text=True, rank=r, world_size=2, seed=5, augment=False)
+                   for r in range(2)]
+        assert loaders[0].steps_per_epoch == N // (2 * B)
+        idx = []
+        for ld in loaders:
+            for b in ld.iterate(epoch):
+                i = b['index'].numpy()
+                assert b['images'].shape == (B, 3, S, S) and b['images'].dtype == torch.float32
+                raw = torch.tensor(ds.images(i)).permute(0, 3, 1, 2).float() / 255
+                want = (raw - torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+                assert torch.allclose(b['images'], want, atol=1e-5)
+                assert b['labels'].dtype == torch.int64 and np.array_equal(b['labels'].numpy(), labels[i])
+                assert np.array_equal(b['texts'].numpy(), ds.texts(i))
+                idx += i.tolist()
+        assert len(idx) == len(set(idx)) == 96 and set(idx) <= set(range(N))  # last incomplete batch dropped
+        seen.append(idx)
+    assert seen[0] != seen[1]
+
+
+def test_loader_batch_is_a_pure_function_of_seed_epoch_step_rank(syn):
+    mk = lambda seed=9: data.Loader(syn, 8, 24, with_text=True, rank=1, world_size=2, seed=seed)
+    a, b = mk(), mk()
+    for name in ('images', 'texts', 'index'):
+        assert torch.equal(a.batch(3, 2)[name], b.batch(3, 2)[name])
+    assert a.batch(3, 2)['images'].shape == (8, 3, 24, 24)
+    resumed = list(b.iterate(3, start_step=4))
+    assert len(resumed) == a.steps_per_epoch - 4
+    for s, r in zip(range(4, a.steps_per_epoch), resumed):
+        assert torch.equal(a.batch(3, s)['images'], r['images']) and torch.equal(a.batch(3, s)['index'], r['index'])
+    assert not torch.equal(a.batch(3, 2)['images'], a.batch(4, 2)['images'])
+    assert not torch.equal(a.batch(3, 2)['images'], mk(seed=10).batch(3, 2)['images'])
+    with pytest.raises(ValueError):
+        a.batch(0, a.steps_per_epoch)
+
+
+def test_crop_and_flip_geometry():
+    x = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 16).expand(1, 3, 16, 16).clone()  # horizontal gradient
+    ident = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    assert torch.allclose(data.resized_crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
+    assert torch.allclose(data.resized_crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
+    # crop: output pixel j samples input position p = cx*W + (j + 0.5 - size/2) * w*W/size - 0.5 (pixel centres)
+    for cx, w, size, flip in [(0.25, 0.5, 16, False), (0.6, 0.3, 8, False), (0.5, 0.8, 20, True)]:
+        y = data.resized_crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
+        j = torch.arange(size, dtype=torch.float32)
+        p = cx * 16 + (j + 0.5 - size / 2) * w * 16 / size - 0.5
+        want = p.clamp(0, 15)
+        want = want.flip(0) if flip else want
+        assert torch.allclose(y[0, 0, 0], want, atol=1e-4), (cx, w, size, flip)
+    # vertical geometry the same way
+    xv = x.transpose(-1, -2)
+    y = data.resized_crop(xv, torch.tensor([[0.5, 0.25, 1.0, 0.5]]), torch.tensor([True]), 16)
+    j = torch.arange(16, dtype=torch.float32)
+    assert torch.allclose(y[0, 0, :, 0], (0.25 * 16 + (j + 0.5 - 8) * 0.5 - 0.5).clamp(0, 15), atol=1e-4)
+
+
+def test_crop_params_distribution():
+    g = torch.Generator().manual_seed(0)
+    boxes, flip = data.crop_params(4000, g, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
+    cx, cy, w, h = boxes.unbind(1)
+    area, aspect = w * h, w / h
+    assert (area >= 0.4 - 1e-6).all() and (area <= 1 + 1e-6).all()
+    assert (aspect >= 3 / 4 - 1e-5).all() and (aspect <= 4 / 3 + 1e-5).all()
+    assert (cx - w / 2 >= -1e-6).all() and (cx + w / 2 <= 1 + 1e-6).all() and (cy - h / 2 >= -1e-6).all()
+    # torchvision's recipe (first of 10 draws that fits, else the whole image), simulated in numpy:
+    # the rejection near scale 1 pulls the mean area below the mean of U(0.4, 1)
+    rng = np.random.default_rng(1)
+    s, r = rng.uniform(0.4, 1, (100000, 10)), np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), (100000, 10)))
+    ok = (np.sqrt(s * r) <= 1) & (np.sqrt(s / r) <= 1)
+    ref = np.where(ok.any(1), s[np.arange(100000), ok.argmax(1)], 1.0)
+    assert abs(area.mean().item() - ref.mean()) < 0.01 and abs(flip.float().mean() - 0.5) < 0.05
+    b2, f2 = data.crop_params(4000, torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, b2) and torch.equal(flip, f2)
+
+
+def test_loader_augmentation_is_crop_and_flip(syn):
+    # with scale = ratio = 1 every crop is the whole image: each sample is the image or its mirror
+    ld = data.Loader(syn, 16, S, seed=1, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    plain = data.Loader(syn, 16, S, seed=1, augment=False)
+    b, p = ld.batch(0, 1), plain.batch(0, 1)
+    assert torch.equal(b['index'], p['index'])
+    same = [torch.allclose(x, y, atol=1e-4) for x, y in zip(b['images'], p['images'])]
+    mirror = [torch.allclose(x, y.flip(-1), atol=1e-4) for x, y in zip(b['images'], p['images'])]
+    assert all(s or m for s, m in zip(same, mirror)) and any(mirror) and not all(mirror)
+
+
+def test_eval_batches_contiguous_slices_and_resize(syn):
+    ds = data.Dataset(syn)
+    got = []
+    for r in range(3):
+        idx = torch.cat([i for i, _ in data.eval_batches(syn, 16, S, rank=r, world_size=3)]).tolist()
+        n = 100 // 3 + (r < 100 % 3)
+        assert idx == list(range(r * 33 + min(r, 1), r * 33 + min(r, 1) + n))
+        got += idx
+    assert got == list(range(100))
+    # another size: antialiased bicubic, compared with PIL's
+    i, x = next(iter(data.eval_batches(syn, 4, 8)))
+    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    for k, im in zip(i.tolist(), x):
+        ref = np.asarray(Image.fromarray(ds.images([k])[0]).resize((8, 8), Image.BICUBIC)).astype(np.float32)
+        pix = (im * std + mean) * 255
+        assert (pix.permute(1, 2, 0) - torch.tensor(ref)).abs().max() < 2.5
+
+# ----------------------------------------------------------------------------- real images
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR), reason=f'{CIFAR} is absent (a fresh clone has no ../shared)')
+def test_cifar10_folders_build(tmp_path):
+    with tarfile.open(CIFAR) as tf:
+        members = [m for m in tf if m.name.startswith('cifar10/test/')]
+        tf.extractall(tmp_path, members=members, filter='data')
+    src = str(tmp_path / 'cifar10' / 'test')
+    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    meta = data.build(src, str(tmp_path / 'out'), image_size=32, workers=2, progress=False)
+    ds = data.Dataset(str(tmp_path / 'out'))
+    assert meta['count'] == len(ds) == 10000 and ds.classnames == names and meta['skipped']['count'] == 0
+    assert np.bincount(ds.classes).tolist() == [1000] * 10
+    assert ds.images([0]).shape == (1, 32, 32, 3)
+    files = sorted(os.listdir(os.path.join(src, 'truck')))
+    k = 9000 + 123
+    with Image.open(os.path.join(src, 'truck', files[123])) as im:
+        assert np.array_equal(ds.images([k])[0], np.asarray(im.convert('RGB')))
+    assert ds.classes[k] == names.index('truck')
