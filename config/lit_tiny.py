@@ -1,0 +1,17 @@
+# LiT on the built-in synthetic set with the tiny ViT-T/4 tower, a few minutes on a CPU:
+#   python data.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
+#   python train.py config/<tiny train config>.py        # writes the image tower to vision_checkpoint
+#   python lit.py config/lit_tiny.py [--precompute_features=True]
+#   python probe.py --checkpoint=out/lit_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic
+out_dir = 'out/lit_tiny'
+data_dir = 'data/synthetic'
+vision_checkpoint = 'out/tiny/ckpt.pt'  # any image tower model.from_pretrained reads
+global_batch_size = 128
+epochs = 2
+learning_rate = 1e-3
+warmup_steps = 20
+weight_decay = 0.2
+log_interval = 10
+ckpt_interval = 100
+augment = False  # then full mode and precompute_features=True train on exactly the same inputs
+device = 'cpu'
