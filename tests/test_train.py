@@ -1,0 +1,180 @@
+"""train.py end to end, as subprocesses on a tiny model and the synthetic set: it learns, a
+stopped-and-resumed run repeats the uninterrupted one bitwise, 2 gloo ranks match 1 process on the
+same global batch (and their checkpoint resumes on 1 rank, centres re-sharded exactly), and each
+bad input stops with its message."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L = 4  # positives per image in the test labels
+
+# ViT-T/4 at 16 px (17 tokens): ~0.1 s per step of 16 images on one core
+TINY = ['--model=ViT-T/4', '--image_size=16', '--warmup_steps=2', '--learning_rate=2e-3',
+        '--log_interval=1', '--ckpt_interval=1000', '--device=cpu', f'--num_positives={L}']
+
+
+def run(args, out_dir, nproc=1, expect_ok=True):
+    # one thread per process: faster than two on a shared 2-core machine, and deterministic
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([ROOT] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
+    launch = ([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable])
+    p = subprocess.run(launch + [os.path.join(ROOT, 'train.py')] + TINY + args +
+                       [f'--out_dir={out_dir}'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    if expect_ok:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out_dir):
+    recs = [json.loads(x) for x in open(os.path.join(out_dir, 'log.jsonl'))]
+    return [(r['step'], r['loss'], r['pos_cos']) for r in recs if 'loss' in r]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """The synthetic set (data.py, 16 px) clustered by cluster.py's pixel teacher into 32 centres,
+    4 labels per image: the real stage-1 output, and labels a tiny tower can learn quickly."""
+    root = tmp_path_factory.mktemp('train')
+    data_dir, labels_dir = str(root / 'syn'), str(root / 'cluster')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for cmd in (['data.py', '--src=synthetic', f'--out={data_dir}', '--count=512', '--image_size=16',
+                 '--seed=0'],
+                ['cluster.py', f'--data_dir={data_dir}', f'--out_dir={labels_dir}', '--num_classes=32',
+                 f'--num_positives={L}']):
+        p = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    labels = np.load(os.path.join(labels_dir, 'labels.npy'))
+    assert labels.shape == (512, L)
+    return {'root': root, 'data': ['--data_dir=' + data_dir, '--labels_dir=' + labels_dir],
+            'data_dir': data_dir, 'labels_dir': labels_dir, 'num_classes': 32,
+            'label_max': int(labels.max())}
+
+
+def test_learns_and_checkpoint_loads(data):
+    out = str(data['root'] / 'learn')
+    p = run(data['data'] + ['--global_batch_size=32', '--micro_batch_size=16', '--max_steps=40',
+                            '--sample_ratio=0.5', '--num_positives=2', '--augment=False',
+                            f'--eval_data_dir={data["data_dir"]}', '--eval_interval=20',
+                            '--eval_batch_size=128'], out)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result == json.load(open(os.path.join(out, 'train.json')))
+    assert result['step'] == 40 and result['num_classes'] == data['num_classes']
+    log = losses(out)
+    assert [s for s, _, _ in log] == list(range(1, 41))  # 2 micro-batches per step, 40 steps
+    first, last = log[:5], log[-5:]
+    assert np.mean([x[1] for x in last]) < 0.8 * np.mean([x[1] for x in first])
+    assert np.mean([x[2] for x in last]) > np.mean([x[2] for x in first]) + 0.05  # Fig. 3
+    knn = [json.loads(x)['knn_acc'] for x in open(os.path.join(out, 'log.jsonl')) if 'knn_acc' in x]
+    assert len(knn) == 2 and result['knn_acc'] == knn[-1] and 0 <= knn[-1] <= 1
+    # ckpt.pt is a tower checkpoint model.from_pretrained reads
+    from model import VisionTransformer, from_pretrained
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    ref = VisionTransformer(**ck['vision_config'])
+    ref.load_state_dict(ck['vision'])
+    vision, _ = from_pretrained(os.path.join(out, 'ckpt.pt'))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(vision.eval()(x), ref.eval()(x), rtol=0, atol=0)
+    assert ck['step'] == 40 and ck['world_size'] == 1 and ck['centres'] == ['centres_00000040_rank0_of_1.pt']
+    shard = torch.load(os.path.join(out, ck['centres'][0]), weights_only=True)
+    assert shard['weight'].shape == (data['num_classes'], 128) and shard['start'] == 0
+
+
+def test_resume_is_exact(data):
+    """stop after step 3, resume: the same loss sequence, bitwise, and the same final weights."""
+    args = data['data'] + ['--global_batch_size=16', '--micro_batch_size=8', '--max_steps=6',
+                           '--sample_ratio=0.5', '--ckpt_interval=2']
+    full, part = str(data['root'] / 'full'), str(data['root'] / 'part')
+    run(args, full)
+    run(args + ['--stop_at=3'], part)
+    assert [s for s, _, _ in losses(part)] == [1, 2, 3]
+    run(args + ['--init_from=resume'], part)
+    assert losses(part) == losses(full)  # floats from JSON: exact equality is bitwise
+    a = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    for k in a['vision']:
+        assert torch.equal(a['vision'][k], b['vision'][k]), k
+    sa = torch.load(os.path.join(full, a['centres'][0]), weights_only=True)
+    sb = torch.load(os.path.join(part, b['centres'][0]), weights_only=True)
+    for k in ('weight', 'exp_avg', 'exp_avg_sq', 'generator'):
+        assert torch.equal(sa[k], sb[k]), k
+    # only the shards of the latest checkpoint remain
+    assert sorted(f for f in os.listdir(part) if f.startswith('centres_')) == b['centres']
+
+
+def test_two_ranks_match_one_and_resume_on_one(data):
+    """Same global batch of 16 on 1 process and on 2 gloo ranks x 8 (all centres scored, no
+    augmentation, so both see exactly the same problem): the losses agree to float32 reduction
+    order (rel 1e-5). The 2-rank checkpoint then resumes on 1 rank: its centres and their Adam
+    state are the two old shards stacked, bit for bit, and the loss continues as the 1-process run."""
+    args = data['data'] + ['--global_batch_size=16', '--max_steps=5', '--sample_ratio=1.0',
+                           '--augment=False', '--ckpt_interval=1000']
+    one, two = str(data['root'] / 'one'), str(data['root'] / 'two')
+    run(args + ['--micro_batch_size=16'], one)
+    run(args + ['--micro_batch_size=8', '--stop_at=3'], two, nproc=2)
+    ref = losses(one)
+    got = losses(two)
+    assert [s for s, _, _ in got] == [1, 2, 3]
+    np.testing.assert_allclose([x[1] for x in got], [x[1] for x in ref[:3]], rtol=1e-5)
+    np.testing.assert_allclose([x[2] for x in got], [x[2] for x in ref[:3]], rtol=1e-5, atol=1e-6)
+
+    ck = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)
+    assert ck['world_size'] == 2 and len(ck['centres']) == 2
+    old = [torch.load(os.path.join(two, n), weights_only=True) for n in ck['centres']]
+    assert old[0]['start'] == 0 and old[1]['start'] == old[0]['rows']
+    # resume with nothing left to do: rewrites the checkpoint for 1 rank
+    run(args + ['--micro_batch_size=16', '--init_from=resume', '--stop_at=3'], two)
+    ck1 = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)
+    assert ck1['world_size'] == 1 and ck1['step'] == 3
+    new = torch.load(os.path.join(two, ck1['centres'][0]), weights_only=True)
+    for k in ('weight', 'exp_avg', 'exp_avg_sq'):
+        assert torch.equal(new[k], torch.cat([old[0][k], old[1][k]])), k
+    for k in ck['vision']:
+        assert torch.equal(ck['vision'][k], ck1['vision'][k]), k
+    # and continue on 1 rank: steps 4, 5 as in the 1-process run
+    run(args + ['--micro_batch_size=16', '--init_from=resume'], two)
+    got = losses(two)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([x[1] for x in got], [x[1] for x in ref], rtol=1e-5)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+def test_bad_inputs_stop_with_a_message(data):
+    root = data['root']
+    base = data['data'] + ['--global_batch_size=16', '--micro_batch_size=16', '--max_steps=2']
+    # an unknown config key
+    p = run(base + ['--learning_rat=1e-3'], str(root / 'bad0'), expect_ok=False)
+    assert p.returncode != 0 and "unknown key 'learning_rat'" in p.stderr
+    # labels.npy with a row count other than the dataset's
+    short = root / 'short'
+    os.makedirs(short)
+    lab = np.load(os.path.join(data['labels_dir'], 'labels.npy'))
+    np.save(short / 'labels.npy', lab[:-1])
+    p = run(data['data'][:1] + [f'--labels_dir={short}'] + base[2:], str(root / 'bad1'), expect_ok=False)
+    assert p.returncode != 0 and '511 label rows' in p.stderr and '512 images' in p.stderr
+    # a label id >= num_classes
+    k = data['label_max']
+    p = run(base + [f'--num_classes={k}'], str(root / 'bad2'), expect_ok=False)
+    assert p.returncode != 0 and f'num_classes is {k}' in p.stderr and 'labels.npy' in p.stderr
+    # a non-finite loss (scale = inf) after a good checkpoint: stops, the checkpoint is untouched
+    out = str(root / 'bad3')
+    run(base, out)
+    before = {f: sha(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.pt')}
+    p = run(base + ['--init_from=resume', '--max_steps=4', '--scale=1e999'], out, expect_ok=False)
+    assert p.returncode != 0 and 'non-finite loss' in p.stderr and 'at step 3' in p.stderr
+    after = {f: sha(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.pt')}
+    assert after == before
+    run(base + ['--init_from=resume', '--max_steps=3'], out)  # and it still resumes
+    assert [s for s, _, _ in losses(out)] == [1, 2, 3]

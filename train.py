@@ -1,0 +1,530 @@
+"""
+Stage 2: MLCD pre-training (An et al., ECCV 2024, Sec. 3). A ViT embeds each image; its
+L2-normalised embedding is scored against learnable class centres, the l nearest cluster centres
+of the image (labels.npy from cluster.py) being positives and a random fraction r of the others
+negatives (PartialFC, loss.py). The image tower is replicated with DDP; the centres are sharded
+over ranks and never replicated.
+
+One CPU process:   python train.py config/tiny_synthetic.py
+One 8-GPU node:    torchrun --standalone --nproc_per_node=8 train.py config/vitl14.py
+Several nodes:     torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 train.py ...
+                   (out_dir must be on a file system every rank sees: centre shards live there)
+Continue a run:    python train.py config/x.py --init_from=resume   (any number of ranks)
+"""
+import glob
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import Dataset, Loader, eval_batches
+from loss import PartialFC, shard_range
+from model import PRESETS, VisionTransformer, from_pretrained
+
+# -----------------------------------------------------------------------------
+# default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
+# I/O
+out_dir = 'out/train'
+data_dir = 'data/laion400m'  # a data.py dataset
+labels_dir = 'out/cluster'  # a cluster.py out_dir: labels.npy [N, l] int32 (+ centroids.npy)
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint from_pretrained loads
+log_interval = 10  # steps between log lines
+ckpt_interval = 1000  # steps between checkpoints (one is always written at the end)
+eval_data_dir = ''  # optional dataset with classes.npy: leave-one-out kNN accuracy, for monitoring
+eval_interval = 0  # steps between kNN evaluations (0: only at the end, if eval_data_dir is set)
+eval_batch_size = 256
+knn_k = 20
+wandb_log = False  # used only if wandb is installed
+wandb_project = 'mlcd'
+wandb_run_name = 'train'
+# model
+model = 'ViT-B/16'  # a model.py preset, used when init_from='scratch'
+image_size = 0  # 0: the preset's (or the loaded checkpoint's) resolution
+# MLCD loss (Eq. 5) and PartialFC
+loss_type = 'mlcd'  # 'mlcd' (Eq. 5) | 'mlc' (Eq. 4, the ablation baseline of Table 6)
+num_classes = 0  # k; 0: rows of labels_dir/centroids.npy, else max label + 1
+num_positives = 8  # l: the first l columns of labels.npy (Table 5: 8 is best)
+sample_ratio = 0.1  # r: fraction of negative centres sampled per step (Table 5: 0.1)
+margin = 0.3  # ArcFace additive angular margin on positives (paper appendix)
+scale = 64.0  # sigma; the paper does not give it, 64 is the ArcFace / UNICOM value
+# optimisation
+global_batch_size = 32768  # images per optimizer step, over all ranks (paper: 32K)
+micro_batch_size = 256  # images per rank per forward; global / (micro * ranks) = accumulation steps
+epochs = 32
+max_steps = 0  # 0: epochs * steps per epoch; sets the length of the lr schedule
+stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged; 0: never
+learning_rate = 5e-4  # Table 9: 5e-4 for ViT-B, 4e-4 for ViT-L
+min_lr = 0.0  # end of the cosine decay
+warmup_steps = 2000
+weight_decay = 0.2
+centre_weight_decay = 0.0  # see the optimizer section for why the centres get none
+beta1 = 0.9
+beta2 = 0.98  # the paper gives no betas / eps; these are CLIP's for ViTs
+adam_eps = 1e-6
+grad_clip = 1.0  # max global grad norm of the image tower; 0: off
+# system
+seed = 1337
+augment = True
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
+compile = False  # torch.compile the image tower
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+if loss_type not in ('mlcd', 'mlc'):
+    raise SystemExit(f"config error: loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
+
+# distributed setup: torchrun sets RANK; gloo on CPU, nccl on CUDA
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+else:
+    rank, world = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+# bf16 autocast for the tower only; PartialFC runs outside it in fp32, because s * cos(theta) with
+# s = 64 would carry ~0.25 of logit error at bf16's 8-bit mantissa
+ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
+       if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+if micro_batch_size <= 0 or global_batch_size % (micro_batch_size * world):
+    raise SystemExit(f'config error: global_batch_size {global_batch_size} is not a multiple of '
+                     f'micro_batch_size * ranks = {micro_batch_size} * {world}')
+accum = global_batch_size // (micro_batch_size * world)  # gradient accumulation steps
+torch.manual_seed(seed)  # the same on every rank: same initial tower (DDP broadcasts it anyway)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+
+
+def stop(msg):
+    """Leave with a one-line message; the last checkpoint on disk is never touched on this path."""
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(msg)
+
+
+# -----------------------------------------------------------------------------
+# data and labels, checked before any work
+try:
+    dataset = Dataset(data_dir)
+except ValueError as e:  # library errors name the file; a script stops with the message
+    stop(str(e))
+labels_path = os.path.join(labels_dir, 'labels.npy')
+if not os.path.exists(labels_path):
+    stop(f'{labels_path}: not found (run cluster.py with out_dir={labels_dir})')
+all_labels = np.load(labels_path, mmap_mode='r')
+if all_labels.ndim != 2 or all_labels.shape[0] != len(dataset):
+    stop(f'{labels_path}: {all_labels.shape[0]} label rows but {data_dir} has {len(dataset)} images')
+if not 1 <= num_positives <= all_labels.shape[1]:
+    stop(f'config error: num_positives {num_positives} but {labels_path} has '
+         f'{all_labels.shape[1]} columns')
+labels = all_labels[:, :num_positives]  # the l nearest centres, nearest first
+
+
+def label_range():
+    """(min, max) label id over the whole file; each rank scans its slice, then all-reduce."""
+    lo, hi = torch.tensor([1 << 62]), torch.tensor([-(1 << 62)])
+    s, n = shard_range(len(labels), rank, world)
+    for i in range(s, s + n, 1 << 20):
+        chunk = np.asarray(labels[i:min(i + (1 << 20), s + n)])
+        lo = torch.minimum(lo, torch.tensor([int(chunk.min())]))
+        hi = torch.maximum(hi, torch.tensor([int(chunk.max())]))
+    if ddp:  # gloo and nccl both reduce int64; MIN as MAX of the negation keeps one op kind
+        both = torch.cat([-lo, hi]).to(device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        lo, hi = -both[:1].cpu(), both[1:].cpu()
+    return int(lo), int(hi)
+
+
+label_min, label_max = label_range()
+centroids_path = os.path.join(labels_dir, 'centroids.npy')
+if num_classes == 0:
+    num_classes = (np.load(centroids_path, mmap_mode='r').shape[0]
+                   if os.path.exists(centroids_path) else label_max + 1)
+if label_max >= num_classes or label_min < -1:
+    stop(f'{labels_path}: label ids span [{label_min}, {label_max}] but num_classes is '
+         f'{num_classes} (ids must be in [0, num_classes), -1 = none)')
+
+# -----------------------------------------------------------------------------
+# the image tower
+ckpt = None
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        stop(f'{ckpt_path}: not found, cannot resume')
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    vision = VisionTransformer(**ckpt['vision_config'])
+    vision.load_state_dict(ckpt['vision'])
+elif init_from == 'scratch':
+    if model not in PRESETS:
+        stop(f"config error: model {model!r} is not one of {', '.join(PRESETS)}")
+    vcfg = dict(PRESETS[model]['vision'])
+    vcfg['image_size'] = image_size or vcfg['image_size']
+    vision = VisionTransformer(**vcfg)
+else:  # a checkpoint: ours, OpenAI, open_clip or Hugging Face
+    vision, _ = from_pretrained(init_from, image_size=image_size or None)
+vision.to(device)
+embed_dim = vision.embed_dim
+
+try:
+    loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
+                    world_size=world, seed=seed, augment=augment, device=device)
+    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
+except ValueError:  # the loader's only check left: fewer images than one global batch
+    steps_per_epoch = 0
+if steps_per_epoch == 0:
+    stop(f'{data_dir}: {len(dataset)} images are fewer than one global batch of {global_batch_size}')
+max_steps = max_steps or epochs * steps_per_epoch
+
+# -----------------------------------------------------------------------------
+# class centres: this rank's contiguous shard [start, start + n) of the k x d matrix W
+
+
+def init_centres(start, n, d, seed, block=4096):
+    """Rows start..start+n of a k x d matrix drawn block by block, block b from a generator seeded
+    with (seed, b): the global matrix is the same whatever the number of ranks."""
+    w = torch.empty(n, d)
+    for b in range(start // block, (start + n + block - 1) // block):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        rows = torch.randn(block, d, generator=g) * 0.01
+        lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
+        w[lo - start:hi - start] = rows[lo - b * block:hi - b * block]
+    return w
+
+
+pfc = PartialFC(embed_dim, num_classes, sample_ratio=sample_ratio, scale=scale, margin=margin,
+                loss_type=loss_type).to(device)
+with torch.no_grad():
+    pfc.weight.copy_(init_centres(pfc.start, pfc.num_local, embed_dim, seed))
+pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own negatives
+
+# -----------------------------------------------------------------------------
+# optimizers: AdamW for the tower (replicated) and a separate AdamW for this rank's centre shard
+# (sharded, so its state is per rank and never all-reduced).
+# Weight decay 0.2 applies to the matrices (linear, patch-embedding conv, projection) only. It skips
+# biases and LayerNorm gains (few parameters that shift/scale activations: decaying them toward 0
+# only distorts the normalisation, it does not regularise), the class token and the position
+# embedding (additive inputs, not weights multiplying activations: decay would just erase them).
+decay = [p for n, p in vision.named_parameters() if p.ndim >= 2 and 'pos_embed' not in n]
+no_decay = [p for n, p in vision.named_parameters() if not (p.ndim >= 2 and 'pos_embed' not in n)]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                               {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
+# Centres. A row that was not sampled this step gets an exactly zero gradient, and plain AdamW
+# still updates it: its moments decay (m *= beta1, v *= beta2) and it keeps moving along its last
+# momentum, by a step that shrinks ~0.91x per step (beta1 / sqrt(beta2)). We keep that, on purpose:
+# with r = 0.1 a row is sampled about every 10 steps, and the drift spreads each sampled update over
+# the following steps, so a centre moves about as far per gradient as a densely trained one; a lazy
+# update (sampled rows only) would cut the centres' effective learning rate by about r. This is
+# also what PartialFC trainers (insightface, unicom) do, since their centres are a dense Parameter.
+# Weight decay, on the other hand, is off for the centres (centre_weight_decay = 0): the loss sees
+# only w / |w|, so decay cannot regularise anything; it would only shrink every row every step,
+# including the ~90% not sampled that have no gradient pulling back, and a shrunk row turns Adam's
+# lr-sized steps into ever larger angular jumps.
+optimizer_c = torch.optim.AdamW([pfc.weight], lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
+                                weight_decay=centre_weight_decay)
+
+# -----------------------------------------------------------------------------
+# resume: tower, optimizer, counters, RNG; centres re-read row by row from the old shards
+
+
+def load_centres(ckpt, start, n):
+    """This rank's rows and their Adam state, copied from every old shard that overlaps them:
+    works for any old and new number of ranks."""
+    w, m, v = torch.empty(n, embed_dim), torch.empty(n, embed_dim), torch.empty(n, embed_dim)
+    adam_step, own = None, None
+    for r_old, name in enumerate(ckpt['centres']):
+        s0, n0 = shard_range(num_classes, r_old, ckpt['world_size'])
+        lo, hi = max(start, s0), min(start + n, s0 + n0)
+        if lo >= hi:
+            continue
+        path = os.path.join(out_dir, name)
+        sh = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        if (sh['start'], sh['rows'], sh['step']) != (s0, n0, ckpt['step']):
+            stop(f"{path}: holds rows {sh['start']}+{sh['rows']} of step {sh['step']}, expected "
+                 f"{s0}+{n0} of step {ckpt['step']}")
+        w[lo - start:hi - start] = sh['weight'][lo - s0:hi - s0]
+        m[lo - start:hi - start] = sh['exp_avg'][lo - s0:hi - s0]
+        v[lo - start:hi - start] = sh['exp_avg_sq'][lo - s0:hi - s0]
+        adam_step = sh['adam_step']
+        if ckpt['world_size'] == world and r_old == rank:
+            own = sh
+    return w, m, v, adam_step, own
+
+
+step = 0
+if ckpt is not None:
+    if (ckpt['num_classes'], ckpt['embed_dim']) != (num_classes, embed_dim):
+        stop(f"{ckpt_path}: has {ckpt['num_classes']} centres of dim {ckpt['embed_dim']}, "
+             f'config asks for {num_classes} of dim {embed_dim}')
+    step = ckpt['step']
+    optimizer.load_state_dict(ckpt['optimizer'])
+    for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group['weight_decay'] = wd  # the current config wins over the saved hyperparameters
+    w, m, v, adam_step, own = load_centres(ckpt, pfc.start, pfc.num_local)
+    with torch.no_grad():
+        pfc.weight.copy_(w)
+    state = optimizer_c.state_dict()
+    state['state'] = {0: {'step': adam_step, 'exp_avg': m, 'exp_avg_sq': v}}
+    optimizer_c.load_state_dict(state)
+    rng = own['rng'] if own is not None else ckpt['rng']
+    torch.set_rng_state(rng['torch'])
+    if device_type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'])
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32),
+                         *rng['numpy'][2:]))
+    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    if own is not None:
+        pfc.generator.set_state(own['generator'])
+    else:  # another number of ranks: the old samplers do not map onto the new shards
+        pfc.generator.manual_seed(seed * 1_000_003 + rank + world * step)
+        if master:
+            print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded, "
+                  'negative sampling reseeded')
+    del ckpt, w, m, v, own
+
+# -----------------------------------------------------------------------------
+# compile and wrap; the centre shard stays outside DDP (it is not replicated)
+raw_vision = vision
+if compile:
+    vision = torch.compile(vision)
+if ddp:
+    vision = DDP(vision, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+
+def get_lr(it):
+    """Linear warm-up over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if it < warmup_steps:
+        return learning_rate * (it + 1) / warmup_steps
+    progress = min(1.0, (it - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# dense bf16 tensor-core peak per GPU (FLOP/s), for MFU
+PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
+
+
+def peak_flops():
+    if device_type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = np.random.get_state()
+    py = random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
+            'numpy': [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
+            'python': [py[0], list(py[1]), py[2]]}
+
+
+def save_checkpoint():
+    """Every rank writes its centre shard under a step-tagged name; then rank 0 writes ckpt.pt,
+    which names them. ckpt.pt is the commit point: until its rename, the previous ckpt.pt and the
+    shards it names are untouched, so a crash at any moment leaves one complete checkpoint."""
+    names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
+    st = optimizer_c.state[pfc.weight]
+    atomic_save({'start': pfc.start, 'rows': pfc.num_local, 'step': step,
+                 'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
+                 'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
+                 'generator': pfc.generator.get_state(), 'rng': rng_state()},
+                os.path.join(out_dir, names[rank]))
+    if ddp:
+        dist.barrier()
+    if master:
+        atomic_save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
+                     'optimizer': optimizer.state_dict(), 'step': step,
+                     'epoch': step / steps_per_epoch, 'world_size': world,
+                     'num_classes': num_classes, 'embed_dim': embed_dim, 'centres': names,
+                     'rng': rng_state(), 'config': config}, ckpt_path)
+        for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
+            if os.path.basename(f) not in names:
+                os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
+    if ddp:
+        dist.barrier()
+
+
+@torch.no_grad()
+def knn_accuracy():
+    """Leave-one-out weighted kNN (cosine, k = knn_k, weights exp(s / 0.07)) over eval_data_dir,
+    a cheap monitor of the features; every rank embeds its slice, rank 0 scores."""
+    ds = Dataset(eval_data_dir)
+    raw_vision.eval()
+    feats, index = [], []
+    for idx, images in eval_batches(eval_data_dir, eval_batch_size, raw_vision.image_size,
+                                    rank=rank, world_size=world, device=device):
+        with ctx:
+            feats.append(F.normalize(raw_vision(images).float(), dim=-1))
+        index.append(idx.to(device))
+    raw_vision.train()
+    f = torch.cat(feats) if feats else torch.zeros(0, embed_dim, device=device)
+    i = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+    if ddp:  # slices differ by at most one row: pad, gather, drop the padding
+        n = -(-len(ds) // world)
+        f = torch.cat([f, f.new_zeros(n - len(f), embed_dim)])
+        i = torch.cat([i, i.new_full((n - len(i),), -1)])
+        fs, is_ = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
+        dist.all_gather(fs, f)
+        dist.all_gather(is_, i)
+        f, i = torch.cat(fs), torch.cat(is_)
+        f = f[i >= 0]
+        i = i[i >= 0]
+    if not master:
+        return None
+    f = f[torch.argsort(i)]
+    y = torch.as_tensor(np.asarray(ds.classes), dtype=torch.long, device=device)
+    nc, correct = int(y.max()) + 1, 0
+    for a in range(0, len(f), 1024):
+        sim = f[a:a + 1024] @ f.T
+        sim[torch.arange(len(sim)), torch.arange(a, a + len(sim))] = -2.0  # leave one out
+        s, j = sim.topk(min(knn_k, len(f) - 1), dim=1)
+        votes = torch.zeros(len(sim), nc, device=device).scatter_add_(1, y[j], (s / 0.07).exp())
+        correct += (votes.argmax(1) == y[a:a + len(sim)]).sum().item()
+    return correct / len(f)
+
+
+# -----------------------------------------------------------------------------
+# logging
+if master:
+    print(f'{world} rank(s), {accum} micro-batches of {micro_batch_size} per rank per step, '
+          f'{steps_per_epoch} steps per epoch, {max_steps} steps; {num_classes} centres '
+          f'(this rank {pfc.start}+{pfc.num_local}), {raw_vision.num_params() / 1e6:.1f}M tower '
+          f'parameters, device {device}')
+run = None
+if wandb_log and master:
+    try:
+        import wandb
+        run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except ImportError:
+        print('wandb_log=True but wandb is not installed: logging to log.jsonl only')
+log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+
+
+def log(record):
+    if master:
+        log_file.write(json.dumps(record) + '\n')
+        log_file.flush()
+        if run is not None:
+            run.log(record, step=record['step'])
+
+
+# -----------------------------------------------------------------------------
+# training loop
+flops_per_image = 3 * raw_vision.flops()  # forward + backward (2x forward) of the tower
+peak = peak_flops()
+last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'images_per_s': None, 'mfu': None,
+        'knn_acc': None}
+pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='train')
+batches, batches_epoch = None, -1
+t_log, wait, images_seen, t_start = time.time(), 0.0, 0, time.time()
+saved = None  # the step of the last checkpoint this invocation wrote
+end = min(max_steps, stop_at) if stop_at else max_steps
+while step < end:
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    if epoch != batches_epoch:  # the loader's steps are micro-batches: accum of them per step
+        if batches is not None:
+            batches.close()
+        batches, batches_epoch = loader.iterate(epoch, start_step=step_in_epoch * accum), epoch
+    lr = get_lr(step)
+    for opt in (optimizer, optimizer_c):
+        for group in opt.param_groups:
+            group['lr'] = lr
+    loss_sum, pos_cos, neg_cos = 0.0, 0.0, 0.0
+    for micro in range(accum):
+        t0 = time.time()
+        batch = next(batches)
+        wait += time.time() - t0
+        if ddp:  # all-reduce the tower's gradients on the last micro-batch only
+            vision.require_backward_grad_sync = micro == accum - 1
+        with ctx:
+            emb = vision(batch['images'])
+        # Eq. 5 (or Eq. 4), mean over the global micro-batch; / accum: mean over the global batch.
+        # PartialFC hands each rank world_size x its rows' gradient, so DDP's average is exact.
+        loss = pfc(emb.float(), batch['labels']) / accum
+        loss.backward()
+        loss_sum += loss.detach()
+        pos_cos += pfc.stats['pos_cos'] / accum
+        neg_cos += pfc.stats['neg_cos'] / accum
+    lossf = float(loss_sum)  # the same global value on every rank, so all ranks stop together
+    if not math.isfinite(lossf):
+        stop(f"non-finite loss ({lossf}) at step {step + 1}; nothing was updated or saved, the last "
+             f"good checkpoint is {ckpt_path}" + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_vision.parameters(), grad_clip)
+    optimizer.step()
+    optimizer_c.step()
+    optimizer.zero_grad(set_to_none=True)
+    optimizer_c.zero_grad(set_to_none=True)
+    step += 1
+    images_seen += global_batch_size
+    pbar.update(1)
+    last.update(loss=lossf, pos_cos=pos_cos, neg_cos=neg_cos)
+
+    if step % log_interval == 0 or step == end:
+        dt = time.time() - t_log
+        ips = images_seen / dt
+        mfu = ips / world * flops_per_image / peak if peak else None
+        last.update(images_per_s=ips, mfu=mfu)
+        rec = {'step': step, 'epoch': step / steps_per_epoch, 'loss': lossf, 'lr': lr,
+               'pos_cos': pos_cos, 'neg_cos': neg_cos, 'images_per_s': ips, 'mfu': mfu,
+               'data_wait': wait / dt}
+        log(rec)
+        if master:
+            pbar.set_postfix(loss=f'{lossf:.4f}', pos=f'{pos_cos:.3f}')
+            tqdm.write(f'step {step} epoch {step / steps_per_epoch:.3f}: loss {lossf:.4f}, '
+                       f'lr {lr:.2e}, pos_cos {pos_cos:.3f}, neg_cos {neg_cos:.3f}, '
+                       f'{ips:.1f} img/s, mfu {"-" if mfu is None else f"{100 * mfu:.1f}%"}, '
+                       f'data wait {100 * wait / dt:.0f}%')
+        t_log, wait, images_seen = time.time(), 0.0, 0
+    if eval_data_dir and (step == end or (eval_interval and step % eval_interval == 0)):
+        t0 = time.time()
+        acc = knn_accuracy()
+        if master:
+            last['knn_acc'] = acc
+            log({'step': step, 'knn_acc': acc})
+            tqdm.write(f'step {step}: kNN accuracy {acc:.4f} on {eval_data_dir}')
+        t_log += time.time() - t0  # evaluation time is not training throughput
+    if step % ckpt_interval == 0 or step == end:
+        t0 = time.time()
+        save_checkpoint()
+        saved = step
+        t_log += time.time() - t0
+pbar.close()
+if batches is not None:
+    batches.close()
+if saved != step:  # e.g. a resume with nothing left to do: rewrites the checkpoint for this many ranks
+    save_checkpoint()
+
+result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps, 'world_size': world,
+          'global_batch_size': global_batch_size, 'num_classes': num_classes, **last,
+          'time_s': time.time() - t_start, 'ckpt': ckpt_path}
+if master:
+    with open(os.path.join(out_dir, 'train.json'), 'w') as f:
+        json.dump(result, f)
+    print(json.dumps(result))
+if ddp:
+    dist.destroy_process_group()
