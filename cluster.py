@@ -154,6 +154,8 @@ if num_positives < 1 or num_positives > num_classes:
 cls_path = classes_path or (os.path.join(data_dir, 'classes.npy') if data_dir and not embeddings_path else '')
 if classes_path and not os.path.exists(classes_path):
     fail(f'classes_path {classes_path} does not exist')
+if cls_path and os.path.exists(cls_path) and np.load(cls_path, mmap_mode='r').shape != (N,):
+    fail(f'{cls_path} has {np.load(cls_path, mmap_mode="r").shape} entries but there are N={N} images')
 
 # -----------------------------------------------------------------------------
 # which phases run: a phase runs if forced, unfinished, or anything before it ran in this run
@@ -259,7 +261,10 @@ if todo['embed']:
         import data
         if not os.path.exists(teacher):
             fail(f'teacher {teacher} does not exist (a checkpoint path or "pixels")')
-        vision, text = model.from_pretrained(teacher)
+        try:
+            vision, text = model.from_pretrained(teacher)
+        except ValueError as e:
+            fail(f'teacher {teacher} cannot be loaded: {e}')
         vision = vision.to(device).eval()
         d = vision.embed_dim
         if teacher_text:
@@ -344,9 +349,7 @@ if master:
                   sizes=dict(min=int(sizes.min()), median=float(np.median(sizes)), max=int(sizes.max()),
                              empty=int((sizes == 0).sum()), hist=hist))
     if cls_path and os.path.exists(cls_path):
-        y = np.load(cls_path).astype(np.int64).ravel()
-        if len(y) != N:
-            fail(f'{cls_path} has {len(y)} entries but there are N={N} images')
+        y = np.load(cls_path).astype(np.int64)
         top1 = npy_rows(lab_path, slice(None), np.int64)[:, 0]  # N ints, not embeddings
         # sparse contingency table: (cluster, class) pairs and their counts
         pairs, n_ij = np.unique(top1 * (y.max() + 1) + y, return_counts=True)
