@@ -48,8 +48,8 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Every rank used the gathered rows in its own loss, so the gradient of a local row is the
-        # SUM over ranks of their gradients for it (a reduce-scatter). NCCL has a reduce-scatter;
-        # gloo does not, so there we all-reduce and keep our slice.
+        # SUM over ranks of their gradients for it: a reduce-scatter on NCCL; other backends
+        # all-reduce and keep their slice (same result, twice the traffic).
         grad = grad.contiguous()
         if dist.get_backend() == 'nccl':
             out = torch.empty((ctx.b,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
@@ -124,10 +124,22 @@ class PartialFC(nn.Module):
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
         self.start, self.num_local = shard_range(num_classes, rank, world)
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embed_dim)))
+        self.weight = nn.Parameter(self._init_shard(int(torch.randint(2**62, ())), embed_dim))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
         self.index = None  # local indices of the centres scored in the last forward
         self.stats = {}
+
+    def _init_shard(self, seed, embed_dim, chunk=65536):
+        # N(0, 0.01) centres drawn in fixed chunks of classes, each from its own seeded generator:
+        # with the same seed every world size holds slices of one k x d matrix (and no two ranks
+        # start with equal centres), without any rank drawing all k x d numbers
+        end = self.start + self.num_local
+        parts = []
+        for c in range(self.start // chunk, (end - 1) // chunk + 1 if self.num_local else 0):
+            g = torch.Generator().manual_seed(seed + c)
+            rows = torch.normal(0.0, 0.01, (min(chunk, self.num_classes - c * chunk), embed_dim), generator=g)
+            parts.append(rows[max(self.start - c * chunk, 0):end - c * chunk])
+        return torch.cat(parts) if parts else torch.empty(0, embed_dim)
 
     def _apply(self, fn, *args, **kwargs):
         # keep the sampler's generator on the weight's device (.to(), .cuda()); reseed it afterwards

@@ -98,12 +98,13 @@ def child():
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
         with prof(activities=acts) as p:
             run()
-        key = 'self_cuda_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
-        events = sorted(p.key_averages(), key=lambda ev: getattr(ev, key.replace('cuda', 'device'), 0) or
-                        getattr(ev, key, 0), reverse=True)
-        total = sum(getattr(ev, key.replace('cuda', 'device'), 0) or getattr(ev, key, 0) for ev in events)
-        out['profile'] = [(ev.key, round(100 * (getattr(ev, key.replace('cuda', 'device'), 0) or
-                                                getattr(ev, key, 0)) / max(total, 1), 1)) for ev in events[:6]]
+        def self_time(ev):  # device time on CUDA (named self_device_* in newer torch), else CPU
+            if dev.type == 'cuda':
+                return getattr(ev, 'self_device_time_total', None) or getattr(ev, 'self_cuda_time_total', 0)
+            return ev.self_cpu_time_total
+        events = sorted(p.key_averages(), key=self_time, reverse=True)
+        total = max(sum(self_time(ev) for ev in events), 1e-9)
+        out['profile'] = [(ev.key, round(100 * self_time(ev) / total, 1)) for ev in events[:6]]
     print(json.dumps(out))
 
 

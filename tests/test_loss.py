@@ -336,6 +336,8 @@ def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)
     rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    torch.manual_seed(0)
+    init = PartialFC(D, 37).weight.detach()
     results = []
     for i, (k, l, ratio, loss_type, _) in enumerate(CASES):
         x, weight, labels, backbone = case_data(i)
@@ -353,8 +355,8 @@ def _worker(rank, port, out_dir):
     model = DDP(towers)
     loss = clip_loss(*model(a[rows], b[rows]))
     loss.backward()
-    results.append(dict(loss=loss.item(), grads=[p.grad for p in towers.parameters()]))
-    torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    clip = dict(loss=loss.item(), grads=[p.grad for p in towers.parameters()])
+    torch.save(dict(cases=results, clip=clip, init=init), os.path.join(out_dir, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
@@ -371,7 +373,7 @@ def two_process_results():
 @pytest.mark.parametrize('i', range(len(CASES)))
 def test_partialfc_two_processes_equal_one(two_process_results, i):
     k, l, ratio, loss_type, where = CASES[i]
-    r0, r1 = two_process_results[0][i], two_process_results[1][i]
+    r0, r1 = two_process_results[0]['cases'][i], two_process_results[1]['cases'][i]
     # the same sampled set: 1 process scores the union of what the 2 ranks sampled
     index = torch.cat([r0['index'], r1['index']])
     for r, res in enumerate((r0, r1)):
@@ -407,7 +409,17 @@ def test_clip_two_processes_equal_one(two_process_results):
     a, b, towers = clip_data()
     ref = ref_clip(*towers(a, b))
     ref.backward()
-    for res in (two_process_results[0][-1], two_process_results[1][-1]):
+    for res in (two_process_results[0]['clip'], two_process_results[1]['clip']):
         assert res['loss'] == pytest.approx(ref.item(), rel=1e-10)
         for got, p in zip(res['grads'], towers.parameters()):
             assert close(got, p.grad, 1e-9)
+
+
+def test_centre_init_independent_of_world_size(two_process_results):
+    # same global seed: the 2 shards are the two halves of the 1-process centres, all distinct
+    torch.manual_seed(0)
+    full = PartialFC(D, 37).weight.detach()
+    shards = [res['init'] for res in two_process_results]
+    assert [s.shape[0] for s in shards] == [19, 18]
+    assert torch.equal(torch.cat(shards), full)
+    assert 0.005 < full.std() < 0.02 and torch.cdist(full, full).add(torch.eye(37)).min() > 0
