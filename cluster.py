@@ -131,6 +131,8 @@ if embeddings_path:
         fail(f'embeddings_path {embeddings_path} must be a float [N, d] array, got {src.dtype} {list(src.shape)}')
     N = src.shape[0]
     del src
+    if os.path.realpath(embeddings_path) == os.path.realpath(emb_path):
+        fail(f'embeddings_path {embeddings_path} is the output of this out_dir; cluster it into another out_dir')
 else:
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(meta_path):
@@ -145,6 +147,8 @@ else:
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
         fail(f'teacher_text=True but the dataset {data_dir} has no texts')
+if teacher_text and (embeddings_path or teacher == 'pixels'):
+    fail('teacher_text=True needs a checkpoint teacher with a text tower (not pixels or embeddings_path)')
 if num_classes < 1 or num_classes > N:
     fail(f'num_classes={num_classes} must be between 1 and the number of images N={N}')
 if max_points_per_centroid < 1 or niter < 1:
@@ -350,7 +354,7 @@ if master:
                              empty=int((sizes == 0).sum()), hist=hist))
     if cls_path and os.path.exists(cls_path):
         y = np.load(cls_path).astype(np.int64)
-        top1 = npy_rows(lab_path, slice(None), np.int64)[:, 0]  # N ints, not embeddings
+        top1 = npy_rows(lab_path, (slice(None), 0), np.int64)  # N ints, not embeddings
         # sparse contingency table: (cluster, class) pairs and their counts
         pairs, n_ij = np.unique(top1 * (y.max() + 1) + y, return_counts=True)
         ci, yj = pairs // (y.max() + 1), pairs % (y.max() + 1)

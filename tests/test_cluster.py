@@ -168,6 +168,10 @@ def test_bad_inputs(tmp_path):
     np.save(tmp_path / 'x3.npy', np.zeros((4, 4, 4), np.float32))
     assert 'x3.npy' in run(f'--embeddings_path={tmp_path}/x3.npy', out, ok=False).stderr
     assert 'nope.npy' in run(f'--embeddings_path={tmp_path}/nope.npy', out, ok=False).stderr
+    assert 'teacher_text' in run(e, out, '--teacher_text=True', '--num_classes=5', '--num_positives=2', ok=False).stderr
+    os.makedirs(tmp_path / 'out', exist_ok=True)
+    np.save(tmp_path / 'out' / 'embeddings.npy', x)  # its own output as input would be truncated
+    assert 'another out_dir' in run(f'--embeddings_path={tmp_path}/out/embeddings.npy', out, ok=False).stderr
     # data_dir without meta.json, and with a shard that is gone
     assert 'meta.json' in run(f'--data_dir={tmp_path}/none', out, ok=False).stderr
     os.makedirs(tmp_path / 'ds')
