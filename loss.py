@@ -121,6 +121,8 @@ class PartialFC(nn.Module):
         if not 0.0 < sample_ratio <= 1.0:
             raise ValueError(f'sample_ratio must be in (0, 1], got {sample_ratio}')
         rank, world = _world()
+        if num_classes < world:
+            raise ValueError(f'num_classes ({num_classes}) must be at least the world size ({world})')
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
         self.start, self.num_local = shard_range(num_classes, rank, world)
@@ -142,7 +144,8 @@ class PartialFC(nn.Module):
         return torch.cat(parts) if parts else torch.empty(0, embed_dim)
 
     def _apply(self, fn, *args, **kwargs):
-        # keep the sampler's generator on the weight's device (.to(), .cuda()); reseed it afterwards
+        # .to(device) / .cuda(): the sampler's generator follows the weight (same initial seed; a
+        # caller restoring a generator state does so after moving the module)
         super()._apply(fn, *args, **kwargs)
         if self.generator.device != self.weight.device:
             self.generator = torch.Generator(self.weight.device).manual_seed(self.generator.initial_seed())
@@ -158,7 +161,7 @@ class PartialFC(nn.Module):
         """Sorted local indices to score: all local positives of the global batch, filled up to
         ceil(sample_ratio * n_r) with uniformly random local negatives."""
         n = self.num_local
-        num = math.ceil(self.sample_ratio * n)
+        num = math.ceil(round(self.sample_ratio * n, 6))  # round: 0.3 * 10 is 3.0000000000000004
         if num >= n:
             return torch.arange(n, device=self.weight.device)
         # uniform random keys in [0, 1); positives get 2 so topk always keeps them, the rest of the

@@ -195,6 +195,10 @@ def test_sampler():
     many = torch.arange(20).view(2, 10)
     pfc(torch.randn(2, 4), many)
     assert pfc.index.tolist() == list(range(20))
+    # ceil(0.3 * 10) is 3, although 0.3 * 10 == 3.0000000000000004 in floating point
+    ten = PartialFC(4, 10, sample_ratio=0.3)
+    ten(emb, torch.tensor([[1], [-1]]))
+    assert ten.index.numel() == 3 and 1 in ten.index.tolist()
     # ratio 1: every centre
     full = PartialFC(4, k, sample_ratio=1.0)
     full(emb, labels)
