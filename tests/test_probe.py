@@ -148,3 +148,90 @@ def test_templates_are_clips_80():
     ref = [''.join(v.value if isinstance(v, ast.Constant) else '{}' for v in lam.body.values)
            for lam in node.value.elts]
     assert probe.CLIP_TEMPLATES == ref and len(ref) == 80
+
+
+# -----------------------------------------------------------------------------
+# the script end to end, checked against the towers run directly on the stored images
+
+
+@pytest.fixture(scope='module')
+def sets(tmp_path_factory):
+    import data
+    import model
+    d = tmp_path_factory.mktemp('probe')
+    data.build('synthetic', str(d / 'train'), image_size=32, count=200, seed=0, workers=1, progress=False)
+    data.build('synthetic', str(d / 'test'), image_size=32, count=100, seed=1, workers=1, progress=False)
+    torch.manual_seed(0)
+    vision, text = model.create('ViT-T/4', layers=1)
+    torch.save({'vision_config': vision.config, 'vision': vision.state_dict(),
+                'text_config': text.config, 'text': text.state_dict()}, d / 'both.pt')
+    (d / 'templates.txt').write_text('a photo of a {}.\n\nart of the {}.\n')
+    return d
+
+
+def run_probe(d, out, *args):
+    cmd = [sys.executable, 'probe.py', f'--out_dir={d / out}', '--cache_features=True', '--device=cpu', *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result == json.load(open(d / out / 'probe.json'))
+    return result
+
+
+def cached(d, out):
+    """The features the script cached, in file order (names are hashes)."""
+    return [np.load(f) for f in sorted((d / out).glob('features_*.npz'), key=os.path.getmtime)]
+
+
+def pixels(data_dir):
+    """The eval transform at the stored size, written out independently: x/255, CLIP mean/std."""
+    import data
+    ds = data.Dataset(str(data_dir))
+    x = ds.images(np.arange(len(ds))).astype(np.float64) / 255
+    x = (x - np.array(data.CLIP_MEAN)) / np.array(data.CLIP_STD)
+    return x.transpose(0, 3, 1, 2).reshape(len(ds), -1), np.asarray(ds.classes)
+
+
+def test_probe_script_raw_pixels(sets):
+    r = run_probe(sets, 'px', '--checkpoint=pixels', f'--train_dir={sets / "train"}',
+                  f'--test_dir={sets / "test"}', '--max_iter=30', '--seed=4')
+    lp = r['linear_probe']
+    assert lp['dim'] == 3072 and (lp['n_train'], lp['n_val'], lp['n_test']) == (160, 40, 100)
+    assert 'zero_shot' in r and 'skipped' in r['zero_shot']  # no text tower
+    (tr_f, te_f) = cached(sets, 'px')
+    x_tr, y_tr = pixels(sets / 'train')
+    x_te, y_te = pixels(sets / 'test')
+    assert np.allclose(tr_f['pooled'], x_tr, atol=1e-5) and np.allclose(te_f['pooled'], x_te, atol=1e-5)
+    # refit with the reported lambda on the same seeded split and train+val: the same test accuracy
+    W, b = probe.fit_logreg(tr_f['pooled'], y_tr, 6, lp['l2_lambda'], max_iter=30)
+    top1, mpc = probe.class_accuracy(probe.logits_of(W, b, te_f['pooled']).argmax(1).numpy(), y_te, 6)
+    assert (top1, mpc) == (lp['top1'], lp['mean_per_class'])
+
+
+def test_probe_script_zero_shot_and_retrieval(sets):
+    import data
+    import model
+    r = run_probe(sets, 'ck', f'--checkpoint={sets / "both.pt"}', f'--test_dir={sets / "test"}',
+                  f'--retrieval_dir={sets / "test"}', f'--templates={sets / "templates.txt"}')
+    vision, text = model.from_pretrained(str(sets / 'both.pt'))
+    x, y = pixels(sets / 'test')
+    with torch.no_grad():
+        img = vision(torch.tensor(x, dtype=torch.float32).view(-1, 3, 32, 32))
+    (feats,) = cached(sets, 'ck')
+    assert np.allclose(feats['embed'], img.numpy(), atol=1e-4)
+    img = F.normalize(torch.as_tensor(feats['embed']), dim=-1)
+    ds = data.Dataset(str(sets / 'test'))
+    with torch.no_grad():  # zero-shot: mean of the normalised prompt embeddings per class
+        cls = torch.stack([F.normalize(F.normalize(text(torch.as_tensor(data.tokenize(
+            [f'a photo of a {c}.', f'art of the {c}.']))), dim=-1).mean(0), dim=0) for c in ds.classnames])
+        txt = F.normalize(text(torch.as_tensor(ds.texts(np.arange(len(ds))))), dim=-1)
+    assert r['zero_shot']['templates'] == 2
+    assert r['zero_shot']['top1'] == float(((img @ cls.T).argmax(1).numpy() == y).mean())
+    # retrieval with argsort ranks (no tie handling needed for random real-valued embeddings)
+    sim = img @ txt.T
+    i2t = (sim.argsort(1, descending=True) == torch.arange(len(ds))[:, None]).float().argmax(1)
+    t2i = (sim.T.argsort(1, descending=True) == torch.arange(len(ds))[:, None]).float().argmax(1)
+    for k in (1, 5, 10):
+        assert r['retrieval'][f'i2t_R@{k}'] == float((i2t < k).double().mean())
+        assert r['retrieval'][f't2i_R@{k}'] == float((t2i < k).double().mean())
