@@ -421,7 +421,13 @@ if wandb_log and master:
         run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     except ImportError:
         print('wandb_log=True but wandb is not installed: logging to log.jsonl only')
-log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master and step > 0 and os.path.exists(log_path):  # resume: drop records past the checkpoint
+    kept = [x for x in open(log_path) if x.strip() and json.loads(x)['step'] <= step]
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(log_path + '.tmp', log_path)
+log_file = open(log_path, 'a' if step > 0 else 'w') if master else None
 
 
 def log(record):

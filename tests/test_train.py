@@ -90,13 +90,16 @@ def test_learns_and_checkpoint_loads(data):
 
 
 def test_resume_is_exact(data):
-    """stop after step 3, resume: the same loss sequence, bitwise, and the same final weights."""
+    """stop after step 3, resume: the same loss sequence, bitwise, and the same final weights
+    (augmentation and negative sampling on, so the loader and sampler states must carry over)."""
     args = data['data'] + ['--global_batch_size=16', '--micro_batch_size=8', '--max_steps=6',
                            '--sample_ratio=0.5', '--ckpt_interval=2']
     full, part = str(data['root'] / 'full'), str(data['root'] / 'part')
     run(args, full)
     run(args + ['--stop_at=3'], part)
     assert [s for s, _, _ in losses(part)] == [1, 2, 3]
+    with open(os.path.join(part, 'log.jsonl'), 'a') as f:  # as if it died after logging step 4
+        f.write(json.dumps({'step': 4, 'loss': 0.0, 'pos_cos': 0.0}) + '\n')
     run(args + ['--init_from=resume'], part)
     assert losses(part) == losses(full)  # floats from JSON: exact equality is bitwise
     a = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)
