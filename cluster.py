@@ -95,22 +95,23 @@ def npy_write(path, start, values):
     del m
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.pwrite(fd, values.tobytes(), offset)
+        os.pwrite(fd, memoryview(values).cast('B'), offset)
     finally:
         os.close(fd)
 
 
 def npy_rows(path, rows, dtype=np.float32):
-    """Copy rows (a slice or sorted indices) out of a memmap that is dropped again right after,
-    so pages read once do not pile up in this process."""
+    """Copy rows (a slice or sorted indices within a short range) out of a memmap that is dropped
+    right after, so the file pages it touched stop counting towards this process's memory."""
     m = np.load(path, mmap_mode='r')
     out = np.array(m[rows], dtype=dtype)
     del m
     return out
 
 
-def l2n(x):
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def l2n(x):  # in place: no second copy of a chunk
+    x /= np.maximum(np.sqrt(np.einsum('ij,ij->i', x, x)), 1e-12)[:, None]
+    return x
 
 
 def fail(msg):
@@ -302,8 +303,12 @@ if todo['kmeans']:
     if master:
         n = min(N, max_points_per_centroid * k)
         idx = np.arange(N) if n == N else np.sort(np.random.default_rng(seed).choice(N, n, replace=False))
-        x = np.concatenate([npy_rows(emb_path, idx[i:i + assign_batch]) for i in
-                            tqdm(range(0, n, assign_batch), desc='kmeans sample')])
+        x = np.empty((n, d), np.float32)
+        # read the sample window by window of assign_batch rows: fancy indexing across the whole
+        # memmap would map (and count as ours) most of the file's pages at once
+        cuts = np.searchsorted(idx, np.arange(0, N + assign_batch, assign_batch))
+        for a, b in tqdm(list(zip(cuts[:-1], cuts[1:])), desc='kmeans sample'):
+            x[a:b] = npy_rows(emb_path, idx[a:b])
         # one faiss call per Lloyd iteration, for progress: the result equals one call with niter
         # (the state between iterations is just the centroids; empty clusters are split with a
         # fixed seed inside faiss). We sampled already, so faiss must not subsample again.
