@@ -21,8 +21,9 @@ _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
 def config_keys(g):
-    """The settings of a script: its plain-valued globals that do not start with an underscore."""
-    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)]
+    """The settings of a script: its plain-valued globals, except _private names and CONSTANTS."""
+    return [k for k, v in g.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)]
 
 
 def coerce(key, value, default, where):

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def defaults():
     return {'lr': 5e-4, 'batch_size': 256, 'compile': False, 'out_dir': 'out/x', 'init_from': None,
-            'betas': (0.9, 0.98), '_private': 1}
+            'betas': (0.9, 0.98), '_private': 1, 'TEMPLATES': ['a {}.']}
 
 
 def test_overrides_parse_as_python_literals():
@@ -23,7 +23,7 @@ def test_overrides_parse_as_python_literals():
     assert g['batch_size'] == 32 and g['compile'] is True
     assert g['out_dir'] == 'out/run 1' and g['init_from'] == 'resume'
     assert g['betas'] == (0.9, 0.95) and isinstance(g['betas'], tuple)
-    assert g['config'] == {k: g[k] for k in defaults() if not k.startswith('_')}
+    assert g['config'] == {k: g[k] for k in defaults() if k not in ('_private', 'TEMPLATES')}
 
 
 def test_config_file_then_override_in_order(tmp_path):
@@ -40,6 +40,7 @@ def test_config_file_then_override_in_order(tmp_path):
     (['--compile=1'], "'compile' expects bool"),
     (['--out_dir=3'], "'out_dir' expects str"),
     (['--lr'], "not of the form --key=value"),
+    (['--TEMPLATES=[]'], "unknown key 'TEMPLATES'"),  # constants are not settings
     (['no/such/config.py'], 'cannot read config file no/such/config.py'),
 ])
 def test_bad_overrides_name_the_key(args, message):
