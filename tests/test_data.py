@@ -289,12 +289,16 @@ def test_list_source(tmp_path):
     put(f'{tmp_path}/imgs/a.png', png_bytes(Image.fromarray(a)))
     put(f'{tmp_path}/imgs/b.jpg', jpeg_bytes(Image.fromarray(np.full((S, S, 3), 200, np.uint8))))
     put(f'{tmp_path}/imgs/c.png', png_bytes(Image.fromarray(b)))
-    lines = ['imgs/a.png\tfirst caption', 'imgs/missing.png\ta file that is not there', '', 'imgs/b.jpg\t',
+    lines = ['imgs/missing.png\ta file that is not there', '', 'imgs/b.jpg\t', 'imgs/a.png\tfirst caption',
              'imgs/c.png\tthird', f'{tmp_path}/imgs/a.png\tabsolute path, again']
     put(f'{tmp_path}/list.tsv', '\n'.join(lines).encode())
-    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, shard_size=2, workers=1, progress=False)
     _, got, txt = stored(str(tmp_path / 'out'))
     assert meta['count'] == 3 and meta['source_type'] == 'list'
+    # the first shard held only bad items: it is left out, and the reader still lines up
+    assert [s['images'] for s in meta['shards']] == ['images_00001.npy', 'images_00002.npy']
+    assert not os.path.exists(tmp_path / 'out' / 'images_00000.npy')
+    assert np.array_equal(data.Dataset(str(tmp_path / 'out')).images([2, 0]), np.stack([a, a]))
     assert np.array_equal(got, np.stack([a, b, a]))
     assert np.array_equal(txt.astype(np.int64), data.tokenize(['first caption', 'third', 'absolute path, again']))
     assert meta['skipped']['items'] == [['imgs/missing.png', 'missing'], ['imgs/b.jpg', 'empty caption']]
@@ -440,6 +444,16 @@ def test_crop_and_flip_geometry():
         want = p.clamp(0, 15)
         want = want.flip(0) if flip else want
         assert torch.allclose(y[0, 0, 0], want, atol=1e-4), (cx, w, size, flip)
+    # the sampling grid is F.affine_grid's for theta = [[w*(1-2*flip), 0, 2cx-1], [0, h, 2cy-1]]
+    g = torch.Generator().manual_seed(3)
+    boxes, flip = data.crop_params(6, g)
+    img = torch.rand(6, 3, 20, 20, generator=g) * 255
+    theta = torch.zeros(6, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = boxes[:, 2] * (1 - 2 * flip.float()), 2 * boxes[:, 0] - 1
+    theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 3], 2 * boxes[:, 1] - 1
+    ref = F.grid_sample(img, F.affine_grid(theta, [6, 3, 12, 12], align_corners=False), mode='bilinear',
+                        padding_mode='border', align_corners=False)
+    assert torch.allclose(data.resized_crop(img, boxes, flip, 12), ref, atol=1e-3)
     # vertical geometry the same way
     xv = x.transpose(-1, -2)
     y = data.resized_crop(xv, torch.tensor([[0.5, 0.25, 1.0, 0.5]]), torch.tensor([True]), 16)
