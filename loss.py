@@ -136,12 +136,13 @@ class PartialFC(nn.Module):
         # with the same seed every world size holds slices of one k x d matrix (and no two ranks
         # start with equal centres), without any rank drawing all k x d numbers
         end = self.start + self.num_local
-        parts = []
+        w = torch.empty(self.num_local, embed_dim)
         for c in range(self.start // chunk, (end - 1) // chunk + 1 if self.num_local else 0):
             g = torch.Generator().manual_seed(seed + c)
             rows = torch.normal(0.0, 0.01, (min(chunk, self.num_classes - c * chunk), embed_dim), generator=g)
-            parts.append(rows[max(self.start - c * chunk, 0):end - c * chunk])
-        return torch.cat(parts) if parts else torch.empty(0, embed_dim)
+            lo, hi = max(self.start, c * chunk), min(end, (c + 1) * chunk)
+            w[lo - self.start:hi - self.start] = rows[lo - c * chunk:hi - c * chunk]
+        return w
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) / .cuda(): the sampler's generator follows the weight (same initial seed; a

@@ -7,9 +7,10 @@ side by side in one run, median of `repeats` timed iterations after one warm-up 
     python bench/bench_loss.py                       # k = 1M, d = 512, batch 1024 (CPU: ~3-4 min)
     python bench/bench_loss.py --num_classes=100000  # quicker
 
-Each variant runs in a fresh subprocess. Peak memory: on CPU the child's ru_maxrss (it includes
-the interpreter, the centres [k, d] and their gradient, which both variants hold), also shown
-minus the RSS after setup (the loss's own working memory); on CUDA torch.cuda.max_memory_allocated.
+Each variant runs in a fresh subprocess. Memory: on CPU the child's peak RSS (ru_maxrss) minus
+its RSS after setup (interpreter, centres [k, d], inputs), i.e. what forward + backward add,
+including the [k, d] gradient of the centres that both variants produce; on CUDA
+torch.cuda.max_memory_allocated after setup (centres included).
 The full-logits variant needs ~5 fp32 copies of [B, k] (20 GB at k = 1M, B = 1024) and minutes
 per step on a small CPU, so there it is measured at `full_num_classes` (25K and 50K: the two show
 that time and memory are linear in k) and scaled to k; on CUDA it runs at k itself.
@@ -55,8 +56,15 @@ def full_logits(x, weight, labels):
     return (F.softplus(torch.logsumexp(-s_pos, 1)) + F.softplus(torch.logsumexp(s_neg, 1))).mean()
 
 
-def rss_gb():
+def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def rss_gb():  # resident now (Linux), so that a transient peak of the setup is not counted
+    try:
+        return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30
+    except OSError:
+        return peak_rss_gb()
 
 
 def child():
@@ -91,7 +99,7 @@ def child():
     if dev.type == 'cuda':
         out['peak_gb'] = torch.cuda.max_memory_allocated() / 2**30
     else:
-        out['peak_rss_gb'], out['setup_rss_gb'] = rss_gb(), setup_gb
+        out['peak_rss_gb'], out['setup_rss_gb'] = peak_rss_gb(), setup_gb
         out['working_gb'] = out['peak_rss_gb'] - setup_gb
     if profile:
         from torch.profiler import profile as prof, ProfilerActivity
