@@ -71,18 +71,25 @@ def fit_logreg(x, y, num_classes, lam, max_iter=1000, dtype=torch.float64, tol=1
     x = torch.as_tensor(np.asarray(x), dtype=dtype)
     y = torch.as_tensor(np.asarray(y), dtype=torch.long)
     n, d = x.shape
-    W = torch.zeros(d, num_classes, dtype=dtype, requires_grad=True)
+    W = torch.zeros(num_classes, d, dtype=dtype, requires_grad=True)  # [C, d]: its gradient G.T @ x is contiguous
     b = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=tol,
                             tolerance_change=1e-12, line_search_fn='strong_wolfe')
 
+    onehot = F.one_hot(y, num_classes).to(dtype)
+
     def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y) + lam / (2 * n) * W.pow(2).sum()
-        loss.backward()
+        # the gradient written out rather than by autograd, whose x.T @ G reads the (large,
+        # memory-bound) feature matrix column-wise, ~3x slower than G.T @ x on a CPU
+        with torch.no_grad():
+            logits = x @ W.T + b
+            loss = torch.logsumexp(logits, 1).mean() - (logits * onehot).sum() / n + lam / (2 * n) * W.pow(2).sum()
+            G = (torch.softmax(logits, 1) - onehot) / n  # d mean CE / d logits
+            W.grad = G.T @ x + (lam / n) * W
+            b.grad = G.sum(0)
         return loss
     opt.step(closure)  # one step() runs up to max_iter L-BFGS iterations
-    return W.detach(), b.detach()
+    return W.detach().T, b.detach()
 
 
 def logits_of(W, b, x):
