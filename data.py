@@ -806,30 +806,25 @@ def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device=
 
 
 if __name__ == '__main__':
-    # settings (override with --key=value). They live in their own namespace so that the library
-    # constants above (CLIP_MEAN, ...) are not mistaken for settings.
-    cfg = dict(
-        src='synthetic',       # image folder (class sub-folders), tar file/glob, path<TAB>caption list, or 'synthetic'
-        out='data/synthetic',  # output directory
-        image_size=224,        # stored side: shorter side resized to this, centre-cropped
-        count=10000,           # synthetic only: number of images
-        seed=0,                # synthetic only
-        shard_size=10000,      # source items per shard file (bounded memory, resume granularity)
-        workers=0,             # decoding processes (0: one per CPU core)
-        overwrite=False,       # rebuild a finished output
-        max_pixels=Image.MAX_IMAGE_PIXELS,  # larger images are skipped (decompression bombs)
-    )
-    keys = list(cfg)
-    cfg.update(__name__='__main__', __file__=os.path.abspath(__file__))
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read(), cfg)
-    config = {k: cfg[k] for k in keys}
+    # settings, overridden by --key=value (the module's UPPER_CASE constants are not settings)
+    src = 'synthetic'       # image folder (class sub-folders), tar file/glob, path<TAB>caption list, or 'synthetic'
+    out = 'data/synthetic'  # output directory
+    image_size = 224        # stored side: shorter side resized to this, centre-cropped
+    count = 10000           # synthetic only: number of images
+    seed = 0                # synthetic only
+    shard_size = 10000      # source items per shard file (bounded memory, resume granularity)
+    workers = 0             # decoding processes (0: one per CPU core)
+    overwrite = False       # rebuild a finished output
+    max_pixels = Image.MAX_IMAGE_PIXELS  # larger images are skipped (decompression bombs)
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     try:
-        meta = build(**{k: v for k, v in config.items() if k != 'workers'}, workers=config['workers'] or None)
+        meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
+                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels)
     except ValueError as e:
         raise SystemExit(str(e))
-    result = dict(out=config['out'], count=meta['count'], shards=len(meta['shards']), image_size=meta['image_size'],
+    result = dict(out=out, count=meta['count'], shards=len(meta['shards']), image_size=meta['image_size'],
                   has_text=meta['has_text'], classes=len(meta['classnames']) if meta['classnames'] else None,
                   skipped=meta['skipped']['count'], skipped_reasons=meta['skipped']['reasons'],
                   seconds=meta['build']['seconds'], images_per_s=meta['build']['images_per_s'])
     print(json.dumps(result))
-    _atomic_json(os.path.join(config['out'], 'data.json'), result)
+    _atomic_json(os.path.join(out, 'data.json'), result)
