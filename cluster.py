@@ -148,6 +148,10 @@ else:
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
         fail(f'teacher_text=True but the dataset {data_dir} has no texts')
+if not embeddings_path and teacher == 'pixels' and not 1 <= pca_dim <= 3 * pixels_size ** 2:
+    fail(f'pca_dim={pca_dim} must be between 1 and 3 * pixels_size^2 = {3 * pixels_size ** 2} (the pixels teacher)')
+if not embeddings_path and teacher != 'pixels' and not os.path.exists(teacher):
+    fail(f'teacher {teacher} does not exist (a checkpoint path or "pixels")')
 if teacher_text and (embeddings_path or teacher == 'pixels'):
     fail('teacher_text=True needs a checkpoint teacher with a text tower (not pixels or embeddings_path)')
 if num_classes < 1 or num_classes > N:
@@ -217,7 +221,7 @@ def finish_phase(p, shape, t0, **extra):
 
 times = {}
 for p in todo:
-    if not todo[p]:
+    if not todo[p] and master:
         print(f'skip {p}: {outputs[p]} is finished (force=True redoes it)')
 
 # -----------------------------------------------------------------------------
@@ -237,8 +241,6 @@ if todo['embed']:
             x = torch.from_numpy(ds.images(idx)).permute(0, 3, 1, 2).float()
             return F.adaptive_avg_pool2d(x, pixels_size).flatten(1).double().numpy() / 255.0
         D = 3 * pixels_size ** 2
-        if pca_dim > D:
-            fail(f'pca_dim={pca_dim} > {D} = 3 * pixels_size^2 dimensions of the pixels teacher')
         pca_path = os.path.join(out_dir, 'pixels_pca.npz')
         if master:  # fit once on rank 0 so every rank projects with the very same basis
             n = min(N, pca_samples)
@@ -263,9 +265,6 @@ if todo['embed']:
             npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
     else:
         import model
-        import data
-        if not os.path.exists(teacher):
-            fail(f'teacher {teacher} does not exist (a checkpoint path or "pixels")')
         try:
             vision, text = model.from_pretrained(teacher)
         except ValueError as e:
