@@ -32,9 +32,9 @@ cmp_n, cmp_k = 500_000, 1000  # side-by-side with the in-RAM alternative (same p
 repeats = 3
 work_dir = 'out/bench_cluster'
 seed = 0
-exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configurator.py')).read())
-
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, root)  # configurator.py imports itself from beside the script it configures
+exec(open(os.path.join(root, 'configurator.py')).read())
 os.makedirs(work_dir, exist_ok=True)
 
 # the obvious alternative: load it all, float32, plain faiss
