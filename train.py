@@ -120,6 +120,8 @@ def stop(msg):
 # data and labels, checked before any work
 try:
     dataset = Dataset(data_dir)
+    if eval_data_dir and Dataset(eval_data_dir).classes is None:
+        stop(f'{eval_data_dir}: no classes.npy, so no kNN accuracy (eval_data_dir needs classes)')
 except ValueError as e:  # library errors name the file; a script stops with the message
     stop(str(e))
 labels_path = os.path.join(labels_dir, 'labels.npy')

@@ -87,6 +87,14 @@ def test_learns_and_checkpoint_loads(data):
     assert ck['step'] == 40 and ck['world_size'] == 1 and ck['centres'] == ['centres_00000040_rank0_of_1.pt']
     shard = torch.load(os.path.join(out, ck['centres'][0]), weights_only=True)
     assert shard['weight'].shape == (data['num_classes'], 128) and shard['start'] == 0
+    # init_from=<checkpoint path>: the tower starts from it (lr 0: it must come out unchanged)
+    warm = str(data['root'] / 'warm')
+    run(data['data'] + ['--global_batch_size=16', '--micro_batch_size=16', '--max_steps=1',
+                        f'--init_from={os.path.join(out, "ckpt.pt")}', '--learning_rate=0.0'], warm)
+    ck2 = torch.load(os.path.join(warm, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    assert ck2['vision_config'] == ck['vision_config'] and ck2['step'] == 1
+    for k in ck['vision']:
+        assert torch.equal(ck['vision'][k], ck2['vision'][k]), k
 
 
 def test_resume_is_exact(data):
