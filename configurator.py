@@ -82,9 +82,11 @@ def configure(g, args):
 
 
 if __name__ == '__main__':
-    # exec'd from a stage script: configure that script's globals with the imported module's copy
-    # of configure(), whose own name lookups cannot be shadowed by a setting called e.g. `compile`
-    import os
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the script sits beside us
-    from configurator import configure
-    configure(globals(), sys.argv[1:])
+    # exec'd from a stage script: the functions above now live in that script's globals, where a
+    # setting may shadow a builtin they use (nanoGPT's `compile`), so run copies of them bound to
+    # a namespace of their own
+    _ns = {'__builtins__': __builtins__, 'sys': sys, 'types': types, 'literal_eval': literal_eval,
+           '_CONFIG_TYPES': _CONFIG_TYPES}
+    for _f in (config_keys, coerce, configure):
+        _ns[_f.__name__] = types.FunctionType(_f.__code__, _ns)
+    _ns['configure'](globals(), sys.argv[1:])

@@ -57,11 +57,10 @@ def test_unknown_key_in_config_file_names_file_and_key(tmp_path):
 
 def test_exec_from_a_script_edits_its_globals(tmp_path):
     # the way stage scripts use it: exec'd at top level of a script run as __main__
-    script = tmp_path / 'stage.py'  # beside a copy of configurator.py, as the stage scripts are
-    (tmp_path / 'configurator.py').write_text(open(os.path.join(ROOT, 'configurator.py')).read())
+    script = tmp_path / 'stage.py'  # elsewhere than configurator.py, as bench/ scripts are
     script.write_text(
         "import os, json\nsteps = 10\nname = 'a'\ncompile = False  # shadows a builtin\n"
-        "exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())\n"
+        f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
         "print(json.dumps(config))\n")
     out = subprocess.run([sys.executable, str(script), '--steps=3', '--name=b', '--compile=True'],
                          capture_output=True, text=True, check=True).stdout
