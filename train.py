@@ -402,7 +402,8 @@ def knn_accuracy():
     nc, correct = int(y.max()) + 1, 0
     for a in range(0, len(f), 1024):
         sim = f[a:a + 1024] @ f.T
-        sim[torch.arange(len(sim)), torch.arange(a, a + len(sim))] = -2.0  # leave one out
+        rows = torch.arange(len(sim), device=device)
+        sim[rows, rows + a] = -2.0  # leave one out
         s, j = sim.topk(min(knn_k, len(f) - 1), dim=1)
         votes = torch.zeros(len(sim), nc, device=device).scatter_add_(1, y[j], (s / 0.07).exp())
         correct += (votes.argmax(1) == y[a:a + len(sim)]).sum().item()

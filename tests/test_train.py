@@ -130,13 +130,19 @@ def test_two_ranks_match_one_and_resume_on_one(data):
     args = data['data'] + ['--global_batch_size=16', '--max_steps=5', '--sample_ratio=1.0',
                            '--augment=False', '--ckpt_interval=1000']
     one, two = str(data['root'] / 'one'), str(data['root'] / 'two')
-    run(args + ['--micro_batch_size=16'], one)
-    run(args + ['--micro_batch_size=4', '--stop_at=3'], two, nproc=2)  # 2 ranks x 4 x 2 accum
+    knn = [f'--eval_data_dir={data["data_dir"]}', '--eval_interval=3', '--eval_batch_size=100']
+    run(args + ['--micro_batch_size=16'] + knn, one)
+    run(args + ['--micro_batch_size=4', '--stop_at=3'] + knn, two, nproc=2)  # 2 ranks x 4 x 2 accum
     ref = losses(one)
     got = losses(two)
     assert [s for s, _, _ in got] == [1, 2, 3]
     np.testing.assert_allclose([x[1] for x in got], [x[1] for x in ref[:3]], rtol=1e-5)
     np.testing.assert_allclose([x[2] for x in got], [x[2] for x in ref[:3]], rtol=1e-5, atol=1e-6)
+    # kNN at step 3: each rank embeds its slice of the eval set, the gathered features score the
+    # same (a vote may flip on a near tie: allow 2 of 512)
+    knn_at = lambda d: [json.loads(x)['knn_acc'] for x in open(os.path.join(d, 'log.jsonl'))
+                        if 'knn_acc' in x and json.loads(x)['step'] == 3]
+    assert len(knn_at(two)) == 1 and abs(knn_at(two)[0] - knn_at(one)[0]) <= 2 / 512
 
     ck = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)
     assert ck['world_size'] == 2 and len(ck['centres']) == 2
