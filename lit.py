@@ -37,6 +37,7 @@ from model import PRESETS, TextTransformer, VisionTransformer, from_pretrained
 out_dir = 'out/lit'
 data_dir = 'data/laion400m'  # a data.py dataset with captions (texts_*.npy)
 vision_checkpoint = 'out/train/ckpt.pt'  # train.py's ckpt.pt or anything from_pretrained reads
+vision_act = ''  # '' (the checkpoint's; OpenAI: quick_gelu) or 'gelu' for open_clip GELU weights
 init_from = 'scratch'  # 'scratch' (new text tower) | 'resume' (out_dir/ckpt.pt)
 log_interval = 10
 ckpt_interval = 1000  # steps between checkpoints (one is always written at the end)
@@ -130,7 +131,7 @@ elif init_from == 'scratch':
     if not os.path.exists(vision_checkpoint):
         stop(f'vision_checkpoint {vision_checkpoint}: not found')
     try:
-        vision, _ = from_pretrained(vision_checkpoint)  # a text tower in it, if any, is not used
+        vision, _ = from_pretrained(vision_checkpoint, act=vision_act or None)  # its text tower, if any, is unused
     except ValueError as e:
         stop(f'vision_checkpoint: {e}')
     vision_source = vision_checkpoint

@@ -13,6 +13,10 @@ Stage 4: evaluate a frozen image tower three ways (DESIGN.md §1.4).
 
 The checkpoint is anything model.from_pretrained reads (ours, OpenAI CLIP, open_clip, Hugging
 Face CLIP directories), or 'pixels': the flattened, CLIP-normalised pixels are the features.
+
+Features for the probe are used raw by default (feature_norm='none'), as CLIP did with scikit-learn:
+the lambda search absorbs the overall feature scale, and a probe result then says something about
+the features as the tower emits them. 'standardize' (train statistics) or 'l2' are options.
 The math lives in small functions at the top so that tests can import them; the script body
 runs only when this file is executed.
 """
@@ -284,6 +288,7 @@ if __name__ == '__main__':
     out_dir = 'out/probe'
     checkpoint = ''        # anything model.from_pretrained reads, or 'pixels' (raw-pixel features)
     image_size = 0         # 0: the tower's own resolution (for 'pixels': the dataset's)
+    act = ''               # '' (the checkpoint's; OpenAI: quick_gelu) or 'gelu' for open_clip GELU weights
     train_dir = ''         # linear probe: training shards (with classes.npy); '' skips the probe
     val_dir = ''           # '' carves val_fraction of train_dir (seeded) for the lambda search
     test_dir = ''          # linear probe and zero-shot evaluation shards
@@ -325,7 +330,10 @@ if __name__ == '__main__':
     else:
         if not os.path.exists(checkpoint):
             raise SystemExit(f'probe.py: checkpoint {checkpoint} does not exist')
-        vision, text = model.from_pretrained(checkpoint, image_size=image_size or None)
+        try:
+            vision, text = model.from_pretrained(checkpoint, image_size=image_size or None, act=act or None)
+        except ValueError as e:
+            raise SystemExit(f'probe.py: checkpoint: {e}')
         vision.to(device).eval().requires_grad_(False)
         if text is not None:
             text.to(device).eval().requires_grad_(False)
