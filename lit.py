@@ -11,6 +11,7 @@ Continue a run:    python lit.py config/x.py --init_from=resume   (the same numb
 precompute_features=True embeds every image once (eval transform, no augmentation) and trains the
 text tower from those features: the frozen tower then costs one forward pass per image in total
 instead of one per image per epoch. Full mode with augment=False sees exactly the same inputs.
+The features live in out_dir/image_features.npy (a memory map; reused on resume).
 The result, out_dir/ckpt.pt, holds both towers: model.from_pretrained returns (vision, text).
 """
 import hashlib
@@ -161,22 +162,38 @@ max_steps = max_steps or epochs * steps_per_epoch
 
 @torch.no_grad()
 def embed_all():
-    """Frozen-tower embeddings of every image [N, d] on `device`, eval transform. Each rank embeds
-    its contiguous slice, then all ranks all-gather (slices differ by at most one row: padded)."""
-    N, d = len(dataset), vision.embed_dim
-    feats = torch.zeros(N // world + 1, d, device=device)
-    count = 0
+    """Frozen-tower embeddings of every image, eval transform, in out_dir/image_features.npy:
+    float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
+    larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank fills its
+    contiguous slice. Reused by later runs (a resume) when image_features.json names the same
+    tower, data and resolution."""
+    path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
+    key = {'vision_sha256': vision_sha256, 'data_dir': os.path.abspath(data_dir), 'count': len(dataset),
+           'image_size': vision.image_size}
+    if os.path.exists(stamp) and json.load(open(stamp)) == key:
+        return np.load(path, mmap_mode='r')
+    if master:
+        if os.path.exists(stamp):
+            os.remove(stamp)
+        np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=(len(dataset), vision.embed_dim))
+    if ddp:
+        dist.barrier()
+    feats = np.load(path, mmap_mode='r+')
+    n = len(dataset) // world + (rank < len(dataset) % world)
     for idx, images in tqdm(eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
                                          device=device), disable=not master, desc='embed images',
-                            total=math.ceil(N / world / 256), leave=False):
+                            total=math.ceil(n / 256), leave=False):
         with ctx:
-            feats[count:count + len(idx)] = vision(images).float()
-        count += len(idx)
-    if not ddp:
-        return feats[:N]
-    parts = [torch.empty_like(feats) for _ in range(world)]
-    dist.all_gather(parts, feats)
-    return torch.cat([p[:N // world + (r < N % world)] for r, p in enumerate(parts)])
+            feats[idx.numpy()] = vision(images).float().cpu().numpy()
+    feats.flush()
+    del feats
+    if ddp:
+        dist.barrier()
+    if master:
+        with open(stamp + '.tmp', 'w') as f:
+            json.dump(key, f)
+        os.replace(stamp + '.tmp', stamp)
+    return np.load(path, mmap_mode='r')
 
 
 t_pre = time.time()
@@ -185,8 +202,8 @@ precompute_s = time.time() - t_pre
 
 
 def image_embeddings(batch):
-    if features is not None:
-        return features[batch['index'].to(device)]
+    if features is not None:  # rows in the batch's order (a gather from the memory map)
+        return torch.from_numpy(features[batch['index'].numpy()]).to(device)
     with torch.no_grad(), ctx:  # frozen: no graph through the image tower
         return vision(batch['images']).float()
 

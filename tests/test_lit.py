@@ -100,7 +100,10 @@ def test_precomputed_features_match_the_full_forward(setup, full_run):
 
 def test_resume_is_exact(setup, whole_run, first_leg):
     whole, _ = whole_run
+    feats = setup / 'parts' / 'image_features.npy'
+    mtime = os.stat(feats).st_mtime_ns
     part, log = lit(setup, 'parts', '--max_steps=6', '--precompute_features=True', '--init_from=resume')
+    assert os.stat(feats).st_mtime_ns == mtime  # the resumed run reused the frozen features
     assert [r['step'] for r in log] == [1, 2, 3, 4, 5, 6] and part['step'] == 6
     a = torch.load(setup / 'whole' / 'ckpt.pt', weights_only=True)
     b = torch.load(setup / 'parts' / 'ckpt.pt', weights_only=True)
