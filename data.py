@@ -12,6 +12,7 @@ texts_00000.npy uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy
 Every image is stored once, resized so that its shorter side is S (bicubic, antialiased) and
 centre-cropped, so training reads raw pixels with no decoding at all.
 """
+import atexit
 import functools
 import glob
 import gzip
@@ -694,6 +695,19 @@ def _seed(*xs):
     return int(np.random.SeedSequence(list(xs)).generate_state(1, np.uint64)[0] >> 1)
 
 
+_running = set()  # (stop event, thread) of every live prefetcher
+
+
+@atexit.register
+def _stop_prefetchers():
+    # A generator left unfinished (training ends mid-epoch) is only closed when the interpreter
+    # tears down, and a worker thread still inside a torch op at that point aborts the process
+    # ("terminate called without an active exception"): stop and join the workers first.
+    for stop, thread in list(_running):
+        stop.set()
+        thread.join()
+
+
 def _prefetch(fn, args, depth):
     """Yields fn(a) for a in args, computed `depth` ahead in a background thread."""
     q, stop = queue.Queue(depth), threading.Event()
@@ -715,7 +729,9 @@ def _prefetch(fn, args, depth):
         except BaseException as e:  # re-raised in the consumer
             put((2, e))
 
-    threading.Thread(target=work, daemon=True).start()
+    thread = threading.Thread(target=work, daemon=True)
+    _running.add((stop, thread))
+    thread.start()
     try:
         while True:
             kind, x = q.get()
@@ -726,6 +742,8 @@ def _prefetch(fn, args, depth):
             yield x
     finally:
         stop.set()
+        thread.join()
+        _running.discard((stop, thread))
 
 
 class Loader:

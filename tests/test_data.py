@@ -528,3 +528,19 @@ def test_cifar10_folders_build(tmp_path):
     with Image.open(os.path.join(src, 'truck', files[123])) as im:
         assert np.array_equal(ds.images([k])[0], np.asarray(im.convert('RGB')))
     assert ds.classes[k] == names.index('truck')
+
+
+def test_unfinished_loader_exits_cleanly():
+    # training that stops mid-epoch leaves loader.iterate() unfinished with its worker busy in
+    # torch ops; the interpreter must still exit with status 0 (it used to abort, status 134)
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch, data\n"
+            "def slow(a):\n"
+            "    x = torch.randn(300, 300)\n"
+            "    for _ in range(40):\n"
+            "        x = x @ x.T / 300\n"
+            "    return x\n"
+            "g = data._prefetch(slow, range(1000), 4)\n"
+            "next(g)\n")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
