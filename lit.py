@@ -103,11 +103,6 @@ batch_size = global_batch_size // world  # pairs per rank per step
 if master:
     os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
-if device_type == 'cpu':
-    # Values below 1.2e-38 become zero. Without this, some step of the text tower's update runs
-    # into denormal floats, which x86 processes ~100x slower: measured on config/lit_tiny.py,
-    # 0.76 -> 2.2 steps/s (full mode) and 0.5 -> 2.8 (precomputed). GPUs flush them anyway.
-    torch.set_flush_denormal(True)
 
 
 def state_hash(module):
