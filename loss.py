@@ -221,14 +221,21 @@ class PartialFC(nn.Module):
         w = F.normalize(self.weight.index_select(0, index), dim=1)
         cos = (e @ w.t()).to(dt)  # [B, k_sampled], never [B, k] when sample_ratio < 1
 
-        # positives: s_i = scale * cos(min(theta_i + m, pi)), computed as
+        # positives: s_i = scale * cos(theta_i + m) (ArcFace), computed as
         # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), sin(theta) = sqrt(1 - cos^2) >= 0,
         # which equals the acos form without its infinite gradient at cos = +-1 (the clamp of
-        # 1 - cos^2 only acts where cos is exactly +-1); theta + m >= pi  <=>  cos <= -cos(m)
+        # 1 - cos^2 only acts where cos is exactly +-1).
+        # Where theta + m > pi (cos < -cos m), cos(theta + m) would turn back up. Saturating it at
+        # cos(pi) = -1 instead is flat there, and that flat region is a trap: sending every
+        # embedding to the antipode of every centre gives s_i = s_j = -scale and a loss of
+        # log(1 + (k - 1)), below the loss at initialisation. Training on 10 true classes fell
+        # into it within 100 steps (pos and neg cosine -> -1). So, as insightface's ArcFace does,
+        # continue with cos(theta) - m sin(m) there: still decreasing in theta, still a gradient.
         c_pos = cos.gather(1, pos_col).clamp(-1.0, 1.0)  # [B, l]
         sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
         cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
-        s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m, -1.0)
+        s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m,
+                                         c_pos - self.margin * math.sin(self.margin))
         # negatives: s_j = scale * cos(theta_j) for every sampled centre that is not a positive
         pos_mask = torch.zeros_like(cos, dtype=torch.bool)
         rows, slots = is_local.nonzero(as_tuple=True)

@@ -34,7 +34,9 @@ def ref_loss(emb, weight, labels, loss_type, scale=SCALE, margin=MARGIN):
             if c >= 0:
                 pos[n, c] = True
     theta = torch.acos(cos.clamp(-1, 1))
-    s_pos = scale * torch.cos(torch.clamp(theta + margin, max=math.pi))  # ArcFace margin
+    # ArcFace margin; past theta + m = pi, insightface's monotonic continuation cos(theta) - m sin(m)
+    s_pos = scale * torch.where(theta + margin <= math.pi, torch.cos(theta + margin),
+                                cos - margin * math.sin(margin))
     s_neg = scale * cos
     P = torch.where(pos, torch.exp(-s_pos), 0.0).sum(1)  # sum_i exp(-s_i)
     N = torch.where(pos, 0.0, torch.exp(s_neg)).sum(1)   # sum_j exp(s_j)
@@ -79,7 +81,7 @@ def test_matches_reference_float64(loss_type, l):
     weight = torch.randn(k, d, generator=g, dtype=torch.float64)
     labels = make_labels(g, B, l, k)
     labels[2] = -1  # a sample with no positives at all
-    # theta + m > pi: the margin saturates at cos(pi) = -1
+    # theta + m > pi: the continuation cos(theta) - m sin(m)
     emb[3] = -weight[labels[3, 0]] + 0.01 * torch.randn(d, generator=g, dtype=torch.float64)
     pfc = PartialFC(d, k, sample_ratio=1.0, scale=SCALE, margin=MARGIN, loss_type=loss_type).double()
     with torch.no_grad():
@@ -442,3 +444,18 @@ def test_centre_init_independent_of_world_size(two_process_results):
     assert [s.shape[0] for s in shards] == [19, 18]
     assert torch.equal(torch.cat(shards), full)
     assert 0.005 < full.std() < 0.02 and torch.cdist(full, full).add(torch.eye(37)).min() > 0
+
+
+def test_positive_logit_keeps_falling_past_pi_minus_margin():
+    # Saturating cos(theta + m) at cos(pi) = -1 is flat for theta > pi - m: no gradient pulls such
+    # a sample back, and true-label training with 10 classes collapsed there (every embedding
+    # opposite every centre). With the continuation the loss keeps rising with theta up to pi.
+    d = 3
+    pfc = PartialFC(d, 2, sample_ratio=1.0, loss_type='mlcd').double()
+    with torch.no_grad():
+        pfc.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64))
+    theta = torch.linspace(math.pi / 2, math.pi, 200, dtype=torch.float64)  # loss well above eps
+    emb = torch.stack([theta.cos(), theta.sin(), 0 * theta], 1)
+    with torch.no_grad():
+        losses = torch.stack([pfc(emb[n:n + 1], torch.zeros(1, 1, dtype=torch.long)) for n in range(200)])
+    assert (losses.diff() > 0).all()  # strictly increasing in theta, also past pi - m
