@@ -1,0 +1,57 @@
+"""
+One results table for a pipeline directory: every <sub>/<stage>.json the stage scripts wrote
+(cluster.json, train.json, lit.json, probe.json), a few headline numbers each.
+    python scripts/summary.py out/quickstart
+Prints the table and ends with one JSON line of the same numbers (also <dir>/summary.json).
+"""
+import json
+import os
+import sys
+
+# stage -> [(label, path into the JSON, scale)]
+METRICS = {
+    'cluster': [('k', ('k',), 1), ('purity %', ('purity',), 100), ('NMI', ('nmi',), 1)],
+    'train': [('steps', ('step',), 1), ('loss', ('loss',), 1), ('pos cos', ('pos_cos',), 1),
+              ('neg cos', ('neg_cos',), 1), ('kNN top-1 %', ('knn_acc',), 100),
+              ('img/s', ('images_per_s',), 1)],
+    'lit': [('steps', ('step',), 1), ('loss', ('loss',), 1)],
+    'probe': [('linear probe top-1 %', ('linear_probe', 'top1'), 100),
+              ('zero-shot top-1 %', ('zero_shot', 'top1'), 100),
+              ('I->T R@1 %', ('retrieval', 'i2t_R@1'), 100),
+              ('T->I R@1 %', ('retrieval', 't2i_R@1'), 100)],
+}
+
+
+def get(d, path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def main(root):
+    rows, out = [], {}
+    for sub in sorted(os.listdir(root)):
+        for stage, metrics in METRICS.items():
+            path = os.path.join(root, sub, f'{stage}.json')
+            if not os.path.exists(path):
+                continue
+            res = json.load(open(path))
+            for label, keys, scale in metrics:
+                v = get(res, keys)
+                if v is not None:
+                    rows.append((sub, stage, label, v * scale))
+                    out[f'{sub}/{label}'] = v * scale
+    if not rows:
+        raise SystemExit(f'summary.py: no <stage>.json results under {root}')
+    print(f"\n{'run':<18} {'stage':<8} {'metric':<22} {'value':>10}")
+    for sub, stage, label, v in rows:
+        print(f'{sub:<18} {stage:<8} {label:<22} {v:>10.4g}')
+    with open(os.path.join(root, 'summary.json'), 'w') as f:
+        json.dump(out, f)
+    print(json.dumps(out))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1] if len(sys.argv) > 1 else 'out/quickstart')
