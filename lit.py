@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from data import Dataset, Loader, eval_batches
 from loss import clip_loss
-from model import PRESETS, TextTransformer, VisionTransformer, from_pretrained
+from model import PRESETS, TextTransformer, VisionTransformer, atomic_save, from_pretrained, rng_state, set_rng_state
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
@@ -229,12 +228,7 @@ if ckpt is not None:
     step = ckpt['step']
     if ckpt['world_size'] != world:
         stop(f"{ckpt_path}: written by {ckpt['world_size']} ranks; resume with the same number")
-    rng = ckpt['rng'][rank]
-    torch.set_rng_state(rng['torch'])
-    if device_type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    set_rng_state(ckpt['rng'][rank], device)
     del ckpt
 
 raw_text = text
@@ -252,31 +246,12 @@ def get_lr(it):
     return min_lr + 0.5 * (learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state():
-    s = np.random.get_state()
-    py = random.getstate()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
-            'numpy': [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
-            'python': [py[0], list(py[1]), py[2]]}
-
-
 def save_checkpoint():
     """Rank 0 writes ckpt.pt (both towers + everything resume needs) with every rank's RNG state."""
-    rngs = [rng_state()]
+    rngs = [rng_state(device)]
     if ddp:
         rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(device))
     if master:
         atomic_save({'vision_config': vision.config, 'vision': vision.state_dict(),
                      'text_config': raw_text.config, 'text': raw_text.state_dict(),

@@ -11,8 +11,11 @@ projection of the end-of-text token (the highest id in the sequence).
 import json
 import math
 import os
+import random
 import re
 import zipfile
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -576,3 +579,34 @@ def export_hf(vision, directory):
         torch.save(hf, os.path.join(directory, 'pytorch_model.bin'))
     else:
         save_file(hf, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+# -----------------------------------------------------------------------------
+# checkpoint helpers shared by train.py and lit.py
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    """Every RNG a training step draws from, as plain types and tensors (weights_only loads it)."""
+    s, py = np.random.get_state(), random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None,
+            'numpy': [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
+            'python': [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    if torch.device(device).type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
+    np.random.set_state((state['numpy'][0], np.array(state['numpy'][1], dtype=np.uint32), *state['numpy'][2:]))
+    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))

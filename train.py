@@ -15,7 +15,6 @@ import glob
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from data import Dataset, Loader, eval_batches
 from loss import PartialFC, shard_range
-from model import PRESETS, VisionTransformer, from_pretrained
+from model import PRESETS, VisionTransformer, atomic_save, from_pretrained, rng_state, set_rng_state
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
@@ -281,13 +280,7 @@ if ckpt is not None:
     state = optimizer_c.state_dict()
     state['state'] = {0: {'step': adam_step, 'exp_avg': m, 'exp_avg_sq': v}}
     optimizer_c.load_state_dict(state)
-    rng = own['rng'] if own is not None else ckpt['rng']
-    torch.set_rng_state(rng['torch'])
-    if device_type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32),
-                         *rng['numpy'][2:]))
-    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    set_rng_state(own['rng'] if own is not None else ckpt['rng'], device)
     if own is not None:
         pfc.generator.set_state(own['generator'])
     else:  # another number of ranks: the old samplers do not map onto the new shards
@@ -325,25 +318,6 @@ def peak_flops():
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state():
-    s = np.random.get_state()
-    py = random.getstate()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
-            'numpy': [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
-            'python': [py[0], list(py[1]), py[2]]}
-
-
 def save_checkpoint():
     """Every rank writes its centre shard under a step-tagged name; then rank 0 writes ckpt.pt,
     which names them. ckpt.pt is the commit point: until its rename, the previous ckpt.pt and the
@@ -353,7 +327,7 @@ def save_checkpoint():
     atomic_save({'start': pfc.start, 'rows': pfc.num_local, 'step': step,
                  'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
                  'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
-                 'generator': pfc.generator.get_state(), 'rng': rng_state()},
+                 'generator': pfc.generator.get_state(), 'rng': rng_state(device)},
                 os.path.join(out_dir, names[rank]))
     if ddp:
         dist.barrier()
@@ -362,7 +336,7 @@ def save_checkpoint():
                      'optimizer': optimizer.state_dict(), 'step': step,
                      'epoch': step / steps_per_epoch, 'world_size': world,
                      'num_classes': num_classes, 'embed_dim': embed_dim, 'centres': names,
-                     'rng': rng_state(), 'config': config}, ckpt_path)
+                     'rng': rng_state(device), 'config': config}, ckpt_path)
         for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
             if os.path.basename(f) not in names:
                 os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
