@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/quickstart}
 if [ "${QUICK:-0}" = 1 ]; then N=1200; NTEST=400; K=60; STEPS=12; LIT_EPOCHS=2; ITERS=100
-else N=6000; NTEST=2000; K=300; STEPS=150; LIT_EPOCHS=3; ITERS=100; fi
+else N=6000; NTEST=2000; K=300; STEPS=150; LIT_EPOCHS=2; ITERS=100; fi
 mkdir -p "$OUT"
 run() { echo "+ $*" >&2; "$@"; }
 

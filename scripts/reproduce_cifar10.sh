@@ -49,7 +49,9 @@ train a_mlcd       "$OUT/cluster_pixels" --loss_type=mlcd --num_positives=8 --sa
 train b_mlc        "$OUT/cluster_pixels" --loss_type=mlc  --num_positives=8 --sample_ratio=0.1
 train c_single     "$OUT/cluster_pixels" --loss_type=mlc  --num_positives=1 --sample_ratio=0.1
 train d_mlcd_r1    "$OUT/cluster_pixels" --loss_type=mlcd --num_positives=8 --sample_ratio=1.0
-train g_supervised "$OUT/true_labels"    --loss_type=mlc  --num_positives=1 --sample_ratio=1.0 --num_classes=10
+# g) the true labels, as a 10-way normalised softmax. No margin: with m = 0.3 and only 10 classes
+# a random-init tower collapses to the antipode of every centre (pos and neg cosine -> -1)
+train g_supervised "$OUT/true_labels"    --loss_type=mlc  --num_positives=1 --sample_ratio=1.0 --num_classes=10 --margin=0.0
 # round 2: re-cluster with a)'s tower, train a fresh tower on the new labels
 run python cluster.py --data_dir="$D" --out_dir="$OUT/cluster_round2" --teacher="$OUT/a_mlcd/ckpt.pt" --num_classes=$K --num_positives=8
 train a2_mlcd_round2 "$OUT/cluster_round2" --loss_type=mlcd --num_positives=8 --sample_ratio=0.1
