@@ -271,8 +271,8 @@ class PartialFC(nn.Module):
         else:
             # Eq. 4: log(1 + sum_j exp(s_j) * sum_i exp(-s_i))
             loss = F.softplus(lse_neg + lse_pos)
-        stats = stats.tolist()
-        self.stats = {'pos_cos': stats[0] / max(stats[1], 1.0), 'neg_cos': stats[2] / max(stats[3], 1.0)}
+        # 0-d tensors, not floats: reading them would wait for the device on every micro-batch
+        self.stats = {'pos_cos': stats[0] / stats[1].clamp_min(1.0), 'neg_cos': stats[2] / stats[3].clamp_min(1.0)}
         return loss.mean()
 
 

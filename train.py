@@ -436,7 +436,7 @@ while step < end:
     for opt in (optimizer, optimizer_c):
         for group in opt.param_groups:
             group['lr'] = lr
-    loss_sum, pos_cos, neg_cos = 0.0, 0.0, 0.0
+    loss_sum, pos_cos, neg_cos = 0.0, 0.0, 0.0  # device tensors after the first micro-batch
     for micro in range(accum):
         t0 = time.time()
         batch = next(batches)
@@ -452,7 +452,8 @@ while step < end:
         loss_sum += loss.detach()
         pos_cos += pfc.stats['pos_cos'] / accum
         neg_cos += pfc.stats['neg_cos'] / accum
-    lossf = float(loss_sum)  # the same global value on every rank, so all ranks stop together
+    # one device sync per step; the loss is the same global value on every rank, so all stop together
+    lossf, pos_cos, neg_cos = torch.stack([loss_sum, pos_cos, neg_cos]).tolist()
     if not math.isfinite(lossf):
         stop(f"non-finite loss ({lossf}) at step {step + 1}; nothing was updated or saved, the last "
              f"good checkpoint is {ckpt_path}" + ('' if os.path.exists(ckpt_path) else ' (none yet)'))

@@ -159,8 +159,8 @@ def test_stats():
     idx = pfc.index
     cos = F.normalize(emb, dim=1) @ F.normalize(pfc.weight.detach()[idx], dim=1).t()
     pos = (labels[:, :, None] == idx[None, None, :]).any(1)  # [B, k_sampled]
-    assert pfc.stats['pos_cos'] == pytest.approx(cos[pos].mean().item(), abs=1e-6)
-    assert pfc.stats['neg_cos'] == pytest.approx(cos[~pos].mean().item(), abs=1e-6)
+    assert float(pfc.stats['pos_cos']) == pytest.approx(cos[pos].mean().item(), abs=1e-6)
+    assert float(pfc.stats['neg_cos']) == pytest.approx(cos[~pos].mean().item(), abs=1e-6)
 
 
 def test_sampler():
@@ -370,7 +370,7 @@ def _worker(rank, port, out_dir):
         loss = pfc(model(x[rows]), labels[rows])
         loss.backward()
         results.append(dict(loss=loss.item(), start=pfc.start, index=pfc.index + pfc.start,
-                            centre_grad=pfc.weight.grad, stats=pfc.stats,
+                            centre_grad=pfc.weight.grad, stats={k: float(v) for k, v in pfc.stats.items()},
                             backbone_grad=[p.grad for p in backbone.parameters()]))
     a, b, towers = clip_data()
     model = DDP(towers)
@@ -415,8 +415,8 @@ def test_partialfc_two_processes_equal_one(two_process_results, i):
         assert close(loss.detach(), ref, 1e-9)
     for res in (r0, r1):
         assert res['loss'] == pytest.approx(loss.item(), rel=1e-10)
-        assert res['stats']['pos_cos'] == pytest.approx(pfc.stats['pos_cos'], rel=1e-9, abs=1e-12)
-        assert res['stats']['neg_cos'] == pytest.approx(pfc.stats['neg_cos'], rel=1e-9, abs=1e-12)
+        assert res['stats']['pos_cos'] == pytest.approx(float(pfc.stats['pos_cos']), rel=1e-9, abs=1e-12)
+        assert res['stats']['neg_cos'] == pytest.approx(float(pfc.stats['neg_cos']), rel=1e-9, abs=1e-12)
         for got, want in zip(res['backbone_grad'], [p.grad for p in backbone.parameters()]):
             assert close(got, want, 1e-9)
         start = res['start']
