@@ -1,16 +1,20 @@
 """
 The CLIP image and text towers (Radford et al. 2021), which MLCD trains (An et al., ECCV 2024),
-plus loading of OpenAI / open_clip / Hugging Face CLIP weights and export to Hugging Face.
+plus loading of OpenAI / open_clip / Hugging Face CLIP and MLCD weights and export to Hugging Face.
 
 VisionTransformer: conv patch embedding -> [class token; patches] + position embedding -> ln_pre
--> pre-norm blocks -> ln_post(class token) -> linear projection.
+-> pre-norm blocks -> ln_post(class token) -> linear projection. With position='rope2d' (the
+MLCD authors' later towers, transformers' MLCDVisionModel) there is no position table: 2D rotary
+embeddings turn q and k in every block, and any image size works as is.
 TextTransformer: token + position embedding -> causal pre-norm blocks -> ln_final ->
 projection of the end-of-text token (the highest id in the sequence).
 """
 
+import collections
 import json
 import math
 import os
+import pickle
 import random
 import re
 import zipfile
@@ -39,6 +43,31 @@ def attention(q, k, v, causal=False):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
 
 
+def rope2d(cls_angles, grid_h, grid_w, theta=10000.0):
+    """cos, sin [1 + grid_h * grid_w, head_dim] of MLCD's 2D rotary position embedding (RoFormer,
+    Su et al. 2021, made axial): half of each head's dims turn with the patch's row and half with
+    its column, at frequencies theta^(-4i / head_dim); the class token turns by its own learnt
+    head_dim / 2 angles. Patches in row-major order, as the patch convolution flattens them."""
+    half = cls_angles.shape[-1]  # head_dim // 2
+    dev = cls_angles.device
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=dev) / half)
+    rows = torch.arange(grid_h, device=dev).repeat_interleave(grid_w).float()
+    cols = torch.arange(grid_w, device=dev).repeat(grid_h).float()
+    angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=1)  # [N, half]
+    angles = torch.cat([cls_angles.float().view(1, half), angles])
+    angles = torch.cat([angles, angles], dim=1)  # dim i pairs with i + head_dim/2 (rotate_half)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, head_dim] rotated by the angles in cos, sin [T, head_dim], in float32:
+    x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1] for the halves x1, x2."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
 class QuickGELU(nn.Module):
     # the sigmoid approximation of GELU that OpenAI's CLIP weights were trained with
     def forward(self, x):
@@ -57,9 +86,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)  # fused q, k, v: OpenAI's in_proj maps onto it as is
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)
+        if rope is not None:  # (cos, sin) of rope2d(): positions enter through q and k only
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.proj(attention(q, k, v, self.causal).reshape(B, T, C))
 
 
@@ -84,8 +115,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, round(width * mlp_ratio), act)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -121,22 +152,33 @@ def init_weights(model, width, layers):
 class VisionTransformer(nn.Module):
 
     def __init__(self, image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=512,
-                 mlp_ratio=4.0, act='quick_gelu', ln_eps=1e-5, proj=True):
+                 mlp_ratio=4.0, act='quick_gelu', ln_eps=1e-5, proj=True, position='learned',
+                 rope_theta=10000.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
         if act not in ACTS:
             raise ValueError(f'act must be one of {sorted(ACTS)}, got {act!r}')
+        if position not in ('learned', 'rope2d'):
+            raise ValueError(f"position must be 'learned' or 'rope2d', got {position!r}")
+        if position == 'rope2d' and (width // heads) % 4:
+            raise ValueError(f'rope2d needs a head width divisible by 4, got {width // heads}')
         embed_dim = embed_dim if proj else width  # the output dimension of forward()
         self.config = dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
                            heads=heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio, act=act,
-                           ln_eps=ln_eps, proj=proj)
+                           ln_eps=ln_eps, proj=proj, position=position, rope_theta=rope_theta)
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
-        self.embed_dim = embed_dim
+        self.embed_dim, self.rope_theta = embed_dim, rope_theta
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.cls_token = nn.Parameter(width ** -0.5 * torch.randn(width))
-        self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(self.grid ** 2 + 1, width))
+        if position == 'learned':  # one row per token of the image_size grid, class token first
+            self.pos_embed = nn.Parameter(width ** -0.5 * torch.randn(self.grid ** 2 + 1, width))
+            self.cls_rope = None
+        else:  # rotary: only the class token's angles are learnt (transformers' init)
+            self.pos_embed = None
+            half = width // heads // 2
+            self.cls_rope = nn.Parameter(half ** -0.5 * torch.randn(half))
         self.ln_pre = nn.LayerNorm(width, eps=ln_eps)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, ln_eps, causal=False)
                                     for _ in range(layers))
@@ -146,16 +188,28 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, x):
         """[B, 3, H, W] normalised pixels -> [B, 1 + N, width]: all tokens after the last block,
-        class token first, before ln_post (what transformers calls last_hidden_state)."""
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        class token first, before ln_post (what transformers calls last_hidden_state).
+        A rope2d tower takes any H, W that are multiples of patch_size (N = H/p * W/p)."""
+        H, W = x.shape[-2:]
+        if self.pos_embed is not None and (H, W) != (self.image_size, self.image_size):
             raise ValueError(f'expected {self.image_size}x{self.image_size} images, got '
-                             f'{tuple(x.shape[-2:])}; build the model with that image_size')
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, width]
+                             f'{(H, W)}; build the model with that image_size')
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f'image size {(H, W)} is not a multiple of patch_size '
+                             f'{self.patch_size}')
+        x = self.patch_embed(x)  # [B, width, H/p, W/p]
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, width], row-major patches
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        else:
+            rope = rope2d(self.cls_rope, grid_h, grid_w, self.rope_theta)
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return x
 
     def forward(self, x):
@@ -238,6 +292,9 @@ PRESETS = {
     'ViT-L/14-336': _preset(336, 14, 1024, 24, 16, 768, 768, 12, 12),
     'ViT-T/4': _preset(32, 4, 192, 6, 3, 128, 128, 3, 2, act='gelu'),  # CPU tests and small runs
 }
+# the same tiny tower with MLCD's 2D rotary position embedding instead of a position table
+PRESETS['ViT-T/4-rope'] = {**PRESETS['ViT-T/4'], 'vision': {**PRESETS['ViT-T/4']['vision'],
+                                                             'position': 'rope2d'}}
 
 
 def create(name, **vision_overrides):
@@ -295,9 +352,10 @@ OPENAI_BLOCK = {'ln_1': 'ln_1', 'attn.in_proj': 'attn.qkv', 'attn.out_proj': 'at
                 'ln_2': 'ln_2', 'mlp.c_fc': 'mlp.fc', 'mlp.c_proj': 'mlp.proj'}
 OPENAI_TRANSPOSED = {'visual.proj', 'text_projection'}
 
-HF_RULES = [  # transformers CLIPModel / CLIPVisionModel(WithProjection); 'vision_model.' is absent
-    # from CLIPVisionModel files written by transformers >= 5
-    (r'logit_scale|.*position_ids', None, None),
+HF_RULES = [  # transformers CLIPModel / CLIPVisionModel(WithProjection) / MLCDVisionModel;
+    # 'vision_model.' is absent from the vision-only files written by transformers >= 5
+    (r'logit_scale|.*position_ids|(?:vision_model\.)?vision_rotary_embedding\..*', None, None),
+    (r'(?:vision_model\.)?class_pos_emb', 'vision', 'cls_rope'),  # MLCD: [1, head_dim/2]
     (r'(?:vision_model\.)?embeddings\.class_embedding', 'vision', 'cls_token'),
     (r'(?:vision_model\.)?embeddings\.patch_embedding\.weight', 'vision', 'patch_embed.weight'),
     (r'(?:vision_model\.)?embeddings\.position_embedding\.weight', 'vision', 'pos_embed'),
@@ -357,17 +415,22 @@ def _shapes(sd, required, source):
     return {k: sd[k].shape for k in required}
 
 
-def _vision_config(sd, source, head_width=64):
-    """architecture of a vision tower from its (renamed) weights; heads are not visible in the
-    weights: CLIP's convention is head width 64 unless the format's config says otherwise."""
-    s = _shapes(sd, ['patch_embed.weight', 'pos_embed', 'blocks.0.mlp.fc.weight'], source)
+def _vision_config(sd, source, head_width=64, image_size=None):
+    """architecture of a vision tower from its (renamed) weights; heads are not visible in a
+    position table tower's weights: CLIP's convention is head width 64 unless the format's config
+    says otherwise. A rope2d tower's class angles give its head width, its config the image size."""
+    s = _shapes(sd, ['patch_embed.weight', 'blocks.0.mlp.fc.weight'], source)
     width, _, patch, _ = s['patch_embed.weight']
-    grid = math.isqrt(s['pos_embed'][0] - 1)
+    if 'cls_rope' in sd:
+        position, head_width = 'rope2d', 2 * sd['cls_rope'].numel()
+    else:
+        position = 'learned'
+        image_size = math.isqrt(_shapes(sd, ['pos_embed'], source)['pos_embed'][0] - 1) * patch
     proj = 'proj.weight' in sd
-    return dict(image_size=grid * patch, patch_size=patch, width=width,
+    return dict(image_size=image_size, patch_size=patch, width=width,
                 layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
                 heads=width // head_width, embed_dim=sd['proj.weight'].shape[0] if proj else width,
-                mlp_ratio=s['blocks.0.mlp.fc.weight'][0] / width, proj=proj)
+                mlp_ratio=s['blocks.0.mlp.fc.weight'][0] / width, proj=proj, position=position)
 
 
 def _text_config(sd, source, heads=None):
@@ -411,17 +474,118 @@ def _load_weights(path):
         return load_file(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            torchscript = any(n.endswith('constants.pkl') for n in z.namelist())
-        if torchscript:
-            # OpenAI's released CLIP .pt files are TorchScript archives. torch.jit.load is used for
-            # that format only: it reads TorchScript code and tensors, not pickled Python objects.
-            return dict(torch.jit.load(path, map_location='cpu').state_dict())
+            if any(n.endswith('constants.pkl') for n in z.namelist()):
+                return _torchscript_weights(z, path)  # OpenAI's released CLIP .pt files
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [''])[0]
         raise ValueError(f'{path}: not a readable checkpoint (torch.load weights_only=True: '
                          f'{type(e).__name__}: {first})') from None
+
+
+# TorchScript archives (OpenAI's CLIP .pt files) are zip files: <name>/data.pkl pickles the module
+# tree (each module a `__torch__.*` class with its attributes), tensors point at raw storages in
+# <name>/data/<key>, <name>/code/ holds the modules' TorchScript code. torch.jit.load compiles and
+# runs that code, a class's __setstate__ included: loading an archive could write files. Here the
+# pickle is read with a restricted unpickler instead: the only globals it resolves are the tensor
+# rebuild function, storage dtypes, OrderedDict and TorchScript's identity list builders; a
+# `__torch__.*` class becomes an inert stand-in holding its pickled attributes. No code from the
+# archive is imported or run.
+
+class _ScriptObject:
+    """stands in for a `__torch__.*` class of an archive: the attributes its pickle holds."""
+    __slots__ = ('attrs',)
+
+    def __setstate__(self, state):  # pickle's BUILD
+        if not isinstance(state, dict):  # the class has its own __getstate__ / __setstate__ code
+            raise pickle.UnpicklingError(f'TorchScript class {type(self).__name__} stores a custom '
+                                         'state that only its own code could read')
+        self.attrs = state
+
+
+_STORAGE_DTYPES = {f'{n}Storage': getattr(torch, d) for n, d in [
+    ('Float', 'float32'), ('Double', 'float64'), ('Half', 'float16'), ('BFloat16', 'bfloat16'),
+    ('Long', 'int64'), ('Int', 'int32'), ('Short', 'int16'), ('Char', 'int8'), ('Byte', 'uint8'),
+    ('Bool', 'bool')]}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):  # requires_grad, hooks, metadata: unused
+    if not (torch.is_tensor(storage) and isinstance(offset, int)
+            and isinstance(size, tuple) and isinstance(stride, tuple)):
+        raise pickle.UnpicklingError('malformed tensor record')
+    return storage.as_strided(size, stride, offset)  # raises if it reaches outside the storage
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages, self.classes = archive, prefix, {}, {}
+
+    def find_class(self, module, name):  # every global of the pickle goes through here
+        if module == '__torch__' or module.startswith('__torch__.'):
+            key = f'{module}.{name}'
+            if key not in self.classes:  # a fresh inert class per TorchScript class name
+                self.classes[key] = type(name, (_ScriptObject,), {'__slots__': ()})
+            return self.classes[key]
+        if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+            return _rebuild_tensor
+        if module == 'torch' and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ('collections', 'OrderedDict'):
+            return collections.OrderedDict
+        if module == 'torch.jit._pickle' and name.startswith('build_') and name.endswith('list'):
+            return lambda data: data
+        if (module, name) == ('torch.jit._pickle', 'restore_type_tag'):
+            return lambda value, type_str: value
+        raise pickle.UnpicklingError(f'global {module}.{name} is not allowed in TorchScript '
+                                     'weights')
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel) -> flat tensor
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+                and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError(f'unexpected persistent id {pid!r:.80}')
+        dtype, key = pid[1], pid[2]
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f'{self.prefix}/data/{key}'))
+            if len(data) % dtype.itemsize:
+                raise pickle.UnpicklingError(f'storage {key}: {len(data)} bytes is not a whole '
+                                             f'number of {dtype}')
+            self.storages[key] = (torch.frombuffer(data, dtype=dtype) if data
+                                  else torch.empty(0, dtype=dtype))
+        if self.storages[key].dtype != dtype:
+            raise pickle.UnpicklingError(f'storage {key} is read as two dtypes')
+        return self.storages[key]
+
+
+def _torchscript_weights(z, source):
+    """{name: tensor} of every tensor attribute in the module tree of a TorchScript archive (its
+    parameters and buffers, as state_dict() would name them), without running its code."""
+    pkls = [n for n in z.namelist() if n.count('/') == 1 and n.endswith('/data.pkl')]
+    if len(pkls) != 1:
+        raise ValueError(f'{source}: a TorchScript archive without one <name>/data.pkl '
+                         '(the pre-2020 JSON format is not supported)')
+    prefix = pkls[0].split('/')[0]
+    if f'{prefix}/byteorder' in z.namelist() and z.read(f'{prefix}/byteorder').strip() != b'little':
+        raise ValueError(f'{source}: a big-endian TorchScript archive is not supported')
+    try:
+        with z.open(pkls[0]) as f:
+            root = _TorchScriptUnpickler(f, z, prefix).load()
+    except (pickle.UnpicklingError, KeyError, RuntimeError, ValueError, TypeError, EOFError) as e:
+        raise ValueError(f'{source}: TorchScript archive not readable as weights: {e}') from None
+    out, seen, todo = {}, set(), [('', root)]
+    while todo:  # breadth-first over submodules; shared modules are visited once
+        name, obj = todo.pop(0)
+        if not isinstance(obj, _ScriptObject) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for k, v in getattr(obj, 'attrs', {}).items():
+            if torch.is_tensor(v):
+                out[name + k] = v.detach()  # drops anything the pickle attached (hooks, grad)
+            elif isinstance(v, _ScriptObject):
+                todo.append((f'{name}{k}.', v))
+    return out
 
 
 def _hf_dir(path):
@@ -457,9 +621,13 @@ def from_pretrained(path, image_size=None, act=None):
       open_clip_config.json beside it); these weights do not record the activation: OpenAI's is
       QuickGELU (the default here), pass act='gelu' for open_clip models trained with GELU;
     - Hugging Face directories (config.json + model.safetensors / pytorch_model.bin) of a
-      CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection. A CLIPVisionModel has no
-      projection: its vision(x) is the pooled post-layernorm class token, as transformers returns.
-    image_size: build the vision tower for this size, interpolating the position embeddings."""
+      CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection or MLCDVisionModel (2D RoPE). A
+      CLIPVisionModel or MLCDVisionModel has no projection: its vision(x) is the pooled
+      post-layernorm class token, as transformers returns.
+    No code stored in a checkpoint runs: TorchScript archives are read as zip files, all else
+    with torch.load(weights_only=True) or safetensors.
+    image_size: build the vision tower for this size, interpolating the position embeddings (a
+    rope2d tower takes any size as is; image_size only sets the size it reports)."""
     path = os.fspath(path)
     source, oc_config = path, None
     if os.path.isdir(path):
@@ -512,17 +680,52 @@ def from_pretrained(path, image_size=None, act=None):
     return vision, text
 
 
+def _hf_image_size(vconf, source):
+    size = vconf.get('image_size', 224)
+    if isinstance(size, (list, tuple)):  # [height, width]
+        if len(set(size)) != 1:
+            raise ValueError(f'{source}: non-square image_size {size} is not supported')
+        size = size[0]
+    return int(size)
+
+
+def _check_inv_freq(sd, vcfg, source):
+    """a stored rotary frequency buffer (files of some converters carry one) must be ours."""
+    half = vcfg['width'] // vcfg['heads'] // 2
+    ours = 1.0 / vcfg['rope_theta'] ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
+    for k, v in sd.items():
+        if k.endswith('rotary_embedding.inv_freq') and not (
+                v.shape == ours.shape and torch.allclose(v.float(), ours, rtol=1e-4, atol=0)):
+            raise ValueError(f'{source}: {k} is not theta^(-4i/head_dim) with rope_theta '
+                             f'{vcfg["rope_theta"]}: other rotary frequencies are not supported')
+
+
 def _from_hf(path, image_size=None):
     config, sd = _hf_dir(path)
     towers, unexpected = _rename(sd, HF_RULES, HF_BLOCK)
     if unexpected:
-        raise ValueError(f'{path}: unexpected keys for a Hugging Face CLIP: [{_names(unexpected)}]')
+        raise ValueError(f'{path}: unexpected keys for a Hugging Face CLIP / MLCD: '
+                         f'[{_names(unexpected)}]')
     # CLIPModel nests the tower configs; CLIPVisionModel's config is the vision config itself
     vconf = config.get('vision_config', config)
-    vcfg = _vision_config(towers['vision'], path)
-    vcfg.update(heads=vconf.get('num_attention_heads', 12), act=_hf_act(vconf, path),
-                ln_eps=vconf.get('layer_norm_eps', 1e-5))
-    vision = _build(VisionTransformer, vcfg, towers['vision'], path, image_size)
+    vsd = towers['vision']
+    if vconf.get('model_type') == 'mlcd_vision_model' and 'cls_rope' not in vsd:
+        raise ValueError(f'{path}: an MLCDVisionModel without class_pos_emb')
+    if 'cls_rope' in vsd:
+        vsd['cls_rope'] = vsd['cls_rope'].reshape(-1)
+    vcfg = _vision_config(vsd, path, image_size=_hf_image_size(vconf, path))
+    heads = vconf.get('num_attention_heads', 12)
+    if vcfg['position'] == 'rope2d':
+        if heads != vcfg['heads']:
+            raise ValueError(f'{path}: num_attention_heads {heads} does not fit class_pos_emb of '
+                             f'{vsd["cls_rope"].numel()} (head width / 2)')
+        rope = vconf.get('rope_parameters') or {}
+        if rope.get('rope_type', 'axial') != 'axial':
+            raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported (axial)")
+        vcfg['rope_theta'] = float(rope.get('rope_theta', vconf.get('rope_theta', 10000.0)))
+        _check_inv_freq(sd, vcfg, path)
+    vcfg.update(heads=heads, act=_hf_act(vconf, path), ln_eps=vconf.get('layer_norm_eps', 1e-5))
+    vision = _build(VisionTransformer, vcfg, vsd, path, image_size)
     text = None
     if towers['text']:
         tconf = config.get('text_config', {})
@@ -537,11 +740,15 @@ def _from_hf(path, image_size=None):
 
 
 def export_hf(vision, directory):
-    """write vision as a Hugging Face CLIP vision directory (config.json + model.safetensors, or
-    pytorch_model.bin without safetensors) that transformers' CLIPVisionModel.from_pretrained
-    loads. With a projection the files are a CLIPVisionModelWithProjection (a superset: the
-    CLIPVisionModel class loads them too and skips visual_projection.weight)."""
+    """write vision as a Hugging Face vision directory (config.json + model.safetensors, or
+    pytorch_model.bin without safetensors): a position table tower as a CLIP vision model that
+    transformers' CLIPVisionModel.from_pretrained loads; with a projection the files are a
+    CLIPVisionModelWithProjection (a superset: the CLIPVisionModel class loads them too and skips
+    visual_projection.weight). A rope2d tower as an MLCDVisionModel; transformers has no MLCD class
+    with a projection, so visual_projection.weight is written for from_pretrained here, and
+    transformers' MLCDVisionModel reports it unexpected and skips it."""
     c = vision.config
+    rope = c['position'] == 'rope2d' 
     hf = {}
     for k, v in vision.state_dict().items():
         m = re.fullmatch(r'blocks\.(\d+)\.(.+)\.(weight|bias)', k)
@@ -560,11 +767,18 @@ def export_hf(vision, directory):
             'ln_pre.bias': 'vision_model.pre_layrnorm.bias',
             'ln_post.weight': 'vision_model.post_layernorm.weight',
             'ln_post.bias': 'vision_model.post_layernorm.bias',
-            'proj.weight': 'visual_projection.weight'}[k]] = v
+            'cls_rope': 'vision_model.class_pos_emb',
+            'proj.weight': 'visual_projection.weight'}[k]] = v[None] if k == 'cls_rope' else v
     hf = {k: v.detach().cpu().contiguous().clone() for k, v in hf.items()}
     dtype = str(next(iter(hf.values())).dtype).removeprefix('torch.')
-    config = dict(architectures=['CLIPVisionModelWithProjection' if c['proj'] else 'CLIPVisionModel'],
-                  model_type='clip_vision_model', hidden_size=c['width'],
+    if rope:
+        arch, extra = ['MLCDVisionModel'], dict(
+            model_type='mlcd_vision_model', num_key_value_groups=1,
+            rope_parameters=dict(rope_type='axial', rope_theta=c['rope_theta']))
+    else:
+        arch = ['CLIPVisionModelWithProjection' if c['proj'] else 'CLIPVisionModel']
+        extra = dict(model_type='clip_vision_model')
+    config = dict(architectures=arch, **extra, hidden_size=c['width'],
                   intermediate_size=round(c['width'] * c['mlp_ratio']), num_hidden_layers=c['layers'],
                   num_attention_heads=c['heads'], image_size=c['image_size'], patch_size=c['patch_size'],
                   hidden_act=c['act'], layer_norm_eps=c['ln_eps'], num_channels=3,

@@ -5,6 +5,7 @@ the ViT FLOP formula."""
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -324,3 +325,216 @@ def test_without_safetensors(tmp_path, monkeypatch):
         torch.testing.assert_close(back(x), vision(x), atol=0, rtol=0)
         hp = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / 'bin').eval()
         torch.testing.assert_close(hp(pixel_values=x).image_embeds, vision(x), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 2D-RoPE towers: transformers' MLCDVisionModel is the reference
+
+def hf_mlcd(theta=10000.0, seed=0):
+    """a random-weight transformers MLCDVisionModel with a small config (head width 64)."""
+    torch.manual_seed(seed)
+    cfg = transformers.MLCDVisionConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+                                        num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                        patch_size=8, hidden_act='gelu',
+                                        rope_parameters={'rope_type': 'axial', 'rope_theta': theta})
+    m = transformers.MLCDVisionModel(cfg).eval()
+    with torch.no_grad():  # zero biases and unit LayerNorms would hide mapping mistakes
+        for name, p in m.named_parameters():
+            if name.endswith('bias') or 'norm' in name:
+                p.add_(0.1 * torch.randn_like(p))
+        m.class_pos_emb.mul_(3.0)  # class token angles well away from zero
+    return m
+
+
+SIZES = [(32, 32), (48, 24), (64, 64)]  # the config's size, non-square, larger: no interpolation
+
+
+def assert_same_as_hf(vision, hf):
+    for h, w in SIZES:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+        with torch.no_grad():
+            out = hf(pixel_values=x)
+            tokens = vision.forward_tokens(x)
+            torch.testing.assert_close(tokens, out.last_hidden_state, atol=1e-5, rtol=1e-5)
+            pooled = vision.ln_post(vision.forward_tokens(x)[:, 0])
+            torch.testing.assert_close(pooled, out.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('layout', ['transformers5', 'prefixed_sharded', 'prefixed_bin'])
+def test_hf_mlcd_vision_model(tmp_path, layout):
+    """read an MLCDVisionModel directory as transformers >= 5 writes it, and in the
+    'vision_model.'-prefixed layout of the released files, sharded safetensors or a .bin."""
+    m = hf_mlcd(theta=10000.0 if layout == 'transformers5' else 500.0)
+    path = tmp_path / 'mlcd'
+    if layout == 'transformers5':
+        m.save_pretrained(path)
+    else:
+        m.config.save_pretrained(path)
+        sd = {'vision_model.' + k: v.clone() for k, v in m.state_dict().items()}
+        if layout == 'prefixed_bin':
+            torch.save(sd, path / 'pytorch_model.bin')
+        else:
+            from safetensors.torch import save_file
+            names = sorted(sd)
+            shards = {'model-00001-of-00002.safetensors': names[:len(names) // 2],
+                      'model-00002-of-00002.safetensors': names[len(names) // 2:]}
+            for f, keys in shards.items():
+                save_file({k: sd[k] for k in keys}, path / f, metadata={'format': 'pt'})
+            with open(path / 'model.safetensors.index.json', 'w') as f:
+                json.dump({'weight_map': {k: f for f, keys in shards.items() for k in keys}}, f)
+    vision, text = model.from_pretrained(str(path))
+    assert text is None and vision.pos_embed is None and 'pos_embed' not in vision.state_dict()
+    assert vision.config['position'] == 'rope2d' and vision.config['proj'] is False
+    assert vision.config['rope_theta'] == m.config.rope_parameters['rope_theta']
+    assert (vision.image_size, vision.config['heads'], vision.embed_dim) == (32, 2, WIDTH)
+    assert_same_as_hf(vision, m)
+    with torch.no_grad():  # vision(x) of a tower without projection: transformers' pooler_output
+        x = torch.randn(2, 3, 40, 40)
+        torch.testing.assert_close(vision(x), m(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-5)
+    # image_size only sets the size the tower reports: the same weights, nothing interpolated
+    big, _ = model.from_pretrained(str(path), image_size=64)
+    assert big.image_size == 64
+    for k, v in vision.state_dict().items():
+        assert torch.equal(big.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize('proj', [True, False])
+def test_export_mlcd_roundtrip(tmp_path, proj):
+    torch.manual_seed(0)
+    vision = model.VisionTransformer(image_size=32, patch_size=8, width=WIDTH, layers=2, heads=2,
+                                     embed_dim=EMBED, act='gelu', proj=proj,
+                                     position='rope2d').eval()
+    with torch.no_grad():
+        for name, p in vision.named_parameters():
+            if name.endswith('bias') or 'ln' in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.export_hf(vision, tmp_path / 'hf')
+    assert json.load(open(tmp_path / 'hf' / 'config.json'))['architectures'] == ['MLCDVisionModel']
+    hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / 'hf').eval()
+    assert_same_as_hf(vision, hf)
+    back, text = model.from_pretrained(str(tmp_path / 'hf'))
+    assert text is None and back.config == vision.config
+    x = torch.randn(2, 3, 48, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), vision(x), atol=0, rtol=0)
+
+
+def test_rope2d_is_relative():
+    """the score of two rotated patch tokens depends on their offset only (RoFormer's property),
+    over rows and columns, and rows differ from columns; rotations keep norms."""
+    g = torch.Generator().manual_seed(0)
+    D, gh, gw = 16, 5, 7
+    q, k = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    cos, sin = model.rope2d(torch.randn(D // 2, generator=g), gh, gw)
+
+    def rot(x, r, c):  # token 1 + r * gw + c: class token first, row-major patches
+        t = 1 + r * gw + c
+        return model.apply_rope(x.view(1, 1, 1, D), cos[t:t + 1], sin[t:t + 1]).view(D)
+
+    def score(a, b):
+        return float(rot(q, *a) @ rot(k, *b))
+
+    for a, b, (dr, dc) in [((0, 0), (1, 2), (3, 4)), ((4, 6), (2, 1), (-2, -1)),
+                           ((1, 3), (1, 3), (2, 2))]:
+        moved = score((a[0] + dr, a[1] + dc), (b[0] + dr, b[1] + dc))
+        assert abs(score(a, b) - moved) < 1e-4, (a, b)
+    assert abs(score((0, 0), (0, 1)) - score((0, 0), (1, 0))) > 1e-3
+    assert abs(float(rot(q, 3, 5).norm()) - float(q.norm())) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# TorchScript archives are read without running their code
+
+class Overwriter(torch.nn.Module):
+    """a scripted module whose __setstate__ (run by torch.jit.load) writes into a file."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+        self.target = target
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.weight, self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]):
+        victim = torch.from_file(state[1], True, 8, dtype=torch.uint8)  # shared: writes go to disk
+        # the sum keeps the write alive through TorchScript's dead-code elimination
+        self.weight = state[0] + 0.0 * victim.copy_(torch.full([8], 88, dtype=torch.uint8)).sum()
+        self.target = state[1]
+        self.training = state[2]
+
+
+def scripted(tensors, **modules):
+    """a TorchScript archive of Holder modules holding `tensors` under their dotted names."""
+    root = Holder()
+    for key, value in tensors.items():
+        *path, name = key.split('.')
+        mod = root
+        for p in path:
+            if not hasattr(mod, p):
+                mod.add_module(p, Holder())
+            mod = getattr(mod, p)
+        if value.is_floating_point():
+            mod.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            mod.register_buffer(name, value)
+    for name, m in modules.items():
+        root.add_module(name, m)
+    return torch.jit.script(root)
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_torchscript_code_never_runs(tmp_path):
+    victim = tmp_path / 'victim.txt'
+    victim.write_bytes(b'original')
+    m = hf_clip('quick_gelu', seed=2)
+    torch.jit.save(scripted(to_openai(m), evil=Overwriter(str(victim))), tmp_path / 'evil.pt')
+    with pytest.raises(ValueError) as err:  # refused (loading code it must not run) ...
+        model.from_pretrained(str(tmp_path / 'evil.pt'))
+    assert victim.read_bytes() == b'original'  # ... and the file is untouched
+    assert re.search(r'evil\.pt.*Overwriter.*custom state', str(err.value)), err.value
+    # the same file as pytorch_model.bin of a Hugging Face directory
+    os.makedirs(tmp_path / 'hf')
+    os.rename(tmp_path / 'evil.pt', tmp_path / 'hf' / 'pytorch_model.bin')
+    m.config.save_pretrained(tmp_path / 'hf')
+    with pytest.raises(ValueError) as err:
+        model.from_pretrained(str(tmp_path / 'hf'))
+    assert victim.read_bytes() == b'original'
+    assert 'custom state' in str(err.value)
+    # what torch.jit.load would have done: the archive is a real attack
+    torch.jit.load(tmp_path / 'hf' / 'pytorch_model.bin')
+    assert victim.read_bytes() == b'X' * 8
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_torchscript_reader_matches_jit_load(tmp_path):
+    """on a benign archive the zip reader returns exactly torch.jit.load's state_dict(): float16
+    (OpenAI's released weights), views sharing a storage, offsets, integer and bool buffers."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    tensors = {'visual.proj': torch.randn(5, 3, generator=g).half(), 'visual.t': base.t(),
+               'visual.row': base[2], 'visual.col': base[:, 1], 'a.b.c.scale': torch.tensor(4.6),
+               'ids': torch.arange(7), 'mask': torch.rand(3, 3, generator=g) > 0.5,
+               'bf': torch.randn(2, 2, generator=g).bfloat16(), 'empty': torch.zeros(0, 4)}
+    torch.jit.save(scripted(tensors), tmp_path / 'ok.pt')
+    ref = torch.jit.load(tmp_path / 'ok.pt').state_dict()
+    got = model._load_weights(str(tmp_path / 'ok.pt'))
+    assert sorted(got) == sorted(ref) == sorted(tensors)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
+        assert torch.equal(got[k], ref[k]) and torch.equal(got[k], tensors[k]), k
+    # a global that is not a tensor rebuild is refused by name, before anything runs
+    import zipfile
+    with zipfile.ZipFile(tmp_path / 'ok.pt') as z, zipfile.ZipFile(tmp_path / 'bad.pt', 'w') as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith('/data.pkl'):
+                data = b'\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueR.'  # os.system('true')
+            out.writestr(item, data)
+    with pytest.raises(ValueError, match=r'bad\.pt.*os\.system is not allowed'):
+        model.from_pretrained(str(tmp_path / 'bad.pt'))
