@@ -6,8 +6,10 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -538,3 +540,58 @@ def test_torchscript_reader_matches_jit_load(tmp_path):
             out.writestr(item, data)
     with pytest.raises(ValueError, match=r'bad\.pt.*os\.system is not allowed'):
         model.from_pretrained(str(tmp_path / 'bad.pt'))
+
+
+def test_rope_preset_trains_resumes_and_loads(tmp_path):
+    """train.py with model='ViT-T/4-rope' on the synthetic set: a run stopped at step 2 and
+    resumed repeats the uninterrupted one bitwise; its ckpt.pt is a rope2d tower that
+    from_pretrained reads at any size and that exports to transformers' MLCDVisionModel."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+
+    def run(*args):
+        p = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+    data, labels = str(tmp_path / 'syn'), str(tmp_path / 'cluster')
+    run('data.py', '--src=synthetic', f'--out={data}', '--count=128', '--image_size=16', '--seed=0')
+    os.makedirs(labels)  # labels as cluster.py writes them: 2 centre ids per image, here random
+    np.save(os.path.join(labels, 'labels.npy'),
+            np.random.default_rng(0).integers(0, 16, (128, 2)).astype(np.int32))
+    args = ['train.py', '--model=ViT-T/4-rope', '--image_size=16', f'--data_dir={data}',
+            f'--labels_dir={labels}', '--num_positives=2', '--global_batch_size=16',
+            '--micro_batch_size=8', '--max_steps=4', '--warmup_steps=1', '--learning_rate=2e-3',
+            '--sample_ratio=0.5', '--log_interval=1', '--ckpt_interval=2', '--device=cpu']
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    run(*args, f'--out_dir={full}')
+    run(*args, f'--out_dir={part}', '--stop_at=2')
+    at2 = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    run(*args, f'--out_dir={part}', '--init_from=resume')
+
+    def log(d):
+        return [(r['step'], r['loss']) for r in map(json.loads, open(os.path.join(d, 'log.jsonl')))
+                if 'loss' in r]
+    assert [s for s, _ in log(full)] == [1, 2, 3, 4] and log(part) == log(full)
+    a = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    assert a['vision_config']['position'] == 'rope2d' and a['vision_config']['image_size'] == 16
+    assert 'cls_rope' in a['vision'] and not any('pos_embed' in k for k in a['vision'])
+    for k in a['vision']:
+        assert torch.equal(a['vision'][k], b['vision'][k]), k
+    assert not torch.equal(a['vision']['cls_rope'], at2['vision']['cls_rope'])  # it is trained
+
+    ref = model.VisionTransformer(**a['vision_config']).eval()
+    ref.load_state_dict(a['vision'])
+    vision, _ = model.from_pretrained(os.path.join(full, 'ckpt.pt'))
+    vision.eval()
+    assert vision.config == ref.config
+    with torch.no_grad():
+        for size in (16, 32):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(vision(x), ref(x), atol=0, rtol=0)
+        model.export_hf(vision, tmp_path / 'hf')
+        hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / 'hf').eval()
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, vision.forward_tokens(x),
+                                   atol=1e-5, rtol=1e-5)
