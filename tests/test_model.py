@@ -595,3 +595,38 @@ def test_rope_preset_trains_resumes_and_loads(tmp_path):
         x = torch.randn(2, 3, 16, 16)
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, vision.forward_tokens(x),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_visualize_writes_the_grid(tmp_path):
+    """scripts/visualize.py: one row per image (the image, then each tower's PCA colours), a label
+    row on top; from a dataset at 32 px and from image files."""
+    from PIL import Image
+    import data
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    syn = str(tmp_path / 'syn')
+    data.build('synthetic', syn, image_size=32, count=5, workers=1, progress=False)
+    torch.manual_seed(0)
+    vision = model.VisionTransformer(**model.PRESETS['ViT-T/4-rope']['vision'])
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    os.makedirs(ckpt.parent)
+    torch.save({'vision_config': vision.config, 'vision': vision.state_dict()}, ckpt)
+    rng = np.random.default_rng(0)
+    for name in ('a.png', 'b.jpg'):
+        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / name)
+    files = f'--images={tmp_path / "a.png"},{tmp_path / "b.jpg"}'
+    cell, env = 40, dict(os.environ, OMP_NUM_THREADS='1')
+    for src, rows in ((f'--data_dir={syn}', 3), (files, 2)):
+        out = tmp_path / f'pca{rows}.png'
+        p = subprocess.run([sys.executable, 'scripts/visualize.py', src, '--num_images=3',
+                            f'--checkpoint={ckpt},init:ViT-T/4', f'--cell={cell}', f'--out={out}'],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads(p.stdout.splitlines()[-1])['grids'] == [8, 8]
+        im = Image.open(out)
+        assert im.format == 'PNG' and im.mode == 'RGB' and im.size == (3 * cell, 16 + rows * cell)
+        for c in (1, 2):  # each tower's column varies over its patches
+            assert np.asarray(im)[16:, c * cell:(c + 1) * cell].std() > 10
+    # the first row's image cell is dataset image 0, upsampled with nearest
+    first = Image.fromarray(data.Dataset(syn).images([0])[0]).resize((cell, cell), Image.NEAREST)
+    grid = np.asarray(Image.open(tmp_path / 'pca3.png'))
+    assert np.array_equal(grid[16:16 + cell, :cell], np.asarray(first))
