@@ -606,8 +606,8 @@ def _hf_dir(path):
     return config, sd
 
 
-def _hf_act(cfg, source):
-    act = cfg.get('hidden_act', 'quick_gelu')  # transformers' CLIP default
+def _hf_act(cfg, source, default='quick_gelu'):  # transformers' CLIP default
+    act = cfg.get('hidden_act', default)
     if act not in ACTS:
         raise ValueError(f'{source}: hidden_act {act!r} is not supported (one of {sorted(ACTS)})')
     return act
@@ -714,8 +714,9 @@ def _from_hf(path, image_size=None):
     if 'cls_rope' in vsd:
         vsd['cls_rope'] = vsd['cls_rope'].reshape(-1)
     vcfg = _vision_config(vsd, path, image_size=_hf_image_size(vconf, path))
-    heads = vconf.get('num_attention_heads', 12)
-    if vcfg['position'] == 'rope2d':
+    rope2d = vcfg['position'] == 'rope2d'
+    heads = vconf.get('num_attention_heads', vcfg['heads'] if rope2d else 12)
+    if rope2d:
         if heads != vcfg['heads']:
             raise ValueError(f'{path}: num_attention_heads {heads} does not fit class_pos_emb of '
                              f'{vsd["cls_rope"].numel()} (head width / 2)')
@@ -724,7 +725,8 @@ def _from_hf(path, image_size=None):
             raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported (axial)")
         vcfg['rope_theta'] = float(rope.get('rope_theta', vconf.get('rope_theta', 10000.0)))
         _check_inv_freq(sd, vcfg, path)
-    vcfg.update(heads=heads, act=_hf_act(vconf, path), ln_eps=vconf.get('layer_norm_eps', 1e-5))
+    vcfg.update(heads=heads, act=_hf_act(vconf, path, 'gelu' if rope2d else 'quick_gelu'),
+                ln_eps=vconf.get('layer_norm_eps', 1e-5))
     vision = _build(VisionTransformer, vcfg, vsd, path, image_size)
     text = None
     if towers['text']:

@@ -366,14 +366,17 @@ def assert_same_as_hf(vision, hf):
 def test_hf_mlcd_vision_model(tmp_path, layout):
     """read an MLCDVisionModel directory as transformers >= 5 writes it, and in the
     'vision_model.'-prefixed layout of the released files, sharded safetensors or a .bin."""
-    m = hf_mlcd(theta=10000.0 if layout == 'transformers5' else 500.0)
+    m = hf_mlcd(theta=500.0 if layout == 'prefixed_sharded' else 10000.0)
     path = tmp_path / 'mlcd'
     if layout == 'transformers5':
         m.save_pretrained(path)
     else:
         m.config.save_pretrained(path)
         sd = {'vision_model.' + k: v.clone() for k, v in m.state_dict().items()}
-        if layout == 'prefixed_bin':
+        if layout == 'prefixed_bin':  # and a config as transformers 4 wrote it: theta implied
+            conf = json.load(open(path / 'config.json'))
+            del conf['rope_parameters']
+            json.dump(conf, open(path / 'config.json', 'w'))
             torch.save(sd, path / 'pytorch_model.bin')
         else:
             from safetensors.torch import save_file
@@ -398,6 +401,11 @@ def test_hf_mlcd_vision_model(tmp_path, layout):
     assert big.image_size == 64
     for k, v in vision.state_dict().items():
         assert torch.equal(big.state_dict()[k], v), k
+    # a config that does not fit the weights is named
+    conf = json.load(open(path / 'config.json'))
+    json.dump({**conf, 'num_attention_heads': 4}, open(path / 'config.json', 'w'))
+    with pytest.raises(ValueError, match='num_attention_heads 4 does not fit class_pos_emb of 32'):
+        model.from_pretrained(str(path))
 
 
 @pytest.mark.parametrize('proj', [True, False])
