@@ -5,12 +5,12 @@ fitted over the patches of all the images shown, so equal colours mean similar f
 images. Pillow only.
 
     python scripts/visualize.py --checkpoint=out/cifar10/a_mlcd/ckpt.pt,init:ViT-T/4 \
-        --data_dir=data/cifar10_test --image_size=32 --labels=MLCD,random --out=docs/pca.png
+        --data_dir=out/cifar10/data/test --image_size=32 --labels=MLCD,random --out=docs/pca.png
     python scripts/visualize.py --checkpoint=path/to/mlcd-vit-bigG-patch14-448 --images=a.jpg,b.jpg
 
 --checkpoint: comma-separated, each anything model.from_pretrained reads, or init:<preset> for a
-tower of that model.py preset at its random initialisation (seed). Images: the first num_images of
-a data.py dataset spread evenly over it (or the given indices), or image files. Patch grids are
+tower of that model.py preset at its random initialisation (seed). Images: num_images of a
+data.py dataset, spread evenly over it (or the given indices), or image files. Patch grids are
 upsampled with nearest so that small images (CIFAR's 32 px) stay readable.
 """
 import json
