@@ -16,6 +16,7 @@ import atexit
 import functools
 import glob
 import gzip
+import heapq
 import html
 import importlib.util
 import io
@@ -103,23 +104,35 @@ def _tokenizer():
 
 
 def _bpe(word, ranks, cache):
+    """BPE: merge the lowest-ranked adjacent pair everywhere it occurs (left to right, not
+    overlapping), until no pair has a rank. Done with a heap of (rank, position) over a linked list
+    of parts, O(n log n): one sweep merges every valid entry of the lowest rank, and the pairs that
+    sweep creates join the heap only after it, as in the pass-by-pass definition."""
     if word in cache:
         return cache[word]
     parts = list(word[:-1]) + [word[-1] + '</w>']
-    while len(parts) > 1:  # merge the lowest-ranked adjacent pair, everywhere it occurs, until none applies
-        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-        best = min(pairs, key=lambda p: ranks.get(p, math.inf))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+    n = len(parts)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    heap = [(ranks[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in ranks]
+    heapq.heapify(heap)
+    while heap:
+        r, merged = heap[0][0], []
+        while heap and heap[0][0] == r:  # positions come out in increasing order
+            i = heapq.heappop(heap)[1]
+            j = nxt[i]
+            if parts[i] is None or j >= n or ranks.get((parts[i], parts[j])) != r:
+                continue  # stale: a neighbour changed since this entry was pushed
+            parts[i], parts[j] = parts[i] + parts[j], None
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            merged.append(i)
+        for i in {k for i in merged for k in (prv[i], i) if k >= 0 and nxt[k] < n}:
+            p = (parts[i], parts[nxt[i]])
+            if p in ranks:
+                heapq.heappush(heap, (ranks[p], i))
+    parts = [p for p in parts if p is not None]
     if len(cache) < 1_000_000:
         cache[word] = parts
     return parts
@@ -136,17 +149,30 @@ def clean_text(text):
     return ' '.join(text.split()).lower()
 
 
-def encode(text):
-    """BPE ids of one string, without the start/end tokens."""
+# The longest vocabulary token is 32 bytes, so n tokens come from at most 32 n characters of words
+# plus n single spaces between them (cleaned text): 33 n. Twice that is kept, so the word the cut
+# splits (whose last tokens change) lies past token n; the rest of a longer caption cannot reach
+# the context, and cutting it first keeps any caption (a 1 MB word) to milliseconds.
+CHARS_PER_TOKEN = 66
+
+
+def encode(text, max_tokens=None):
+    """BPE ids of one string, without the start/end tokens; with max_tokens, the first max_tokens
+    ids, from the cleaned text cut to CHARS_PER_TOKEN * max_tokens characters."""
     encoder, ranks, byte_enc, pat, cache = _tokenizer()
+    text = clean_text(text)
+    if max_tokens is not None:
+        text = text[:CHARS_PER_TOKEN * max_tokens]
     ids = []
-    for tok in pat.findall(clean_text(text)):
+    for tok in pat.findall(text):
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
         if tok in ('<start_of_text>', '<end_of_text>'):
             ids.append(encoder[tok])
             continue
         word = ''.join(byte_enc[b] for b in tok.encode('utf-8'))
         ids.extend(encoder[p] for p in _bpe(word, ranks, cache))
-    return ids
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def tokenize(texts, context_length=77):
@@ -156,7 +182,7 @@ def tokenize(texts, context_length=77):
         texts = [texts]
     out = np.zeros((len(texts), context_length), dtype=np.int64)
     for i, t in enumerate(texts):
-        ids = [SOT] + encode(t)[:context_length - 2] + [EOT]
+        ids = [SOT] + encode(t, context_length - 2) + [EOT]
         out[i, :len(ids)] = ids
     return out
 

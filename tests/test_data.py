@@ -508,6 +508,31 @@ def test_eval_batches_contiguous_slices_and_resize(syn):
         pix = (im * std + mean) * 255
         assert (pix.permute(1, 2, 0) - torch.tensor(ref)).abs().max() < 2.5
 
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_tokenizer_long_words_are_fast_and_exact():
+    import time
+    import instant_clip_tokenizer
+    ref = instant_clip_tokenizer.Tokenizer()
+    rng = np.random.default_rng(0)
+    # the cut keeps twice what 75 tokens can span: the longest vocabulary token is 32 bytes
+    longest = max(len(t.replace('</w>', '')) for t in data._tokenizer()[0])
+    assert longest == 32 and data.CHARS_PER_TOKEN >= 2 * (longest + 1)
+    # words of thousands of characters (BPE was quadratic in them) still match the reference
+    words = [''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 3000)), 'ab' * 1500, '😀🎉' * 400]
+    ours = data.tokenize(words)
+    assert np.array_equal(ours, ref.tokenize_batch(words, 77).astype(np.int64))
+    # a 1 MB one-word caption: cut first, so milliseconds rather than hours (a hang is the failure;
+    # the bound is loose because the machine may be shared)
+    big = ''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 1_000_000))
+    t = time.perf_counter()
+    ids = data.tokenize([big])
+    assert time.perf_counter() - t < 5
+    assert np.array_equal(ids, data.tokenize([big[:75 * data.CHARS_PER_TOKEN]])) and ids[0, 76] == data.EOT
+    assert np.array_equal(ids, ref.tokenize_batch([big[:20000]], 77).astype(np.int64))
+
+
 # ----------------------------------------------------------------------------- real images
 
 
