@@ -27,10 +27,12 @@ import os
 import posixpath
 import queue
 import re
+import sys
 import tarfile
 import threading
 import time
 import unicodedata
+import zlib
 
 import numpy as np
 import torch
@@ -322,39 +324,58 @@ def _folder_source(root):
 
 
 def _list_source(path):
-    base, items = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            line = line.rstrip('\r\n')
+    base, items, bad = os.path.dirname(os.path.abspath(path)), [], []
+    with open(path, 'rb') as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip(b'\r\n')
             if not line.strip():
                 continue
-            p, _, caption = line.partition('\t')
-            items.append((p, 'path', os.path.join(base, p), caption, None))
+            try:
+                line.decode('utf-8')
+            except UnicodeDecodeError:
+                bad.append(n)
+            p, _, caption = line.partition(b'\t')
+            p = os.fsdecode(p)  # a path is file-system bytes: non-UTF-8 names still open
+            items.append((p, 'path', os.path.join(base, p), caption.decode('utf-8', 'replace'), None))
+    if bad:  # decoded as tar captions are, with U+FFFD for the bad bytes
+        print(f'warning: {path}: line {bad[0]}' + (f' and {len(bad) - 1} more' if len(bad) > 1 else '') +
+              ' not valid UTF-8; undecodable bytes in captions replaced by U+FFFD', file=sys.stderr)
     return items
 
 
 def _tar_source(paths, skip):
-    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only."""
+    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only.
+    A truncated or corrupt tar keeps the samples read before the damage; the rest of it becomes
+    one skipped item named by the tar's path, and the build goes on."""
     i = 0
     for path in paths:
-        with tarfile.open(path) as tf:
-            groups, key = [], None
-            for m in tf:
-                if not m.isfile():
-                    continue
-                d, base = posixpath.split(m.name)
-                stem, _, ext = base.partition('.')
-                k = posixpath.join(d, stem)
-                if k != key:
-                    groups.append((k, {}))
-                    key = k
-                groups[-1][1][ext.lower()] = m
-                if len(groups) > 1:  # a group is complete once the next key starts
-                    yield _tar_item(tf, path, i, *groups.pop(0), skip(i))
+        try:
+            with tarfile.open(path) as tf:
+                groups, key = [], None
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = posixpath.split(m.name)
+                    stem, _, ext = base.partition('.')
+                    k = posixpath.join(d, stem)
+                    if k != key:
+                        groups.append((k, {}))
+                        key = k
+                    groups[-1][1][ext.lower()] = m
+                    if len(groups) > 1:  # a group is complete once the next key starts
+                        item = _tar_item(tf, path, i, *groups.pop(0), skip(i))
+                        yield item
+                        i += 1
+                for g in groups:
+                    item = _tar_item(tf, path, i, *g, skip(i))
+                    yield item
                     i += 1
-            for g in groups:
-                yield _tar_item(tf, path, i, *g, skip(i))
-                i += 1
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            print(f'warning: {path}: truncated or corrupt tar ({type(e).__name__}: {e}); '
+                  'the rest of it is skipped', file=sys.stderr)
+            reason = f'truncated or corrupt tar: {type(e).__name__}: {e}'
+            yield (i, path, 'none' if skip(i) else 'bad', reason, None, None)
+            i += 1
 
 
 def _tar_item(tf, path, i, key, members, skipped):
@@ -403,8 +424,8 @@ def _process(item):
         if kind == 'synthetic':
             img, caption, cls = synthetic_one(payload, S, _worker['seed'])
         else:
-            if kind == 'missing':
-                raise Skip('missing')
+            if kind in ('missing', 'bad'):
+                raise Skip(payload if kind == 'bad' else 'missing')
             if kind == 'path':
                 try:
                     with open(payload, 'rb') as f:
@@ -593,21 +614,84 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
 # reading
 
 
+def _npy_header(path):
+    """(shape, dtype) from a .npy file's header, checked against the file's size; ValueError naming
+    the file if it is missing, not a .npy file or shorter than its header says."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran, dtype = read[version](f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise ValueError(f'{path}: missing')
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable .npy file ({os.path.getsize(path)} bytes: '
+                         f'{type(e).__name__}: {e})'.replace('\n', ' '))
+    need = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < need:
+        raise ValueError(f'{path}: truncated: {size} bytes, its header says {dtype} {list(shape)} '
+                         f'({need} bytes)')
+    if fortran:
+        raise ValueError(f'{path}: Fortran-ordered array, expected C order')
+    return tuple(shape), dtype
+
+
 class Dataset:
-    """A built dataset directory; images are read straight from memory-mapped shards."""
+    """A built dataset directory; images are read straight from memory-mapped shards. Opening it
+    checks meta.json and every shard's .npy header (shape, dtype, file size) once."""
 
     def __init__(self, data_dir):
         path = os.path.join(data_dir, 'meta.json')
         if not os.path.exists(path):
             raise ValueError(f'{data_dir}: no meta.json (build it with: python data.py --src=... --out={data_dir})')
         self.dir = data_dir
-        self.meta = json.load(open(path))
+        try:
+            with open(path, encoding='utf-8') as f:
+                self.meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f'{path}: invalid JSON ({e})')
+        self._check(path)
         self.image_size = self.meta['image_size']
         self.classnames = self.meta.get('classnames')
         cp = os.path.join(data_dir, 'classes.npy')
-        self.classes = np.load(cp) if os.path.exists(cp) else None
+        self.classes = None
+        if os.path.exists(cp):
+            shape, dtype = _npy_header(cp)
+            if shape != (self.meta['count'],) or dtype.kind not in 'iu':
+                raise ValueError(f'{cp}: {dtype} {list(shape)}, but {path} says {self.meta["count"]} images '
+                                 f'(expected int32 [{self.meta["count"]}])')
+            self.classes = np.load(cp)
         self.offsets = np.cumsum([0] + [s['count'] for s in self.meta['shards']])
         self._mm = {}  # opened on first use: a process only maps the shards it reads
+
+    def _check(self, path):
+        m = self.meta
+        if not isinstance(m, dict):
+            raise ValueError(f'{path}: expected a JSON object')
+        for k in ('count', 'image_size', 'shards'):
+            if k not in m:
+                raise ValueError(f'{path}: missing key {k!r}')
+        S, ctx = m['image_size'], m.get('context_length') or 77
+        if not isinstance(S, int) or S < 1 or not isinstance(m['shards'], list):
+            raise ValueError(f'{path}: image_size must be a positive integer and shards a list')
+        total = 0
+        for k, s in enumerate(m['shards']):
+            if not isinstance(s, dict) or not isinstance(s.get('count'), int) or not s.get('images'):
+                raise ValueError(f'{path}: shards[{k}] needs "images" and an integer "count"')
+            kinds = [('images', np.uint8, (s['count'], S, S, 3))]
+            if m.get('has_text'):
+                kinds.append(('texts', np.uint16, (s['count'], ctx)))
+            for kind, dtype, want in kinds:
+                f = os.path.join(self.dir, str(s.get(kind)))
+                shape, got = _npy_header(f)
+                if shape != want or got != dtype:
+                    raise ValueError(f'{f}: {got} {list(shape)}, but {path} says '
+                                     f'{np.dtype(dtype)} {list(want)}')
+            total += s['count']
+        if total != m['count']:
+            raise ValueError(f'{path}: count is {m["count"]} but its shards hold {total} images')
 
     def __len__(self):
         return int(self.offsets[-1])

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -531,6 +532,87 @@ def test_tokenizer_long_words_are_fast_and_exact():
     assert time.perf_counter() - t < 5
     assert np.array_equal(ids, data.tokenize([big[:75 * data.CHARS_PER_TOKEN]])) and ids[0, 76] == data.EOT
     assert np.array_equal(ids, ref.tokenize_batch([big[:20000]], 77).astype(np.int64))
+
+
+def corrupt_cases(d):
+    """(what, edit the built dataset at d in place, the file the message must name)"""
+    meta_path = os.path.join(d, 'meta.json')
+
+    def edit_meta(f):
+        def run():
+            m = json.load(open(meta_path))
+            f(m)
+            json.dump(m, open(meta_path, 'w'))
+        return run
+
+    def truncate(name, size):
+        def run():
+            p = os.path.join(d, name)
+            size_ = size if size >= 0 else os.path.getsize(p) + size
+            with open(p, 'r+b') as fh:
+                fh.truncate(size_)
+        return run
+
+    return [('truncated shard', truncate('images_00001.npy', -100), 'images_00001.npy'),
+            ('zero-byte shard', truncate('images_00000.npy', 0), 'images_00000.npy'),
+            ('truncated texts', truncate('texts_00002.npy', -10), 'texts_00002.npy'),
+            ('shard count too large', edit_meta(lambda m: m['shards'][1].update(count=m['shards'][1]['count'] + 1)), 'images_00001.npy'),
+            ('total count too large', edit_meta(lambda m: m.update(count=m['count'] + 5)), 'meta.json'),
+            ('edited image_size', edit_meta(lambda m: m.update(image_size=32)), 'images_00000.npy'),
+            ('missing shards', edit_meta(lambda m: m.pop('shards')), 'meta.json'),
+            ('missing shard file', edit_meta(lambda m: m['shards'][0].update(images='images_00009.npy')), 'images_00009.npy'),
+            ('invalid JSON', lambda: open(meta_path, 'a').write(',}'), 'meta.json')]
+
+
+def test_bad_shards_and_meta_stop_with_one_line_naming_the_file(tmp_path):
+    good = str(tmp_path / 'good')
+    data.build('synthetic', good, image_size=S, count=60, seed=0, shard_size=20, workers=1, progress=False)
+    for k, (what, _, name) in enumerate(corrupt_cases(good)):
+        d = str(tmp_path / what.replace(' ', '_'))
+        shutil.copytree(good, d)
+        corrupt_cases(d)[k][1]()  # one defect per copy
+        for fn in (lambda: data.Dataset(d), lambda: data.Loader(d, 4, S), lambda: data.eval_batches(d, 4, S)):
+            with pytest.raises(ValueError) as e:
+                fn()
+            msg = str(e.value)
+            assert '\n' not in msg and os.path.join(d, name) in msg, (what, msg)
+    data.Dataset(good)  # untouched copy still opens
+    ld = data.Loader(good, 4, S)
+    assert len(ld.ds._mm) == 0  # validated from the headers: no shard was mapped
+    ld.batch(0, 0)
+
+
+def test_truncated_tar_is_named_and_skipped(tmp_path, capsys):
+    members = []
+    for k in range(4):
+        members += [(f'k{k}.png', png_bytes(Image.fromarray(noise(S, S, 40 + k)))), (f'k{k}.txt', f'caption {k}'.encode())]
+    whole = tar_bytes(members)
+    # cut inside k2.png's data: k0 and k1 are complete (k1 ends where k2 begins), k2 and k3 are lost
+    offset = whole.index(b'k2.png') + 512 + 100
+    put(f'{tmp_path}/tars/00000.tar', whole[:offset])
+    put(f'{tmp_path}/tars/00001.tar', whole)
+    meta = data.build(f'{tmp_path}/tars/*.tar', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{tmp_path}/tars/00000.tar' in err[0] and 'truncated' in err[0]
+    assert meta['count'] == 2 + 4 and meta['skipped']['reasons'] == {'truncated or corrupt tar': 1}
+    assert meta['skipped']['items'][0][0] == f'{tmp_path}/tars/00000.tar'
+    _, ims, txt = stored(str(tmp_path / 'out'))
+    assert np.array_equal(ims, np.stack([noise(S, S, 40 + k) for k in (0, 1, 0, 1, 2, 3)]))
+    assert np.array_equal(txt.astype(np.int64), data.tokenize([f'caption {k}' for k in (0, 1, 0, 1, 2, 3)]))
+
+
+def test_list_with_non_utf8_bytes_is_decoded_and_the_line_named(tmp_path, capsys):
+    a = noise(S, S, 50)
+    put(f'{tmp_path}/imgs/a.png', png_bytes(Image.fromarray(a)))
+    put(f'{tmp_path}/imgs/\xe9t\xe9.png'.encode('latin-1'), png_bytes(Image.fromarray(a)))  # a Latin-1 file name
+    lines = [b'imgs/a.png\tfine', b'imgs/a.png\tcaf\xe9 au lait', b'', b'imgs/\xe9t\xe9.png\tsummer']
+    put(f'{tmp_path}/list.tsv', b'\n'.join(lines))
+    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'list.tsv' in err[0] and 'line 2 and 1 more' in err[0]
+    assert meta['count'] == 3 and meta['skipped']['count'] == 0
+    _, _, txt = stored(str(tmp_path / 'out'))
+    assert np.array_equal(txt.astype(np.int64), data.tokenize(['fine', 'caf\ufffd au lait', 'summer']))
 
 
 # ----------------------------------------------------------------------------- real images
