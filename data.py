@@ -730,8 +730,8 @@ class Dataset:
 # augmentation. Per-sample parameters are drawn on the host from a seeded generator: a crop box
 # (cx, cy, w, h as fractions of the stored image, on whole pixels), a flip and optionally colour
 # factors. The same parameters are applied in one of two ways that give the same image up to
-# rounding: on a CPU in uint8 (crop, antialiased resize, flip by index reversal, then one
-# conversion to float), elsewhere as one batched grid_sample on the device.
+# rounding: on a CPU in uint8 (crop, antialiased resize, flip by index reversal, then conversion
+# to normalised float), elsewhere as one batched grid_sample on the device.
 
 AUGMENTS = ('rrc', 'pad_crop', 'flip', 'none')
 
@@ -828,24 +828,29 @@ def _reflect(i, n):
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
-def crop_resize_u8(u8, boxes, flip, size):
-    """The CPU path: uint8 [B,H,W,3] -> uint8 [B,size,size,3]. Each box is cut out on whole pixels
-    (reflected where it leaves the image), resized with PyTorch's antialiased bilinear uint8 kernel
-    (plain bilinear when enlarging, a triangle filter over the box when shrinking) and mirrored by
-    reversing its columns. Per image: the boxes differ in size, and uint8 is what is fast here."""
+def crop_resize_cpu(u8, boxes, flip, size, norm=True):
+    """The CPU path: uint8 [B,H,W,3] -> float [B,3,size,size], CLIP-normalised (0..255 with
+    norm=False). Each box is cut out on whole pixels (reflected where it leaves the image), resized
+    with PyTorch's antialiased bilinear uint8 kernel (plain bilinear when enlarging, a triangle
+    filter over the box when shrinking), mirrored by reversing its columns, and converted to float
+    while it is in cache. Image by image: the boxes differ in size, and uint8 is what is fast here."""
     u8 = torch.as_tensor(u8)
     B, H, W, _ = u8.shape
-    out = torch.empty((B, size, size, 3), dtype=torch.uint8)
+    out = torch.empty((B, 3, size, size), dtype=torch.float32)
+    scale, bias = (c[0] for c in _norm_consts('cpu'))
     for i, ((x0, y0, w, h), f) in enumerate(zip(_pixel_boxes(boxes, H, W).tolist(), flip.tolist())):
         if x0 >= 0 and y0 >= 0 and x0 + w <= W and y0 + h <= H:
             crop = u8[i, y0:y0 + h, x0:x0 + w]
         else:
             rows, cols = _reflect(torch.arange(y0, y0 + h), H), _reflect(torch.arange(x0, x0 + w), W)
             crop = u8[i][rows[:, None], cols[None, :]]
+        crop = crop.permute(2, 0, 1)  # [3, h, w] view, channels-last strides (the fast kernel's layout)
         if (h, w) != (size, size):
-            crop = F.interpolate(crop.permute(2, 0, 1)[None], size=(size, size), mode='bilinear',
-                                 antialias=True, align_corners=False)[0].permute(1, 2, 0)
-        out[i] = crop.flip(1) if f else crop
+            crop = F.interpolate(crop[None], size=(size, size), mode='bilinear', antialias=True,
+                                 align_corners=False)[0]
+        out[i].copy_(crop.flip(2) if f else crop)
+        if norm:
+            out[i].mul_(scale).add_(bias)
     return out
 
 
@@ -1009,7 +1014,7 @@ class Loader:
         if self.steps_per_epoch == 0:
             raise ValueError(f'{data_dir}: {len(self.ds)} images < one global batch ({batch_size} x {world_size})')
         _warn_upsampling(data_dir, self.ds.image_size, image_size)
-        # grid_sample on an accelerator; on a CPU the uint8 path is several times faster
+        # grid_sample on an accelerator; on a CPU the uint8 path is faster (bench/bench_loader.py)
         self._grid = self.device.type != 'cpu'
         self._perm = (None, None)
 
@@ -1048,8 +1053,7 @@ class Loader:
         elif self._grid:  # exact on normalised input too: the weights of each sample sum to one
             y = resized_crop(x, aug[:, :4], aug[:, 4] > 0.5, self.image_size)
         else:
-            y = crop_resize_u8(u8, aug[:, :4], aug[:, 4] > 0.5, self.image_size)
-            y = to_float(y, self.device, norm=not jitter)
+            y = crop_resize_cpu(u8, aug[:, :4], aug[:, 4] > 0.5, self.image_size, norm=not jitter)
         return normalize(color_jitter(y, aug[:, 5:])) if jitter else y
 
     def batch(self, epoch, step):

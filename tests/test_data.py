@@ -688,7 +688,7 @@ def test_views_are_independent_augmentations_with_their_parameters(syn):
                     # the colour part exactly: the reference colour on this path's own resampling
                     u8 = torch.tensor(ims[k:k + 1])
                     geo = (data.resized_crop(data.to_float(u8, 'cpu', norm=False), a[None, :4], a[None, 4] > 0.5, S)[0]
-                           if grid else data.crop_resize_u8(u8, a[None, :4], a[None, 4] > 0.5, S)[0].permute(2, 0, 1).float())
+                           if grid else data.crop_resize_cpu(u8, a[None, :4], a[None, 4] > 0.5, S, norm=False)[0])
                     ref = colour_reference(geo.permute(1, 2, 0).double().numpy(), a[5:])
                     assert np.abs(got - ref).max() < 0.05, (grid, v, k, a)
             for v, w in ((0, 1), (0, 2), (1, 2)):  # independent draws: every pair of views differs
