@@ -1,14 +1,14 @@
 """
 Data: image sources -> uint8 .npy shards, the CLIP BPE tokenizer, and a memory-mapped loader
-with augmentation on the device.
+with augmentation (uint8 on a CPU, one grid_sample on a GPU), several views and colour jitter.
 
     python data.py --src=path/to/imagefolder --out=data/mine --image_size=224
     python data.py --src='laion/{00000..00099}.tar' ...   (a glob: --src='laion/*.tar')
     python data.py --src=captions.tsv --out=data/cc      (lines of path<TAB>caption)
     python data.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 
-A dataset is a directory (DESIGN.md section 3): meta.json, images_00000.npy uint8 [n,S,S,3],
-texts_00000.npy uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy int32 [N].
+A dataset is a directory: meta.json, images_00000.npy uint8 [n,S,S,3], texts_00000.npy
+uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy int32 [N].
 Every image is stored once, resized so that its shorter side is S (bicubic, antialiased) and
 centre-cropped, so training reads raw pixels with no decoding at all.
 """
