@@ -1,14 +1,14 @@
 """
 Data: image sources -> uint8 .npy shards, the CLIP BPE tokenizer, and a memory-mapped loader
-with augmentation on the device.
+with augmentation (uint8 on a CPU, one grid_sample on a GPU), several views and colour jitter.
 
     python data.py --src=path/to/imagefolder --out=data/mine --image_size=224
     python data.py --src='laion/{00000..00099}.tar' ...   (a glob: --src='laion/*.tar')
     python data.py --src=captions.tsv --out=data/cc      (lines of path<TAB>caption)
     python data.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 
-A dataset is a directory (DESIGN.md section 3): meta.json, images_00000.npy uint8 [n,S,S,3],
-texts_00000.npy uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy int32 [N].
+A dataset is a directory: meta.json, images_00000.npy uint8 [n,S,S,3], texts_00000.npy
+uint16 [n,77] (CLIP BPE ids) and, for class folders, classes.npy int32 [N].
 Every image is stored once, resized so that its shorter side is S (bicubic, antialiased) and
 centre-cropped, so training reads raw pixels with no decoding at all.
 """
@@ -16,6 +16,7 @@ import atexit
 import functools
 import glob
 import gzip
+import heapq
 import html
 import importlib.util
 import io
@@ -26,10 +27,12 @@ import os
 import posixpath
 import queue
 import re
+import sys
 import tarfile
 import threading
 import time
 import unicodedata
+import zlib
 
 import numpy as np
 import torch
@@ -103,23 +106,35 @@ def _tokenizer():
 
 
 def _bpe(word, ranks, cache):
+    """BPE: merge the lowest-ranked adjacent pair everywhere it occurs (left to right, not
+    overlapping), until no pair has a rank. Done with a heap of (rank, position) over a linked list
+    of parts, O(n log n): one sweep merges every valid entry of the lowest rank, and the pairs that
+    sweep creates join the heap only after it, as in the pass-by-pass definition."""
     if word in cache:
         return cache[word]
     parts = list(word[:-1]) + [word[-1] + '</w>']
-    while len(parts) > 1:  # merge the lowest-ranked adjacent pair, everywhere it occurs, until none applies
-        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-        best = min(pairs, key=lambda p: ranks.get(p, math.inf))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+    n = len(parts)
+    nxt = list(range(1, n + 1))
+    prv = list(range(-1, n - 1))
+    heap = [(ranks[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in ranks]
+    heapq.heapify(heap)
+    while heap:
+        r, merged = heap[0][0], []
+        while heap and heap[0][0] == r:  # positions come out in increasing order
+            i = heapq.heappop(heap)[1]
+            j = nxt[i]
+            if parts[i] is None or j >= n or ranks.get((parts[i], parts[j])) != r:
+                continue  # stale: a neighbour changed since this entry was pushed
+            parts[i], parts[j] = parts[i] + parts[j], None
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            merged.append(i)
+        for i in {k for i in merged for k in (prv[i], i) if k >= 0 and nxt[k] < n}:
+            p = (parts[i], parts[nxt[i]])
+            if p in ranks:
+                heapq.heappush(heap, (ranks[p], i))
+    parts = [p for p in parts if p is not None]
     if len(cache) < 1_000_000:
         cache[word] = parts
     return parts
@@ -136,17 +151,30 @@ def clean_text(text):
     return ' '.join(text.split()).lower()
 
 
-def encode(text):
-    """BPE ids of one string, without the start/end tokens."""
+# The longest vocabulary token is 32 bytes, so n tokens come from at most 32 n characters of words
+# plus n single spaces between them (cleaned text): 33 n. Twice that is kept, so the word the cut
+# splits (whose last tokens change) lies past token n; the rest of a longer caption cannot reach
+# the context, and cutting it first keeps any caption (a 1 MB word) to milliseconds.
+CHARS_PER_TOKEN = 66
+
+
+def encode(text, max_tokens=None):
+    """BPE ids of one string, without the start/end tokens; with max_tokens, the first max_tokens
+    ids, from the cleaned text cut to CHARS_PER_TOKEN * max_tokens characters."""
     encoder, ranks, byte_enc, pat, cache = _tokenizer()
+    text = clean_text(text)
+    if max_tokens is not None:
+        text = text[:CHARS_PER_TOKEN * max_tokens]
     ids = []
-    for tok in pat.findall(clean_text(text)):
+    for tok in pat.findall(text):
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
         if tok in ('<start_of_text>', '<end_of_text>'):
             ids.append(encoder[tok])
             continue
         word = ''.join(byte_enc[b] for b in tok.encode('utf-8'))
         ids.extend(encoder[p] for p in _bpe(word, ranks, cache))
-    return ids
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def tokenize(texts, context_length=77):
@@ -156,7 +184,7 @@ def tokenize(texts, context_length=77):
         texts = [texts]
     out = np.zeros((len(texts), context_length), dtype=np.int64)
     for i, t in enumerate(texts):
-        ids = [SOT] + encode(t)[:context_length - 2] + [EOT]
+        ids = [SOT] + encode(t, context_length - 2) + [EOT]
         out[i, :len(ids)] = ids
     return out
 
@@ -296,39 +324,58 @@ def _folder_source(root):
 
 
 def _list_source(path):
-    base, items = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            line = line.rstrip('\r\n')
+    base, items, bad = os.path.dirname(os.path.abspath(path)), [], []
+    with open(path, 'rb') as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip(b'\r\n')
             if not line.strip():
                 continue
-            p, _, caption = line.partition('\t')
-            items.append((p, 'path', os.path.join(base, p), caption, None))
+            try:
+                line.decode('utf-8')
+            except UnicodeDecodeError:
+                bad.append(n)
+            p, _, caption = line.partition(b'\t')
+            p = os.fsdecode(p)  # a path is file-system bytes: non-UTF-8 names still open
+            items.append((p, 'path', os.path.join(base, p), caption.decode('utf-8', 'replace'), None))
+    if bad:  # decoded as tar captions are, with U+FFFD for the bad bytes
+        print(f'warning: {path}: line {bad[0]}' + (f' and {len(bad) - 1} more' if len(bad) > 1 else '') +
+              ' not valid UTF-8; undecodable bytes in captions replaced by U+FFFD', file=sys.stderr)
     return items
 
 
 def _tar_source(paths, skip):
-    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only."""
+    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only.
+    A truncated or corrupt tar keeps the samples read before the damage; the rest of it becomes
+    one skipped item named by the tar's path, and the build goes on."""
     i = 0
     for path in paths:
-        with tarfile.open(path) as tf:
-            groups, key = [], None
-            for m in tf:
-                if not m.isfile():
-                    continue
-                d, base = posixpath.split(m.name)
-                stem, _, ext = base.partition('.')
-                k = posixpath.join(d, stem)
-                if k != key:
-                    groups.append((k, {}))
-                    key = k
-                groups[-1][1][ext.lower()] = m
-                if len(groups) > 1:  # a group is complete once the next key starts
-                    yield _tar_item(tf, path, i, *groups.pop(0), skip(i))
+        try:
+            with tarfile.open(path) as tf:
+                groups, key = [], None
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = posixpath.split(m.name)
+                    stem, _, ext = base.partition('.')
+                    k = posixpath.join(d, stem)
+                    if k != key:
+                        groups.append((k, {}))
+                        key = k
+                    groups[-1][1][ext.lower()] = m
+                    if len(groups) > 1:  # a group is complete once the next key starts
+                        item = _tar_item(tf, path, i, *groups.pop(0), skip(i))
+                        yield item
+                        i += 1
+                for g in groups:
+                    item = _tar_item(tf, path, i, *g, skip(i))
+                    yield item
                     i += 1
-            for g in groups:
-                yield _tar_item(tf, path, i, *g, skip(i))
-                i += 1
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            print(f'warning: {path}: truncated or corrupt tar ({type(e).__name__}: {e}); '
+                  'the rest of it is skipped', file=sys.stderr)
+            reason = f'truncated or corrupt tar: {type(e).__name__}: {e}'
+            yield (i, path, 'none' if skip(i) else 'bad', reason, None, None)
+            i += 1
 
 
 def _tar_item(tf, path, i, key, members, skipped):
@@ -377,8 +424,8 @@ def _process(item):
         if kind == 'synthetic':
             img, caption, cls = synthetic_one(payload, S, _worker['seed'])
         else:
-            if kind == 'missing':
-                raise Skip('missing')
+            if kind in ('missing', 'bad'):
+                raise Skip(payload if kind == 'bad' else 'missing')
             if kind == 'path':
                 try:
                     with open(payload, 'rb') as f:
@@ -567,21 +614,84 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
 # reading
 
 
+def _npy_header(path):
+    """(shape, dtype) from a .npy file's header, checked against the file's size; ValueError naming
+    the file if it is missing, not a .npy file or shorter than its header says."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran, dtype = read[version](f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise ValueError(f'{path}: missing')
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable .npy file ({os.path.getsize(path)} bytes: '
+                         f'{type(e).__name__}: {e})'.replace('\n', ' '))
+    need = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < need:
+        raise ValueError(f'{path}: truncated: {size} bytes, its header says {dtype} {list(shape)} '
+                         f'({need} bytes)')
+    if fortran:
+        raise ValueError(f'{path}: Fortran-ordered array, expected C order')
+    return tuple(shape), dtype
+
+
 class Dataset:
-    """A built dataset directory; images are read straight from memory-mapped shards."""
+    """A built dataset directory; images are read straight from memory-mapped shards. Opening it
+    checks meta.json and every shard's .npy header (shape, dtype, file size) once."""
 
     def __init__(self, data_dir):
         path = os.path.join(data_dir, 'meta.json')
         if not os.path.exists(path):
             raise ValueError(f'{data_dir}: no meta.json (build it with: python data.py --src=... --out={data_dir})')
         self.dir = data_dir
-        self.meta = json.load(open(path))
+        try:
+            with open(path, encoding='utf-8') as f:
+                self.meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f'{path}: invalid JSON ({e})')
+        self._check(path)
         self.image_size = self.meta['image_size']
         self.classnames = self.meta.get('classnames')
         cp = os.path.join(data_dir, 'classes.npy')
-        self.classes = np.load(cp) if os.path.exists(cp) else None
+        self.classes = None
+        if os.path.exists(cp):
+            shape, dtype = _npy_header(cp)
+            if shape != (self.meta['count'],) or dtype.kind not in 'iu':
+                raise ValueError(f'{cp}: {dtype} {list(shape)}, but {path} says {self.meta["count"]} images '
+                                 f'(expected int32 [{self.meta["count"]}])')
+            self.classes = np.load(cp)
         self.offsets = np.cumsum([0] + [s['count'] for s in self.meta['shards']])
         self._mm = {}  # opened on first use: a process only maps the shards it reads
+
+    def _check(self, path):
+        m = self.meta
+        if not isinstance(m, dict):
+            raise ValueError(f'{path}: expected a JSON object')
+        for k in ('count', 'image_size', 'shards'):
+            if k not in m:
+                raise ValueError(f'{path}: missing key {k!r}')
+        S, ctx = m['image_size'], m.get('context_length') or 77
+        if not isinstance(S, int) or S < 1 or not isinstance(m['shards'], list):
+            raise ValueError(f'{path}: image_size must be a positive integer and shards a list')
+        total = 0
+        for k, s in enumerate(m['shards']):
+            if not isinstance(s, dict) or not isinstance(s.get('count'), int) or not s.get('images'):
+                raise ValueError(f'{path}: shards[{k}] needs "images" and an integer "count"')
+            kinds = [('images', np.uint8, (s['count'], S, S, 3))]
+            if m.get('has_text'):
+                kinds.append(('texts', np.uint16, (s['count'], ctx)))
+            for kind, dtype, want in kinds:
+                f = os.path.join(self.dir, str(s.get(kind)))
+                shape, got = _npy_header(f)
+                if shape != want or got != dtype:
+                    raise ValueError(f'{f}: {got} {list(shape)}, but {path} says '
+                                     f'{np.dtype(dtype)} {list(want)}')
+            total += s['count']
+        if total != m['count']:
+            raise ValueError(f'{path}: count is {m["count"]} but its shards hold {total} images')
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -617,38 +727,155 @@ class Dataset:
         return self._gather('texts', idx, out).astype(np.int64)
 
 # -----------------------------------------------------------------------------
-# on-device augmentation: random resized crop + horizontal flip as ONE affine resampling
+# augmentation. Per-sample parameters are drawn on the host from a seeded generator: a crop box
+# (cx, cy, w, h as fractions of the stored image, on whole pixels), a flip and optionally colour
+# factors. The same parameters are applied in one of two ways that give the same image up to
+# rounding: on a CPU in uint8 (crop, antialiased resize, flip by index reversal, then conversion
+# to normalised float), elsewhere as one batched grid_sample on the device.
+
+AUGMENTS = ('rrc', 'pad_crop', 'flip', 'none')
 
 
-def crop_params(n, generator, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+def crop_params(n, generator, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), attempts=10, size=None):
     """RandomResizedCrop boxes as fractions of the image: [n, 4] (cx, cy, w, h), and flips [n] bool.
     Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of `attempts` draws that fits
-    is used, else the whole image (the torchvision recipe, without rounding to pixels)."""
+    is used, else the whole image (the torchvision recipe). With `size`, w and h are rounded to
+    whole pixels of a size x size image and the box is placed at a uniform whole-pixel offset, as
+    torchvision's get_params does; without, the box is continuous."""
     s = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
     logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     w, h = torch.sqrt(s * torch.exp(logr)), torch.sqrt(s / torch.exp(logr))
-    ok = (w <= 1) & (h <= 1)
+    if size:
+        w, h = torch.round(w * size) / size, torch.round(h * size) / size
+    ok = (w <= 1) & (h <= 1) & (w > 0) & (h > 0)
     first = ok.to(torch.uint8).argmax(1, keepdim=True)
     w = torch.where(ok.any(1), w.gather(1, first)[:, 0], torch.ones(n))
     h = torch.where(ok.any(1), h.gather(1, first)[:, 0], torch.ones(n))
     u = torch.rand(n, 3, generator=generator)
-    cx, cy = w / 2 + (1 - w) * u[:, 0], h / 2 + (1 - h) * u[:, 1]
+    if size:  # offsets uniform over {0, ..., size - w}, in pixels
+        wp, hp = torch.round(w * size), torch.round(h * size)
+        x0 = torch.minimum(torch.floor(u[:, 0] * (size - wp + 1)), size - wp)
+        y0 = torch.minimum(torch.floor(u[:, 1] * (size - hp + 1)), size - hp)
+        cx, cy = (x0 + wp / 2) / size, (y0 + hp / 2) / size
+    else:
+        cx, cy = w / 2 + (1 - w) * u[:, 0], h / 2 + (1 - h) * u[:, 1]
     return torch.stack([cx, cy, w, h], 1), u[:, 2] < 0.5
 
 
+def pad_params(n, generator, size, pad):
+    """Reflect-pad by `pad` pixels, crop size x size at a uniform offset, flip (the CIFAR recipe):
+    boxes [n, 4] of the whole image shifted by whole pixels in [-pad, pad], and flips [n] bool."""
+    o = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).float() - pad
+    flip = torch.rand(n, generator=generator) < 0.5
+    one = torch.ones(n)
+    return torch.stack([0.5 + o[:, 0] / size, 0.5 + o[:, 1] / size, one, one], 1), flip
+
+
+def color_params(n, generator, strength):
+    """SimCLR's colour distortion at strength s: with probability 0.8 brightness, contrast and
+    saturation factors ~ U(max(0, 1 - 0.8s), 1 + 0.8s) and a hue shift ~ U(-0.2s, 0.2s) (else the
+    identity 1, 1, 1, 0), and grayscale with probability 0.2: [n, 5] (b, c, s, hue, gray 0/1)."""
+    u = torch.rand(n, 6, generator=generator)
+    lo, hi = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+    on = (u[:, 0] < 0.8)[:, None]
+    bcs = torch.where(on, lo + (hi - lo) * u[:, 1:4], torch.ones(n, 3))
+    hue = torch.where(on[:, 0], (2 * u[:, 4] - 1) * min(0.2 * strength, 0.5), torch.zeros(n))
+    return torch.cat([bcs, hue[:, None], (u[:, 5] < 0.2).float()[:, None]], 1)
+
+
+def _gray(x):
+    # ITU-R 601 luma, torchvision's rgb_to_grayscale weights; [B,3,H,W] -> [B,1,H,W]
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _hue_shift(x, hue):
+    """Rotate the hue of x [B,3,H,W] (any scale >= 0) by hue [B] turns, through HSV."""
+    v, _ = x.max(1)
+    c = v - x.min(1)[0]
+    s = c / torch.where(v > 0, v, torch.ones_like(v))
+    r, g, b = ((v[:, None] - x) / torch.where(c > 0, c, torch.ones_like(c))[:, None]).unbind(1)
+    h = torch.where(x[:, 0] == v, b - g, torch.where(x[:, 1] == v, 2 + r - b, 4 + g - r))
+    h = torch.remainder(h / 6 + hue.view(-1, 1, 1), 1.0) * 6  # sector position in [0, 6)
+    # HSV -> RGB: channel n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h[:, None], 6)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x, params):
+    """x float [B,3,H,W] in 0..255, params [B,5] from color_params -> distorted x. torchvision's
+    ColorJitter operations (brightness, contrast, saturation, hue) in this fixed order, then
+    RandomGrayscale; each op with its factor 1 (hue 0) leaves the image unchanged."""
+    f = params.to(x.device, x.dtype)
+    b, c, s = (f[:, k].view(-1, 1, 1, 1) for k in range(3))
+    x = (x * b).clamp_(0, 255)
+    x = (c * x + (1 - c) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp_(0, 255)
+    x = (s * x + (1 - s) * _gray(x)).clamp_(0, 255)
+    if (f[:, 3] != 0).any():
+        x = _hue_shift(x, f[:, 3])
+    return torch.where(f[:, 4].view(-1, 1, 1, 1) > 0.5, _gray(x).expand_as(x), x)
+
+
+def _pixel_boxes(boxes, H, W):
+    """Fractions -> whole pixels: int64 [n, 4] (x0, y0, w, h)."""
+    w, h = torch.round(boxes[:, 2] * W), torch.round(boxes[:, 3] * H)
+    x0, y0 = torch.round(boxes[:, 0] * W - w / 2), torch.round(boxes[:, 1] * H - h / 2)
+    return torch.stack([x0, y0, w, h], 1).long()
+
+
+def _reflect(i, n):
+    # numpy's 'reflect' padding as an index map: -1 -> 1, n -> n - 2 (for pads < n)
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def crop_resize_cpu(u8, boxes, flip, size, norm=True):
+    """The CPU path: uint8 [B,H,W,3] -> float [B,3,size,size], CLIP-normalised (0..255 with
+    norm=False). Each box is cut out on whole pixels (reflected where it leaves the image), resized
+    with PyTorch's antialiased bilinear uint8 kernel (plain bilinear when enlarging, a triangle
+    filter over the box when shrinking), mirrored by reversing its columns, and converted to float
+    while it is in cache. Image by image: the boxes differ in size, and uint8 is what is fast here."""
+    u8 = torch.as_tensor(u8)
+    B, H, W, _ = u8.shape
+    out = torch.empty((B, 3, size, size), dtype=torch.float32)
+    scale, bias = (c[0] for c in _norm_consts('cpu'))
+    for i, ((x0, y0, w, h), f) in enumerate(zip(_pixel_boxes(boxes, H, W).tolist(), flip.tolist())):
+        if x0 >= 0 and y0 >= 0 and x0 + w <= W and y0 + h <= H:
+            crop = u8[i, y0:y0 + h, x0:x0 + w]
+        else:
+            rows, cols = _reflect(torch.arange(y0, y0 + h), H), _reflect(torch.arange(x0, x0 + w), W)
+            crop = u8[i][rows[:, None], cols[None, :]]
+        crop = crop.permute(2, 0, 1)  # [3, h, w] view, channels-last strides (the fast kernel's layout)
+        if (h, w) != (size, size):
+            crop = F.interpolate(crop[None], size=(size, size), mode='bilinear', antialias=True,
+                                 align_corners=False)[0]
+        out[i].copy_(crop.flip(2) if f else crop)
+        if norm:
+            out[i].mul_(scale).add_(bias)
+    return out
+
+
 def resized_crop(x, boxes, flip, size):
-    """x float [B,C,H,W]; boxes [B,4] (cx, cy, w, h) in fractions; flip [B] bool -> [B,C,size,size].
-    One affine resampling of the whole batch: output pixel centres map linearly into the box
-    (mirrored when flipped), bilinear. The transform is axis-aligned, so its sampling grid is built
-    from two [B, size] vectors; it equals F.affine_grid(theta) with theta = [[w*(1-2*flip), 0, 2cx-1],
-    [0, h, 2cy-1]] without affine_grid's per-pixel matrix product (a third of the CPU time)."""
-    B = x.shape[0]
-    o = (2 * torch.arange(size, dtype=torch.float32) + 1) / size - 1  # output pixel centres in [-1, 1]
-    gx = (boxes[:, 2] * (1 - 2 * flip.float()))[:, None] * o + (2 * boxes[:, 0] - 1)[:, None]
-    gy = boxes[:, 3][:, None] * o + (2 * boxes[:, 1] - 1)[:, None]
+    """The device path: x float [B,C,H,W]; boxes [B,4] (cx, cy, w, h) fractions; flip [B] bool ->
+    [B,C,size,size], crop-then-resize (bilinear, align_corners=False) of the whole batch as one
+    grid_sample. Output pixel j samples source position x0 + (j + 1/2) w / size - 1/2 (pixel units,
+    mirrored when flipped), clamped to the box's outer pixel centres as a resize of the cut-out box
+    is; positions outside the image are reflected about its edge pixels (numpy's 'reflect' pad).
+    The transform is axis-aligned, so the grid is built from two [B, size] vectors."""
+    B, _, H, W = x.shape
+    j = torch.arange(size, dtype=torch.float64) + 0.5
+
+    def axis(c, w, n):  # [B] centres and widths (fractions) -> [B, size] normalised positions
+        lo, width = (c.double() - w.double() / 2) * n, w.double() * n
+        p = lo[:, None] + j * (width / size)[:, None] - 0.5
+        p = torch.minimum(torch.maximum(p, lo[:, None]), (lo + width - 1)[:, None])
+        return p * (2 / max(n - 1, 1)) - 1  # align_corners=True: -1 and 1 are the edge pixel centres
+
+    gx = axis(boxes[:, 0], boxes[:, 2], W)
+    gx = torch.where(flip[:, None], gx.flip(1), gx)
+    gy = axis(boxes[:, 1], boxes[:, 3], H)
     gx, gy = gx.to(x.device, x.dtype), gy.to(x.device, x.dtype)
     grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=True)
 
 
 def _norm_consts(device):
@@ -684,11 +911,12 @@ def to_float(u8, device, norm=True):
     return out
 
 
-def _plain(u8, device, size):
-    """The evaluation transform: normalised, resized only if the stored size differs."""
+def _plain(u8, device, size, norm=True):
+    """The evaluation transform: normalised (unless norm=False), resized only if the stored size differs."""
     if u8.shape[1] == size and u8.shape[2] == size:
-        return to_float(u8, device)
-    return normalize(resize(to_float(u8, device, norm=False), size))
+        return to_float(u8, device, norm)
+    x = resize(to_float(u8, device, norm=False), size)
+    return normalize(x) if norm else x
 
 
 def _seed(*xs):
@@ -750,14 +978,34 @@ class Loader:
     """Training batches. Step `step` of epoch `epoch` takes global batch `step` of a permutation
     seeded by (seed, epoch); rank r gets its slice [r*B, (r+1)*B). Augmentation randomness is
     seeded by (seed, epoch, step, rank), so batch(epoch, step) is a pure function: resuming at a
-    step gives exactly the batches an uninterrupted run would have seen."""
+    step gives exactly the batches an uninterrupted run would have seen.
+
+    augment: 'rrc' (random resized crop, area ~ U(scale), aspect ~ U(ratio), + flip), 'pad_crop'
+    (reflect-pad by `pad` pixels, random crop back to the stored size, + flip), 'flip', 'none';
+    True / False mean 'rrc' / 'none'. views: V independently augmented views of each image.
+    color_jitter: SimCLR colour distortion strength (0 = off), applied after the crop.
+    A batch is dict(images, aug, labels, texts, index): images float [B,3,S,S] (views=1) or
+    [V,B,3,S,S] (views=V > 1, view v of image b at [v, b]), CLIP-normalised; aug float [V,B,5]
+    (cx, cy, w, h of the crop box as fractions of the stored image, flip 0/1) or [V,B,10] with
+    colour (+ brightness, contrast, saturation, hue, grayscale 0/1), the parameters applied."""
 
     def __init__(self, data_dir, batch_size, image_size, labels=None, with_text=False, rank=0, world_size=1,
-                 seed=0, augment=True, device='cpu', scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), prefetch=4):
+                 seed=0, augment=True, device='cpu', scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), prefetch=4,
+                 pad=4, views=1, color_jitter=0.0):
         self.ds = Dataset(data_dir)
         self.batch_size, self.image_size, self.labels = batch_size, image_size, labels
         self.with_text, self.rank, self.world_size, self.seed = with_text, rank, world_size, seed
-        self.augment, self.device, self.scale, self.ratio, self.prefetch = augment, torch.device(device), scale, ratio, prefetch
+        self.device, self.scale, self.ratio, self.prefetch = torch.device(device), scale, ratio, prefetch
+        self.augment = ('rrc' if augment else 'none') if isinstance(augment, bool) else augment
+        self.pad, self.views, self.color_jitter = pad, views, color_jitter
+        if self.augment not in AUGMENTS:
+            raise ValueError(f'augment={augment!r}: expected one of {", ".join(AUGMENTS)} (or True / False)')
+        if self.augment == 'pad_crop' and not 0 <= pad < self.ds.image_size:
+            raise ValueError(f'pad={pad}: reflect padding needs 0 <= pad < the stored size '
+                             f'{self.ds.image_size}')
+        if views < 1 or color_jitter < 0:
+            raise ValueError(f'views={views}, color_jitter={color_jitter}: need views >= 1 and '
+                             'color_jitter >= 0')
         if labels is not None and len(labels) != len(self.ds):
             raise ValueError(f'labels have {len(labels)} rows, dataset {data_dir} has {len(self.ds)} images')
         if with_text and not self.ds.meta.get('has_text'):
@@ -765,6 +1013,9 @@ class Loader:
         self.steps_per_epoch = len(self.ds) // (batch_size * world_size)  # drop the incomplete last global batch
         if self.steps_per_epoch == 0:
             raise ValueError(f'{data_dir}: {len(self.ds)} images < one global batch ({batch_size} x {world_size})')
+        _warn_upsampling(data_dir, self.ds.image_size, image_size)
+        # grid_sample on an accelerator; on a CPU the uint8 path is faster (bench/bench_loader.py)
+        self._grid = self.device.type != 'cpu'
         self._perm = (None, None)
 
     def indices(self, epoch, step):
@@ -777,19 +1028,49 @@ class Loader:
         start = (step * self.world_size + self.rank) * self.batch_size
         return perm[start:start + self.batch_size]
 
+    def params(self, n, generator):
+        """One view's augmentation parameters: float [n, 5] (cx, cy, w, h, flip) or [n, 10] with colour."""
+        S = self.ds.image_size
+        if self.augment == 'rrc':
+            boxes, flip = crop_params(n, generator, self.scale, self.ratio, size=S)
+        elif self.augment == 'pad_crop':
+            boxes, flip = pad_params(n, generator, S, self.pad)
+        else:
+            boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(n, 1)
+            flip = (torch.rand(n, generator=generator) < 0.5 if self.augment == 'flip'
+                    else torch.zeros(n, dtype=torch.bool))
+        out = [boxes, flip.float()[:, None]]
+        if self.color_jitter:
+            out.append(color_params(n, generator, self.color_jitter))
+        return torch.cat(out, 1)
+
+    def view(self, u8, x, aug):
+        """One augmented view, CLIP-normalised, from the uint8 batch (CPU path) or its float copy
+        on the device (x, 0..255 or normalised; grid path)."""
+        jitter = aug.shape[1] > 5
+        if self.augment == 'none':
+            y = _plain(u8, self.device, self.image_size, norm=not jitter)
+        elif self._grid:  # exact on normalised input too: the weights of each sample sum to one
+            y = resized_crop(x, aug[:, :4], aug[:, 4] > 0.5, self.image_size)
+        else:
+            y = crop_resize_cpu(u8, aug[:, :4], aug[:, 4] > 0.5, self.image_size, norm=not jitter)
+        return normalize(color_jitter(y, aug[:, 5:])) if jitter else y
+
     def batch(self, epoch, step):
         idx = self.indices(epoch, step)
         pin = self.device.type == 'cuda'
         buf = torch.empty((len(idx), self.ds.image_size, self.ds.image_size, 3), dtype=torch.uint8, pin_memory=pin)
         self.ds.images(idx, out=buf.numpy())
-        if self.augment:
-            # normalising first is exact: bilinear weights sum to one and the border is clamped
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, self.rank))
-            boxes, flip = crop_params(len(idx), g, self.scale, self.ratio)
-            x = resized_crop(to_float(buf, self.device), boxes, flip, self.image_size)
-        else:
-            x = _plain(buf, self.device, self.image_size)
-        out = dict(images=x, labels=None, texts=None, index=torch.from_numpy(idx.astype(np.int64)))
+        # all views from one generator, view after view: view 0 is the batch that views=1 gives
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, self.rank))
+        aug = torch.stack([self.params(len(idx), g) for _ in range(self.views)])  # [V, B, p]
+        x = None
+        if self._grid and self.augment != 'none':  # uint8 to the device once, for all views
+            x = to_float(buf, self.device, norm=not self.color_jitter)
+        views = [self.view(buf, x, a) for a in aug]
+        images = views[0] if self.views == 1 else torch.stack(views)
+        out = dict(images=images, aug=aug.to(self.device), labels=None, texts=None,
+                   index=torch.from_numpy(idx.astype(np.int64)))
         if self.labels is not None:
             order = np.argsort(idx)
             rows = np.empty((len(idx),) + tuple(self.labels.shape[1:]), np.int64)
@@ -804,10 +1085,23 @@ class Loader:
         return _prefetch(lambda s: self.batch(epoch, s), range(start_step, self.steps_per_epoch), self.prefetch)
 
 
+_warned = set()
+
+
+def _warn_upsampling(data_dir, stored, size):
+    # a model size above the stored one silently trains on blurred pixels: say so, once
+    key = (os.path.abspath(data_dir), stored, size)
+    if size > stored and key not in _warned:
+        _warned.add(key)
+        print(f'warning: {data_dir} stores {stored}x{stored} images; image_size={size} upsamples them '
+              f'(rebuild the shards at image_size >= {size} for real detail)', file=sys.stderr)
+
+
 def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4):
     """Evaluation order, no augmentation: rank r reads its contiguous slice
     [start_r, start_r + n_r), n_r = N // W + (r < N % W). Yields (index int64 [b], images [b,3,S,S])."""
     ds = Dataset(data_dir)
+    _warn_upsampling(data_dir, ds.image_size, image_size)
     N = len(ds)
     n, start = N // world_size + (rank < N % world_size), rank * (N // world_size) + min(rank, N % world_size)
     device = torch.device(device)

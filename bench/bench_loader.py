@@ -1,18 +1,24 @@
 """
 Loader throughput at 224x224 with augmentation, random order:
-  ours: data.Loader over memory-mapped uint8 shards, random resized crop + flip + CLIP
-        normalisation as one batched op on the device (here: the CPU)
+  ours: data.Loader over memory-mapped uint8 shards on the CPU: random resized crop and resize in
+        uint8 (PyTorch's antialiased bilinear uint8 kernel), flip by index reversal, converted to
+        CLIP-normalised float image by image
+  grid: the same loader through its device path run on the CPU (one batched bilinear grid_sample
+        on float images; what the CPU ran before the uint8 path)
   base: the usual pipeline: PIL decodes JPEG files, then a torchvision-style RandomResizedCrop
         (PIL crop + bilinear resize) + horizontal flip + ToTensor + Normalize per image, stacked
         into batches; in the main process and with `workers` processes (DataLoader-like: each
         worker builds a whole batch)
   host: the CPU's part of ours when the device is a GPU (uint8 rows gathered from the memmaps;
         the crop/flip/normalise then runs on the GPU)
-Both read the same images (synthetic scenes; the JPEG files are what the shards are built from),
+All read the same images (synthetic scenes; the JPEG files are what the shards are built from),
 from a warm page cache, with the JPEGs at 224x224 (the least decoding the baseline can have) and at
 384x384. Also the shard build (JPEG folder -> 224 shards) in images/s.
 
-    python bench/bench_loader.py [--n_images=768 --batch_size=64 --runs=3 --workers=2]
+    OMP_NUM_THREADS=1 python bench/bench_loader.py [--n_images=768 --batch_size=64 --runs=3 --workers=2]
+
+(One torch thread, as the DataLoader-style baseline uses per worker; on a shared machine threads
+spinning against other processes distort small ops.)
 
 Prints one JSON line (also written to out/bench_loader/bench_loader.json).
 """
@@ -136,23 +142,28 @@ def bench(source_size):
                               workers=workers, overwrite=True, progress=False)
             build_rates.append(meta['build']['images_per_s'])
         loader = data.Loader(os.path.join(tmp, 'shards'), batch_size, image_size, seed=0, augment=True)
+        grid = data.Loader(os.path.join(tmp, 'shards'), batch_size, image_size, seed=0, augment=True)
+        grid._grid = True  # the device path (grid_sample), here on the CPU
         pool = multiprocessing.Pool(workers, torch.set_num_threads, (1,))
         ours_epoch(loader, 100)  # warm-up: page cache, allocator, threads
+        ours_epoch(grid, 100)
         pil_epoch(paths, 100, pool)
-        ours, host, base1, basew = [], [], [], []
+        ours, gridr, host, base1, basew = [], [], [], [], []
         for r in range(runs):  # interleaved, so that a change in machine load hits all alike
             ours.append(timed(lambda: ours_epoch(loader, r)))
+            gridr.append(timed(lambda: ours_epoch(grid, r)))
             host.append(timed(lambda: host_epoch(loader, r)))
             base1.append(timed(lambda: pil_epoch(paths, r, None)))
             basew.append(timed(lambda: pil_epoch(paths, r, pool)))
-            print(f'source {source_size}px run {r}: ours {ours[-1]:.0f} img/s (host part {host[-1]:.0f}), PIL 1 process {base1[-1]:.0f}, '
+            print(f'source {source_size}px run {r}: ours {ours[-1]:.0f} img/s (grid_sample {gridr[-1]:.0f}, '
+                  f'host part {host[-1]:.0f}), PIL 1 process {base1[-1]:.0f}, '
                   f'PIL {workers} workers {basew[-1]:.0f}, build {build_rates[r]:.0f}')
         pool.terminate()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = lambda xs: round(float(np.median(xs)), 1)
-    return dict(ours_images_per_s=med(ours), ours_host_images_per_s=med(host), pil_images_per_s=med(base1), pil_workers_images_per_s=med(basew),
-                ratio_vs_pil=round(med(ours) / med(base1), 2), ratio_vs_pil_workers=round(med(ours) / med(basew), 2),
+    return dict(ours_images_per_s=med(ours), grid_images_per_s=med(gridr), ours_host_images_per_s=med(host), pil_images_per_s=med(base1), pil_workers_images_per_s=med(basew),
+                ratio_vs_pil=round(med(ours) / med(base1), 2), grid_ratio_vs_pil=round(med(gridr) / med(base1), 2), ratio_vs_pil_workers=round(med(ours) / med(basew), 2),
                 host_ratio_vs_best_pil=round(med(host) / max(med(base1), med(basew)), 1),
                 build_images_per_s=med(build_rates))
 

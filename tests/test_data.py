@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -436,29 +437,42 @@ def test_crop_and_flip_geometry():
     ident = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
     assert torch.allclose(data.resized_crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
     assert torch.allclose(data.resized_crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
-    # crop: output pixel j samples input position p = cx*W + (j + 0.5 - size/2) * w*W/size - 0.5 (pixel centres)
-    for cx, w, size, flip in [(0.25, 0.5, 16, False), (0.6, 0.3, 8, False), (0.5, 0.8, 20, True)]:
+    # crop: output pixel j samples input position p = cx*W + (j + 0.5 - size/2) * w*W/size - 0.5 (pixel
+    # centres), clamped to the box's outer pixel centres [x0, x0 + w*W - 1], as resizing the cut-out box does
+    for cx, w, size, flip in [(0.25, 0.5, 16, False), (0.6, 0.3, 8, False), (0.5, 0.8, 20, True), (0.5, 1.0, 7, False)]:
         y = data.resized_crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
         j = torch.arange(size, dtype=torch.float32)
         p = cx * 16 + (j + 0.5 - size / 2) * w * 16 / size - 0.5
-        want = p.clamp(0, 15)
+        x0 = (cx - w / 2) * 16
+        want = p.clamp(x0, x0 + w * 16 - 1)
         want = want.flip(0) if flip else want
         assert torch.allclose(y[0, 0, 0], want, atol=1e-4), (cx, w, size, flip)
-    # the sampling grid is F.affine_grid's for theta = [[w*(1-2*flip), 0, 2cx-1], [0, h, 2cy-1]]
+    # whole-pixel boxes: exactly torchvision's crop-then-resize (bilinear, align_corners=False)
     g = torch.Generator().manual_seed(3)
-    boxes, flip = data.crop_params(6, g)
     img = torch.rand(6, 3, 20, 20, generator=g) * 255
+    boxes, flip = data.crop_params(6, g, size=20)
+    y = data.resized_crop(img, boxes, flip, 12)
+    for k, (x0, y0, w, h) in enumerate(data._pixel_boxes(boxes, 20, 20).tolist()):
+        ref = F.interpolate(img[k:k + 1, :, y0:y0 + h, x0:x0 + w], size=(12, 12), mode='bilinear', align_corners=False)[0]
+        assert torch.allclose(y[k], ref.flip(-1) if flip[k] else ref, atol=1e-3), k
+    # away from the box edges the sampling grid is F.affine_grid's for
+    # theta = [[w*(1-2*flip), 0, 2cx-1], [0, h, 2cy-1]] (the clamp only touches the outer half pixel)
+    boxes, flip = data.crop_params(6, g)
     theta = torch.zeros(6, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = boxes[:, 2] * (1 - 2 * flip.float()), 2 * boxes[:, 0] - 1
     theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 3], 2 * boxes[:, 1] - 1
     ref = F.grid_sample(img, F.affine_grid(theta, [6, 3, 12, 12], align_corners=False), mode='bilinear',
                         padding_mode='border', align_corners=False)
-    assert torch.allclose(data.resized_crop(img, boxes, flip, 12), ref, atol=1e-3)
+    assert torch.allclose(data.resized_crop(img, boxes, flip, 12)[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-3)
     # vertical geometry the same way
     xv = x.transpose(-1, -2)
     y = data.resized_crop(xv, torch.tensor([[0.5, 0.25, 1.0, 0.5]]), torch.tensor([True]), 16)
     j = torch.arange(16, dtype=torch.float32)
-    assert torch.allclose(y[0, 0, :, 0], (0.25 * 16 + (j + 0.5 - 8) * 0.5 - 0.5).clamp(0, 15), atol=1e-4)
+    assert torch.allclose(y[0, 0, :, 0], (0.25 * 16 + (j + 0.5 - 8) * 0.5 - 0.5).clamp(0, 7), atol=1e-4)
+    # a box leaving the image (pad_crop) reads numpy's 'reflect' padding
+    shifted = torch.tensor([[0.5 - 3 / 16, 0.5 + 2 / 16, 1.0, 1.0]])
+    y = data.resized_crop(x, shifted, torch.tensor([False]), 16)
+    assert torch.allclose(y[0, 0, 0], torch.tensor(np.pad(np.arange(16.0), 3, 'reflect')[:16], dtype=torch.float32), atol=1e-4)
 
 
 def test_crop_params_distribution():
@@ -491,6 +505,205 @@ def test_loader_augmentation_is_crop_and_flip(syn):
     assert all(s or m for s, m in zip(same, mirror)) and any(mirror) and not all(mirror)
 
 
+def tv_get_params(n, S, rng, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision's RandomResizedCrop.get_params on an S x S image (whole image if no draw fits),
+    in numpy: [n, 4] whole-pixel boxes (x0, y0, w, h)."""
+    t = S * S * rng.uniform(*scale, (n, attempts))
+    a = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w, h = np.round(np.sqrt(t * a)), np.round(np.sqrt(t / a))
+    ok = (w > 0) & (w <= S) & (h > 0) & (h <= S)
+    k = ok.argmax(1)
+    w = np.where(ok.any(1), w[np.arange(n), k], S).astype(int)
+    h = np.where(ok.any(1), h[np.arange(n), k], S).astype(int)
+    return np.stack([rng.integers(0, S - w + 1), rng.integers(0, S - h + 1), w, h], 1)
+
+
+def test_crop_params_on_whole_pixels_match_torchvision_statistics():
+    # the loader's boxes lie on whole pixels (what the uint8 path can cut): compare their
+    # distribution with torchvision's get_params at 32 px (the CIFAR case, where rounding matters most)
+    S, n = 32, 20000
+    boxes, flip = data.crop_params(n, torch.Generator().manual_seed(0), size=S)
+    px = data._pixel_boxes(boxes, S, S).numpy()
+    assert np.allclose(px[:, 2:] / S, boxes[:, 2:].numpy(), atol=1e-6)  # exactly whole pixels
+    assert np.allclose(px[:, :2] + px[:, 2:] / 2, boxes[:, :2].numpy() * S, atol=1e-4)
+    assert (px[:, :2] >= 0).all() and (px[:, :2] + px[:, 2:] <= S).all()
+    ref = tv_get_params(n, S, np.random.default_rng(1))
+    q = np.linspace(0.05, 0.95, 19)
+    for f in (lambda b: b[:, 2] * b[:, 3] / S ** 2, lambda b: np.log(b[:, 2] / b[:, 3]),
+              lambda b: (b[:, 0] + b[:, 2] / 2) / S, lambda b: (b[:, 1] + b[:, 3] / 2) / S):
+        assert np.abs(np.quantile(f(px), q) - np.quantile(f(ref), q)).max() < 0.03
+    for k in (2, 3):  # the same whole-pixel sizes, equally often (total variation distance)
+        a, b = np.bincount(px[:, k], minlength=S + 1) / n, np.bincount(ref[:, k], minlength=S + 1) / n
+        assert 0.5 * np.abs(a - b).sum() < 0.03
+    assert abs(flip.float().mean().item() - 0.5) < 0.015  # 4 sigma at n = 20000
+
+
+def unnorm(x):
+    """CLIP-normalised float -> 0..255 (channel axis -3)."""
+    std, mean = torch.tensor(data.CLIP_STD).view(3, 1, 1), torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def reference_view(img, a, size):
+    """One view rebuilt from its parameters with numpy indexing and PIL: the box (cx, cy, w, h) cut out
+    of the stored image (np.pad 'reflect' where it leaves it), PIL's bilinear resize (torchvision's
+    RandomResizedCrop on PIL images), mirrored if a[4]; float64 [H, W, 3] 0..255, before colour."""
+    S = img.shape[0]
+    cx, cy, w, h, f = a[:5].tolist()
+    wp, hp = round(w * S), round(h * S)
+    x0, y0 = round(cx * S - wp / 2), round(cy * S - hp / 2)
+    P = max(0, -x0, -y0, x0 + wp - S, y0 + hp - S)
+    crop = np.pad(img, ((P, P), (P, P), (0, 0)), 'reflect')[y0 + P:y0 + P + hp, x0 + P:x0 + P + wp]
+    if (hp, wp) != (size, size):
+        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+    return (crop[:, ::-1] if f > 0.5 else crop).astype(np.float64)
+
+
+def loader_pair(syn, size, **kw):
+    """The same loader twice: the CPU (uint8) path and the device (grid_sample) path, both run here."""
+    cpu, dev = data.Loader(syn, 16, size, **kw), data.Loader(syn, 16, size, **kw)
+    dev._grid = True
+    return cpu, dev
+
+
+@pytest.mark.parametrize('augment,size', [('rrc', S), ('rrc', 8), ('rrc', 24), ('pad_crop', S), ('pad_crop', 24),
+                                          ('flip', S)])
+def test_augment_geometry_against_numpy_reference(syn, augment, size, capsys):
+    cpu, dev = loader_pair(syn, size, seed=4, augment=augment, pad=3)
+    ds = data.Dataset(syn)
+    for step in (0, 2):
+        b, d = cpu.batch(1, step), dev.batch(1, step)
+        assert torch.equal(b['aug'], d['aug']) and torch.equal(b['index'], d['index'])  # same draws on both paths
+        assert b['images'].shape == (16, 3, size, size) and b['aug'].shape == (1, 16, 5)
+        ims = ds.images(b['index'].numpy())
+        for k in range(16):
+            a = b['aug'][0, k]
+            ref = torch.tensor(reference_view(ims[k], a, size)).permute(2, 0, 1).float()
+            got, dgot = unnorm(b['images'][k]), unnorm(d['images'][k])
+            # uint8 path vs PIL: both round to integer levels with fixed-point weights: <= 1 level apart
+            assert (got - ref).abs().max() <= 1.01, (augment, size, k, a)
+            box = data._pixel_boxes(a[None, :4], S, S)[0, 2:]
+            if (box <= size).all():  # enlarging or none: both paths are bilinear on the same grid
+                assert (dgot - ref).abs().max() <= 1.01, (augment, size, k)
+            else:  # shrinking: grid_sample is plain bilinear, the uint8 path (and PIL) antialiased
+                x0, y0 = (data._pixel_boxes(a[None, :4], S, S)[0, :2]).tolist()
+                crop = torch.tensor(ims[k]).permute(2, 0, 1)[None, :, y0:y0 + box[1], x0:x0 + box[0]].float()
+                plain = F.interpolate(crop, size=(size, size), mode='bilinear', align_corners=False)[0]
+                assert (dgot - (plain.flip(-1) if a[4] > 0.5 else plain)).abs().max() < 1e-2
+    if augment == 'pad_crop':  # every whole-pixel shift in [-pad, pad] occurs, and nothing else
+        aug = torch.cat([cpu.batch(0, s)['aug'][0] for s in range(cpu.steps_per_epoch)])
+        shifts = torch.round((aug[:, :2] - 0.5) * S)
+        assert set(shifts.flatten().tolist()) == set(range(-3, 4)) and (aug[:, 2:4] == 1).all()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize('augment', ['rrc', 'pad_crop', 'flip', 'none'])
+@pytest.mark.parametrize('grid', [False, True])
+def test_augment_choices_are_seeded(syn, augment, grid):
+    mk = lambda seed=9: data.Loader(syn, 8, S, seed=seed, augment=augment, rank=1, world_size=2)
+    a, b = mk(), mk()
+    a._grid = b._grid = grid
+    x, y = a.batch(2, 3), b.batch(2, 3)
+    assert torch.equal(x['images'], y['images']) and torch.equal(x['aug'], y['aug'])
+    r = list(b.iterate(2, start_step=3))[0]  # the prefetching thread gives the same batch
+    assert torch.equal(x['images'], r['images'])
+    flips = torch.cat([a.batch(2, s)['aug'][0, :, 4] for s in range(a.steps_per_epoch)])
+    if augment == 'none':
+        assert torch.equal(x['images'], data.Loader(syn, 8, S, seed=9, augment=False, rank=1, world_size=2).batch(2, 3)['images'])
+        assert (flips == 0).all() and (x['aug'][0, :, :4] == torch.tensor([0.5, 0.5, 1, 1])).all()
+    else:
+        assert not torch.equal(x['images'], a.batch(2, 4)['images'])
+        assert not torch.equal(x['images'], mk(seed=10).batch(2, 3)['images'])
+        assert 0 < flips.mean() < 1
+
+
+def test_augment_true_false_and_bad_values(syn):
+    for old, new in ((True, 'rrc'), (False, 'none')):
+        x, y = data.Loader(syn, 8, S, seed=2, augment=old).batch(0, 1), data.Loader(syn, 8, S, seed=2, augment=new).batch(0, 1)
+        assert torch.equal(x['images'], y['images'])
+    with pytest.raises(ValueError, match='augment'):
+        data.Loader(syn, 8, S, augment='randaugment')
+    with pytest.raises(ValueError, match='pad'):
+        data.Loader(syn, 8, S, augment='pad_crop', pad=S)
+
+# ----------------------------------------------------------------------------- views and colour
+
+
+def colour_reference(x, p):
+    """float64 [H, W, 3] 0..255 through torchvision's ColorJitter formulas (brightness, contrast,
+    saturation, then hue via the standard library's colorsys) and grayscale, with params p."""
+    import colorsys
+    b, c, s, hue, gray = p.tolist()
+    lum = lambda y: y @ np.array([0.2989, 0.587, 0.114])
+    x = np.clip(x * b, 0, 255)
+    x = np.clip(c * x + (1 - c) * lum(x).mean(), 0, 255)
+    x = np.clip(s * x + (1 - s) * lum(x)[..., None], 0, 255)
+    if hue:
+        hsv = [colorsys.rgb_to_hsv(*px) for px in x.reshape(-1, 3) / 255]
+        x = np.array([colorsys.hsv_to_rgb((h + hue) % 1.0, sv, v) for h, sv, v in hsv]).reshape(x.shape) * 255
+    return np.repeat(lum(x)[..., None], 3, -1) if gray > 0.5 else x
+
+
+def test_color_jitter_against_reference():
+    g = torch.Generator().manual_seed(0)
+    p = data.color_params(20000, g, 0.5)
+    on = (p[:, :4] != torch.tensor([1.0, 1, 1, 0])).any(1)
+    assert abs(on.float().mean() - 0.8) < 0.012 and abs(p[:, 4].mean() - 0.2) < 0.012  # SimCLR's p = 0.8, 0.2
+    assert (p[on, :3] >= 0.6).all() and (p[on, :3] <= 1.4).all() and (p[:, 3].abs() <= 0.1).all()
+    assert abs(p[on, 0].mean() - 1.0) < 0.01 and p[on, 3].abs().max() > 0.099  # U(0.6, 1.4), U(-0.1, 0.1)
+    x = torch.rand(12, 3, 6, 7, generator=g) * 255
+    x[0] = x[0, :1]  # a grey image: hue leaves it alone
+    x[1, :, :2] = 0  # black pixels
+    params = torch.cat([data.color_params(8, g, 1.0), torch.tensor([[1.3, 0.6, 1.7, 0.4, 0], [1, 1, 1, -0.45, 0],
+                                                                    [0.5, 2.0, 0.0, 0.0, 0], [1, 1, 1, 0, 1]])])
+    y = data.color_jitter(x, params)
+    for k in range(12):
+        ref = colour_reference(x[k].permute(1, 2, 0).double().numpy(), params[k])
+        assert np.abs(y[k].permute(1, 2, 0).numpy() - ref).max() < 2e-3 * 255, k
+    ident = torch.tensor([[1.0, 1, 1, 0, 0]]).repeat(12, 1)
+    assert torch.allclose(data.color_jitter(x, ident), x, atol=1e-3)
+
+
+def test_views_are_independent_augmentations_with_their_parameters(syn):
+    ds = data.Dataset(syn)
+    for augment in ('pad_crop', 'rrc'):
+        for grid in (False, True):
+            ld = data.Loader(syn, 8, S, seed=3, augment=augment, views=3, color_jitter=0.5)
+            ld._grid = grid
+            b = ld.batch(0, 1)
+            assert b['images'].shape == (3, 8, 3, S, S) and b['aug'].shape == (3, 8, 10)
+            ims = ds.images(b['index'].numpy())
+            for v in range(3):
+                for k in range(8):
+                    a = b['aug'][v, k]
+                    got = unnorm(b['images'][v, k]).permute(1, 2, 0).double().numpy()
+                    ref = colour_reference(reference_view(ims[k], a, S), a[5:])
+                    if augment == 'pad_crop':  # no resampling: exact up to float32 colour maths
+                        assert np.abs(got - ref).max() < 0.05, (grid, v, k, a)
+                        continue
+                    # rrc: PIL rounds to levels (mean error 1/4, at most 1 from either path), which the
+                    # colour gains (up to 1.4 each, 2.7 together) enlarge; a wrong box, flip or factor
+                    # would be tens of levels off on average
+                    assert np.abs(got - ref).mean() < 1 and np.abs(got - ref).max() < 6, (grid, v, k, a)
+                    # the colour part exactly: the reference colour on this path's own resampling
+                    u8 = torch.tensor(ims[k:k + 1])
+                    geo = (data.resized_crop(data.to_float(u8, 'cpu', norm=False), a[None, :4], a[None, 4] > 0.5, S)[0]
+                           if grid else data.crop_resize_cpu(u8, a[None, :4], a[None, 4] > 0.5, S, norm=False)[0])
+                    ref = colour_reference(geo.permute(1, 2, 0).double().numpy(), a[5:])
+                    assert np.abs(got - ref).max() < 0.05, (grid, v, k, a)
+            for v, w in ((0, 1), (0, 2), (1, 2)):  # independent draws: every pair of views differs
+                assert not torch.equal(b['aug'][v], b['aug'][w])
+                assert (b['images'][v] - b['images'][w]).flatten(1).abs().max(1).values.min() > 0.1
+            again = data.Loader(syn, 8, S, seed=3, augment=augment, views=3, color_jitter=0.5)
+            again._grid = grid
+            assert torch.equal(again.batch(0, 1)['images'], b['images'])
+    # view 0 of a multi-view batch is the single-view batch (one generator, view after view)
+    one = data.Loader(syn, 8, S, seed=3, views=1).batch(0, 1)
+    two = data.Loader(syn, 8, S, seed=3, views=2).batch(0, 1)
+    assert torch.equal(one['images'], two['images'][0]) and torch.equal(one['aug'][0], two['aug'][0])
+    assert one['aug'].shape == (1, 8, 5)
+
+
 def test_eval_batches_contiguous_slices_and_resize(syn):
     ds = data.Dataset(syn)
     got = []
@@ -507,6 +720,128 @@ def test_eval_batches_contiguous_slices_and_resize(syn):
         ref = np.asarray(Image.fromarray(ds.images([k])[0]).resize((8, 8), Image.BICUBIC)).astype(np.float32)
         pix = (im * std + mean) * 255
         assert (pix.permute(1, 2, 0) - torch.tensor(ref)).abs().max() < 2.5
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_tokenizer_long_words_are_fast_and_exact():
+    import time
+    import instant_clip_tokenizer
+    ref = instant_clip_tokenizer.Tokenizer()
+    rng = np.random.default_rng(0)
+    # the cut keeps twice what 75 tokens can span: the longest vocabulary token is 32 bytes
+    longest = max(len(t.replace('</w>', '')) for t in data._tokenizer()[0])
+    assert longest == 32 and data.CHARS_PER_TOKEN >= 2 * (longest + 1)
+    # words of thousands of characters (BPE was quadratic in them) still match the reference
+    words = [''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 3000)), 'ab' * 1500, '😀🎉' * 400]
+    ours = data.tokenize(words)
+    assert np.array_equal(ours, ref.tokenize_batch(words, 77).astype(np.int64))
+    # a 1 MB one-word caption: cut first, so milliseconds rather than hours (a hang is the failure;
+    # the bound is loose because the machine may be shared)
+    big = ''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 1_000_000))
+    t = time.perf_counter()
+    ids = data.tokenize([big])
+    assert time.perf_counter() - t < 5
+    assert np.array_equal(ids, data.tokenize([big[:75 * data.CHARS_PER_TOKEN]])) and ids[0, 76] == data.EOT
+    assert np.array_equal(ids, ref.tokenize_batch([big[:20000]], 77).astype(np.int64))
+
+
+def corrupt_cases(d):
+    """(what, edit the built dataset at d in place, the file the message must name)"""
+    meta_path = os.path.join(d, 'meta.json')
+
+    def edit_meta(f):
+        def run():
+            m = json.load(open(meta_path))
+            f(m)
+            json.dump(m, open(meta_path, 'w'))
+        return run
+
+    def truncate(name, size):
+        def run():
+            p = os.path.join(d, name)
+            size_ = size if size >= 0 else os.path.getsize(p) + size
+            with open(p, 'r+b') as fh:
+                fh.truncate(size_)
+        return run
+
+    return [('truncated shard', truncate('images_00001.npy', -100), 'images_00001.npy'),
+            ('zero-byte shard', truncate('images_00000.npy', 0), 'images_00000.npy'),
+            ('truncated texts', truncate('texts_00002.npy', -10), 'texts_00002.npy'),
+            ('shard count too large', edit_meta(lambda m: m['shards'][1].update(count=m['shards'][1]['count'] + 1)), 'images_00001.npy'),
+            ('total count too large', edit_meta(lambda m: m.update(count=m['count'] + 5)), 'meta.json'),
+            ('edited image_size', edit_meta(lambda m: m.update(image_size=32)), 'images_00000.npy'),
+            ('missing shards', edit_meta(lambda m: m.pop('shards')), 'meta.json'),
+            ('missing shard file', edit_meta(lambda m: m['shards'][0].update(images='images_00009.npy')), 'images_00009.npy'),
+            ('invalid JSON', lambda: open(meta_path, 'a').write(',}'), 'meta.json')]
+
+
+def test_bad_shards_and_meta_stop_with_one_line_naming_the_file(tmp_path):
+    good = str(tmp_path / 'good')
+    data.build('synthetic', good, image_size=S, count=60, seed=0, shard_size=20, workers=1, progress=False)
+    for k, (what, _, name) in enumerate(corrupt_cases(good)):
+        d = str(tmp_path / what.replace(' ', '_'))
+        shutil.copytree(good, d)
+        corrupt_cases(d)[k][1]()  # one defect per copy
+        for fn in (lambda: data.Dataset(d), lambda: data.Loader(d, 4, S), lambda: data.eval_batches(d, 4, S)):
+            with pytest.raises(ValueError) as e:
+                fn()
+            msg = str(e.value)
+            assert '\n' not in msg and os.path.join(d, name) in msg, (what, msg)
+    data.Dataset(good)  # untouched copy still opens
+    ld = data.Loader(good, 4, S)
+    assert len(ld.ds._mm) == 0  # validated from the headers: no shard was mapped
+    ld.batch(0, 0)
+
+
+def test_truncated_tar_is_named_and_skipped(tmp_path, capsys):
+    members = []
+    for k in range(4):
+        members += [(f'k{k}.png', png_bytes(Image.fromarray(noise(S, S, 40 + k)))), (f'k{k}.txt', f'caption {k}'.encode())]
+    whole = tar_bytes(members)
+    # cut inside k2.png's data: k0 and k1 are complete (k1 ends where k2 begins), k2 and k3 are lost
+    offset = whole.index(b'k2.png') + 512 + 100
+    put(f'{tmp_path}/tars/00000.tar', whole[:offset])
+    put(f'{tmp_path}/tars/00001.tar', whole)
+    meta = data.build(f'{tmp_path}/tars/*.tar', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{tmp_path}/tars/00000.tar' in err[0] and 'truncated' in err[0]
+    assert meta['count'] == 2 + 4 and meta['skipped']['reasons'] == {'truncated or corrupt tar': 1}
+    assert meta['skipped']['items'][0][0] == f'{tmp_path}/tars/00000.tar'
+    _, ims, txt = stored(str(tmp_path / 'out'))
+    assert np.array_equal(ims, np.stack([noise(S, S, 40 + k) for k in (0, 1, 0, 1, 2, 3)]))
+    assert np.array_equal(txt.astype(np.int64), data.tokenize([f'caption {k}' for k in (0, 1, 0, 1, 2, 3)]))
+
+
+def test_list_with_non_utf8_bytes_is_decoded_and_the_line_named(tmp_path, capsys):
+    a = noise(S, S, 50)
+    put(f'{tmp_path}/imgs/a.png', png_bytes(Image.fromarray(a)))
+    put(f'{tmp_path}/imgs/\xe9t\xe9.png'.encode('latin-1'), png_bytes(Image.fromarray(a)))  # a Latin-1 file name
+    lines = [b'imgs/a.png\tfine', b'imgs/a.png\tcaf\xe9 au lait', b'', b'imgs/\xe9t\xe9.png\tsummer']
+    put(f'{tmp_path}/list.tsv', b'\n'.join(lines))
+    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'list.tsv' in err[0] and 'line 2 and 1 more' in err[0]
+    assert meta['count'] == 3 and meta['skipped']['count'] == 0
+    _, _, txt = stored(str(tmp_path / 'out'))
+    assert np.array_equal(txt.astype(np.int64), data.tokenize(['fine', 'caf\ufffd au lait', 'summer']))
+
+
+def test_upsampling_warns_once(syn, capsys):
+    data._warned.clear()
+    capsys.readouterr()
+    data.Loader(syn, 8, S)
+    list(data.eval_batches(syn, 50, S // 2))
+    assert capsys.readouterr().err == ''
+    data.Loader(syn, 8, 2 * S)
+    data.Loader(syn, 8, 2 * S, augment=False)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and syn in err[0] and f'{S}x{S}' in err[0] and f'image_size={2 * S}' in err[0]
+    list(data.eval_batches(syn, 50, 3 * S))
+    list(data.eval_batches(syn, 50, 3 * S))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f'image_size={3 * S}' in err[0]
+
 
 # ----------------------------------------------------------------------------- real images
 
