@@ -826,3 +826,56 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
     np.random.set_state((state['numpy'][0], np.array(state['numpy'][1], dtype=np.uint32), *state['numpy'][2:]))
     random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
+
+# -----------------------------------------------------------------------------
+# augmentation-aware image embedding (UniCLIP, Lee et al., NeurIPS 2022; our reading of it)
+
+
+class AugAwareVision(nn.Module):
+    """A VisionTransformer whose pooled feature gets an embedding of the augmentation that made
+    the view, added before the projection: proj(ln_post(class token) + mlp(aug)). Views can then
+    be compared in the loss without forcing the tower to be invariant to the augmentation.
+    aug [N, aug_dim]: the loader's parameters per view: crop box (cx, cy, w, h) as fractions of
+    the image, flip 0/1, then any colour parameters as offsets from no change. `identity` is the
+    vector of an unaugmented image (default: (0.5, 0.5, 1, 1) then zeros); aug=None uses it.
+    Our choices (the paper gives no code): raw parameters into a 2-layer GELU MLP, added to the
+    pooled feature (not concatenated); its last layer starts at zero, so training starts from
+    the plain tower. aug_dim=0 turns the embedding off: forward is vision(images), aug ignored.
+    folded() is the plain tower of the unaugmented embedding, for evaluation and export."""
+
+    def __init__(self, vision, aug_dim, identity=None, hidden=0):
+        super().__init__()
+        self.vision, self.aug_dim = vision, aug_dim
+        if not aug_dim:
+            return
+        identity = [0.5, 0.5, 1.0, 1.0] + [0.0] * (aug_dim - 4) if identity is None else identity
+        if len(identity) != aug_dim:
+            raise ValueError(f'identity has {len(identity)} values, aug_dim is {aug_dim}')
+        self.register_buffer('identity', torch.tensor(identity, dtype=torch.float32))
+        hidden = hidden or vision.width
+        self.mlp = nn.Sequential(nn.Linear(aug_dim, hidden), nn.GELU(), nn.Linear(hidden, vision.width))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, images, aug=None):
+        """images [N, 3, H, W], aug [N, aug_dim] or None -> [N, embed_dim] (not L2-normalised)."""
+        if not self.aug_dim:
+            return self.vision(images)
+        x = self.vision.ln_post(self.vision.forward_tokens(images)[:, 0])
+        if aug is None:
+            aug = self.identity.expand(x.shape[0], -1)
+        if aug.shape != (x.shape[0], self.aug_dim):
+            raise ValueError(f'aug must be [{x.shape[0]}, {self.aug_dim}], got {tuple(aug.shape)}')
+        x = x + self.mlp(aug.to(x.dtype))
+        return self.vision.proj(x) if self.vision.proj is not None else x
+
+    @torch.no_grad()
+    def folded(self):
+        """A plain VisionTransformer equal to forward(images) with the identity augmentation: the
+        constant mlp(identity) is added to ln_post's bias. What probe.py and export_hf read."""
+        p = self.vision.ln_post.bias
+        out = VisionTransformer(**self.vision.config).to(p.device, p.dtype)
+        out.load_state_dict(self.vision.state_dict())
+        if self.aug_dim:
+            out.ln_post.bias += self.mlp(self.identity[None].to(p.dtype))[0]
+        return out
