@@ -110,11 +110,20 @@ class _ScaleGrad(torch.autograd.Function):
 # MLCD / MLC over partial (sampled, sharded) class centres
 
 class PartialFC(nn.Module):
-    """k class centres split over ranks; each step scores the global batch against every local
-    positive of the batch plus a uniform random sample of local negatives (PartialFC), and returns
-    the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged over the global batch."""
+    """k class centres split over ranks. Each step every rank draws S, a uniform random subset of
+    round(sample_ratio * n_r) of its n_r centres. A sample's positives are its own labels, always
+    scored with their own centres; its negatives are S minus its labels, so another sample's
+    positive is a negative only if the draw picked it, and |negatives| ~ r (k - l) whatever the
+    batch (the paper's Omega'_n, Sec. 3). Returns the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged
+    over the global batch. Every shape is fixed by the settings, not by the data: no host syncs.
 
-    def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3, loss_type='mlcd'):
+    batch_positives_as_negatives=True is insightface's PartialFC instead, kept for comparison:
+    every local positive of the global batch is scored, filled up to ceil(r n_r) with random
+    centres, and each scored centre is a negative for every row that does not own it, so the
+    batch's positives crowd out the random negatives and r depends on the batch size."""
+
+    def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
+                 loss_type='mlcd', batch_positives_as_negatives=False):
         super().__init__()
         if loss_type not in ('mlcd', 'mlc'):
             raise ValueError(f"loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
@@ -125,10 +134,11 @@ class PartialFC(nn.Module):
             raise ValueError(f'num_classes ({num_classes}) must be at least the world size ({world})')
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
+        self.batch_positives_as_negatives = batch_positives_as_negatives
         self.start, self.num_local = shard_range(num_classes, rank, world)
         self.weight = nn.Parameter(self._init_shard(int(torch.randint(2**62, ())), embed_dim))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
-        self.index = None  # local indices of the centres scored in the last forward
+        self.index = None  # local indices of the last forward's S (-1: a candidate left unused)
         self.stats = {}
 
     def _init_shard(self, seed, embed_dim, chunk=65536):
@@ -155,38 +165,65 @@ class PartialFC(nn.Module):
     def extra_repr(self):
         return (f'embed_dim={self.embed_dim}, num_classes={self.num_classes}, local=[{self.start}, '
                 f'{self.start + self.num_local}), sample_ratio={self.sample_ratio}, scale={self.scale}, '
-                f'margin={self.margin}, loss_type={self.loss_type}')
+                f'margin={self.margin}, loss_type={self.loss_type}, '
+                f'batch_positives_as_negatives={self.batch_positives_as_negatives}')
+
+    def check_labels(self, labels):
+        """Opt-in check that labels are global ids in [0, k) or -1; raises ValueError. It reads the
+        labels on the host (a device sync), so forward does not call it: an id outside [0, k) is
+        there simply no rank's centre. train.py checks labels.npy once at start."""
+        if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
+            raise ValueError(f'labels must be in [-1, {self.num_classes}), got '
+                             f'[{int(labels.min())}, {int(labels.max())}]')
 
     @torch.no_grad()
-    def sample(self, local_pos):
-        """Sorted local indices to score: all local positives of the global batch, filled up to
-        ceil(sample_ratio * n_r) with uniformly random local negatives."""
-        n = self.num_local
-        num = math.ceil(round(self.sample_ratio * n, 6))  # round: 0.3 * 10 is 3.0000000000000004
-        if num >= n:
-            return torch.arange(n, device=self.weight.device)
-        # uniform random keys in [0, 1); positives get 2 so topk always keeps them, the rest of the
-        # top-num is then a uniform random subset of the negatives
-        keys = torch.rand(n, generator=self.generator, device=self.weight.device)
-        keys[local_pos] = 2.0
-        num = max(num, local_pos.numel())
+    def sample(self):
+        """S: sorted local indices of a uniform random subset of round(sample_ratio * n_r) local
+        centres (at least one; all of them when that is n_r). Its size never depends on the data."""
+        n, dev = self.num_local, self.weight.device
+        num = min(n, max(1, round(self.sample_ratio * n)))
+        if num == n:
+            return torch.arange(n, device=dev)
+        keys = torch.rand(n, generator=self.generator, device=dev)
         return keys.topk(num, sorted=False).indices.sort().values
 
+    @torch.no_grad()
+    def sample_with_positives(self, local_lab):
+        """batch_positives_as_negatives: every local positive of the batch (local_lab [B, l], n_r
+        where a label is not local), filled up to ceil(sample_ratio * n_r) with uniformly random
+        local centres. That set's size depends on the batch, so it is returned as a fixed-size
+        candidate list, positives first, of min(n_r, ceil(r n_r) + B l) local indices, and
+        `valid`, true for the first max(ceil(r n_r), #positives): the ones in use (None: all)."""
+        n, dev = self.num_local, self.weight.device
+        num = math.ceil(round(self.sample_ratio * n, 6))  # round: 0.3 * 10 is 3.0000000000000004
+        if num >= n:
+            return torch.arange(n, device=dev), None
+        # uniform random keys in [0, 1); positives get 2, so the top keys are the positives, then
+        # a uniform random order of the other centres
+        keys = torch.rand(n + 1, generator=self.generator, device=dev)
+        keys = keys.index_fill_(0, local_lab.flatten(), 2.0)[:n]  # slot n: labels not local
+        size = min(n, num + local_lab.numel())
+        index = keys.topk(size).indices
+        valid = torch.arange(size, device=dev) < (keys == 2.0).sum().clamp_min(num)
+        return index, valid
+
     def forward(self, embeddings, labels, index=None):
-        """embeddings [b, d] (this rank's rows), labels [b, l] int64 global class ids, -1 = none.
-        index: optional sorted local centre indices to score instead of sampling (must hold every
-        local positive of the global batch; tests use it to score the same set on any world size).
-        Returns the mean over the global batch of the per-sample loss, identical on every rank."""
+        """embeddings [b, d] (this rank's rows), labels [b, l] int64 global class ids, -1 = none
+        (not checked: see check_labels). index: optional distinct local centre indices to use as S
+        instead of sampling (with batch_positives_as_negatives: the whole scored set); tests use it to
+        score the same set on any world size. Returns the mean over the global batch of the
+        per-sample loss, identical on every rank."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(f'embeddings must be [b, {self.embed_dim}], got {tuple(embeddings.shape)}')
         if labels.dim() == 1:
             labels = labels[:, None]
-        if labels.dim() != 2 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f'labels must be [b, l] with b = {embeddings.shape[0]}, got {tuple(labels.shape)}')
-        if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
-            raise ValueError(f'labels must be in [-1, {self.num_classes}), got [{labels.min()}, {labels.max()}]')
+        if labels.dim() != 2 or labels.shape[0] != embeddings.shape[0] or labels.shape[1] == 0:
+            raise ValueError(f'labels must be [b, l] with b = {embeddings.shape[0]} and l >= 1, '
+                             f'got {tuple(labels.shape)}')
+        if index is not None and index.numel() == 0:
+            raise ValueError('index must hold at least one centre')
         rank, world = _world()
-        dev = self.weight.device
+        dev, n = self.weight.device, self.num_local
         dt = torch.promote_types(self.weight.dtype, torch.float32)  # loss math: fp32 (fp64 in tests)
 
         # Gather the global batch. Each rank backpropagates only its own centres' share of
@@ -198,28 +235,43 @@ class PartialFC(nn.Module):
             x = _ScaleGrad.apply(all_gather_with_grad(x), float(world))
             labels = _AllGather.apply(labels.to(dev).contiguous())  # ints: no gradient
         labels = labels.to(dev).long()
-        B = x.shape[0]
+        B, l = labels.shape
 
         # a duplicated id in a row counts once: sort each row and blank repeats
         labels = labels.sort(dim=1).values
-        labels[:, 1:][labels[:, 1:] == labels[:, :-1]] = -1
-        is_local = (labels >= self.start) & (labels < self.start + self.num_local)
-        local_lab = torch.where(is_local, labels - self.start, 0)
+        repeat = labels[:, 1:] == labels[:, :-1]
+        labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(repeat, -1)], 1)
+        is_local = (labels >= self.start) & (labels < self.start + n)  # [B, l]
+        local_lab = torch.where(is_local, labels - self.start, 0)  # 0: any row, masked below
 
-        # PartialFC sampling; col_of maps a local centre to its column among the sampled ones
-        given = index is not None
-        index = index.to(dev) if given else self.sample(local_lab[is_local].unique())
-        self.index = index
-        col_of = torch.full((self.num_local,), -1, dtype=torch.long, device=dev)
-        col_of[index] = torch.arange(index.numel(), device=dev)
-        pos_col = torch.where(is_local, col_of[local_lab], 0)
-        if given and (pos_col[is_local] < 0).any():
-            raise ValueError('index must contain every local positive of the global batch')
+        # S, and which of its columns are in use (all but with batch_positives_as_negatives)
+        valid = None
+        if index is not None:
+            index = index.to(dev)
+        elif self.batch_positives_as_negatives:
+            index, valid = self.sample_with_positives(torch.where(is_local, local_lab, n))
+        else:
+            index = self.sample()
+        self.index = index if valid is None else index.masked_fill(~valid, -1)
+        N = index.numel()
 
-        # cosines; under autocast the matmul runs in bf16, everything after it in fp32
+        # cosines; under autocast the matmuls run in bf16, everything after them in fp32
         e = F.normalize(x.to(dt), dim=1)
-        w = F.normalize(self.weight.index_select(0, index), dim=1)
-        cos = (e @ w.t()).to(dt)  # [B, k_sampled], never [B, k] when sample_ratio < 1
+        # one gather for both (its backward writes one dense [n_r, d] gradient, not two)
+        rows = self.weight.index_select(0, torch.cat([local_lab.flatten(), index]))
+        w_pos, w_neg = rows.split([B * l, N])
+        # positives: each row against its own labels' centres [B, l], so a positive always counts
+        # (w.e / |w|: F.normalize's formula without a normalised copy of the [B l, d] rows)
+        w_pos = w_pos.view(B, l, -1)
+        c_pos = torch.bmm(w_pos, e.unsqueeze(2)).squeeze(2).to(dt)
+        c_pos = (c_pos / w_pos.norm(dim=2).clamp_min(1e-12)).clamp(-1.0, 1.0)
+        # negatives: every row against S [B, |S|], never [B, k] when sample_ratio < 1
+        cos = (e @ F.normalize(w_neg, dim=1).t()).to(dt)
+        # a row's own labels are not its negatives: find their columns in S (N: not in S)
+        col_of = torch.full((n,), N, dtype=torch.long, device=dev)
+        col_of.scatter_(0, index, torch.arange(N, device=dev))
+        own_col = torch.where(is_local, col_of[local_lab], N)  # [B, l]
+        own = torch.zeros(B, N + 1, dtype=torch.bool, device=dev).scatter_(1, own_col, True)[:, :N]
 
         # positives: s_i = scale * cos(theta_i + m) (ArcFace), computed as
         # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), sin(theta) = sqrt(1 - cos^2) >= 0,
@@ -231,23 +283,23 @@ class PartialFC(nn.Module):
         # log(1 + (k - 1)), below the loss at initialisation. Training on 10 true classes fell
         # into it within 100 steps (pos and neg cosine -> -1). So, as insightface's ArcFace does,
         # continue with cos(theta) - m sin(m) there: still decreasing in theta, still a gradient.
-        c_pos = cos.gather(1, pos_col).clamp(-1.0, 1.0)  # [B, l]
         sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
         cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
         s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m,
                                          c_pos - self.margin * math.sin(self.margin))
-        # negatives: s_j = scale * cos(theta_j) for every sampled centre that is not a positive
-        pos_mask = torch.zeros_like(cos, dtype=torch.bool)
-        rows, slots = is_local.nonzero(as_tuple=True)
-        pos_mask[rows, pos_col[rows, slots]] = True
         # logging statistics (paper Fig. 3) from the same cosines; they ride along in the all-reduce
         with torch.no_grad():
-            n_pos = is_local.sum()
-            pos_sum = (c_pos * is_local).sum()
-            neg_sum = cos.sum() - cos.gather(1, pos_col).mul(is_local).sum()
-            stats = torch.stack([pos_sum, n_pos.to(dt), neg_sum, (cos.numel() - n_pos).to(dt)])
-        # in place from here on: one [B, k_sampled] buffer besides the cosines
-        s_neg = cos.mul(self.scale).masked_fill_(pos_mask, float('-inf'))
+            has_own = own_col < N  # a row's label that is a column of S (always a used one)
+            col_sum = cos.sum(0) if valid is None else cos.sum(0) * valid
+            n_cols = N if valid is None else valid.sum()
+            neg_sum = col_sum.sum() - (cos.gather(1, own_col.clamp_max(N - 1)) * has_own).sum()
+            stats = torch.stack([(c_pos * is_local).sum(), is_local.sum().to(dt), neg_sum,
+                                 (n_cols * B - has_own.sum()).to(dt)])
+        # negatives: s_j = scale * cos(theta_j) over S minus the row's labels; in place from here
+        # on, one [B, |S|] buffer besides the cosines
+        s_neg = cos.mul(self.scale).masked_fill_(own, float('-inf'))
+        if valid is not None:
+            s_neg.masked_fill_(~valid, float('-inf'))
 
         # Per-sample log-sum-exp of -s_i (positives) and s_j (negatives) over ALL ranks,
         # max-stabilised: m = max over ranks of the local maxima, then sum over ranks of
@@ -272,7 +324,9 @@ class PartialFC(nn.Module):
             # Eq. 4: log(1 + sum_j exp(s_j) * sum_i exp(-s_i))
             loss = F.softplus(lse_neg + lse_pos)
         # 0-d tensors, not floats: reading them would wait for the device on every micro-batch
-        self.stats = {'pos_cos': stats[0] / stats[1].clamp_min(1.0), 'neg_cos': stats[2] / stats[3].clamp_min(1.0)}
+        self.stats = {'pos_cos': stats[0] / stats[1].clamp_min(1.0),
+                      'neg_cos': stats[2] / stats[3].clamp_min(1.0),
+                      'num_neg': stats[3] / B}  # negatives per sample, all ranks
         return loss.mean()
 
 

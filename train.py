@@ -53,6 +53,7 @@ loss_type = 'mlcd'  # 'mlcd' (Eq. 5) | 'mlc' (Eq. 4, the ablation baseline of Ta
 num_classes = 0  # k; 0: rows of labels_dir/centroids.npy, else max label + 1
 num_positives = 8  # l: the first l columns of labels.npy (Table 5: 8 is best)
 sample_ratio = 0.1  # r: fraction of negative centres sampled per step (Table 5: 0.1)
+batch_positives_as_negatives = False  # True: insightface's sampling, see README (for comparison)
 margin = 0.3  # ArcFace additive angular margin on positives (paper appendix)
 scale = 64.0  # sigma; the paper does not give it, 64 is the ArcFace / UNICOM value
 # optimisation
@@ -206,7 +207,8 @@ def init_centres(start, n, d, seed, block=4096):
 
 
 pfc = PartialFC(embed_dim, num_classes, sample_ratio=sample_ratio, scale=scale, margin=margin,
-                loss_type=loss_type).to(device)
+                loss_type=loss_type,
+                batch_positives_as_negatives=batch_positives_as_negatives).to(device)
 with torch.no_grad():
     pfc.weight.copy_(init_centres(pfc.start, pfc.num_local, embed_dim, seed))
 pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own negatives

@@ -1,10 +1,12 @@
 """
 Benchmark of the MLCD loss at scale: forward + backward time and peak memory of PartialFC
-(sample_ratio 0.1: every positive of the batch plus 10% of the centres) against the obvious
-alternative, a plain full-logits implementation of Eq. 5 (all k centres, a [B, k] logit matrix),
-side by side in one run, median of `repeats` timed iterations after one warm-up each.
+(sample_ratio 0.1: each row's positives plus a random 10% of the centres as negatives) against
+the obvious alternative, a plain full-logits implementation of Eq. 5 (all k centres, a [B, k]
+logit matrix), and against PartialFC with batch_positives_as_negatives=True (insightface's
+sampling: every positive of the batch scored, filled up to 10% with random centres), side by side
+in one run, median of `repeats` timed iterations after one warm-up each.
 
-    python bench/bench_loss.py                       # k = 1M, d = 512, batch 1024 (CPU: ~3-4 min)
+    python bench/bench_loss.py                       # k = 1M, d = 512, batch 1024 (CPU: ~10 min)
     python bench/bench_loss.py --num_classes=100000  # quicker
 
 Each variant runs in a fresh subprocess. Memory: on CPU the child's peak RSS (ru_maxrss) minus
@@ -36,7 +38,7 @@ margin = 0.3
 repeats = 3
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 profile = True  # one extra profiled iteration per variant: what dominates
-variant = ''  # '' = run both and compare; 'partialfc' or 'full' = one child run
+variant = ''  # '' = run all and compare; 'partialfc', 'partialfc_old' or 'full' = one child run
 # the plain version at k = 1M needs ~20 GB and minutes per step on a 2-core CPU: measure it at
 # these k and scale linearly (empty = at num_classes, the default on CUDA)
 full_num_classes = (25_000, 50_000) if device == 'cpu' else ()
@@ -74,8 +76,9 @@ def child():
     # distinct positives per row (a duplicate would count twice in the plain version)
     labels = (torch.randint(0, num_classes, (batch_size, 1), device=dev) +
               torch.arange(num_positives, device=dev) * (num_classes // num_positives)) % num_classes
-    pfc = PartialFC(embed_dim, num_classes, sample_ratio, scale, margin, 'mlcd').to(dev)
-    if variant == 'partialfc':
+    pfc = PartialFC(embed_dim, num_classes, sample_ratio, scale, margin, 'mlcd',
+                    batch_positives_as_negatives=variant == 'partialfc_old').to(dev)
+    if variant.startswith('partialfc'):
         step = lambda: pfc(x, labels)
     else:
         step = lambda: full_logits(x, pfc.weight, labels)
@@ -143,6 +146,8 @@ print(f'PartialFC vs full logits: k={num_classes:,} d={embed_dim} batch={batch_s
       f'sample_ratio={sample_ratio} device={device} threads={torch.get_num_threads()}', flush=True)
 part = spawn('partialfc', num_classes)
 print(json.dumps(part), flush=True)
+old = spawn('partialfc_old', num_classes)
+print(json.dumps(old), flush=True)
 fulls = []
 for k in full_num_classes or (num_classes,):
     # the plain version holds ~5 fp32 [B, k] copies plus 4 [k, d] (centres, normalised, gradients)
@@ -158,12 +163,14 @@ full = fulls[-1]
 f = num_classes / full['num_classes']  # time and memory of full logits are linear in k
 mem_key = 'peak_gb' if device == 'cuda' else 'working_gb'
 result = dict(device=device, num_classes=num_classes, full_measured_at=[r['num_classes'] for r in fulls],
-              partialfc_s=part['median_s'], full_s=full['median_s'] * f,
+              partialfc_s=part['median_s'], partialfc_old_s=old['median_s'], full_s=full['median_s'] * f,
               speedup=full['median_s'] * f / part['median_s'],
-              partialfc_mem_gb=part[mem_key], full_mem_gb=full[mem_key] * f,
+              partialfc_mem_gb=part[mem_key], partialfc_old_mem_gb=old[mem_key],
+              full_mem_gb=full[mem_key] * f,
               mem_ratio=full[mem_key] * f / max(part[mem_key], 1e-9))
 print(f"\n{'':30s}{'time (s)':>10s}{'mem (GB)':>10s}")
 print(f"{'partialfc k=%d' % num_classes:30s}{part['median_s']:10.2f}{part[mem_key]:10.2f}")
+print(f"{'  batch positives as negatives':30s}{old['median_s']:10.2f}{old[mem_key]:10.2f}")
 for r in fulls:
     print(f"{'full logits k=%d (measured)' % r['num_classes']:30s}{r['median_s']:10.2f}{r[mem_key]:10.2f}")
 if f != 1:

@@ -19,8 +19,10 @@ run() { echo "+ $*" >&2; "$@"; }
 run python cluster.py --data_dir="$OUT/train" --out_dir="$OUT/cluster" --teacher=pixels \
     --num_classes=$K --num_positives=8
 # 3. MLCD pre-training of the tiny ViT (config/tiny_synthetic.py), then 4. LiT on its frozen tower
+#    (every centre is a negative: with only K centres, r = 0.1 would leave K / 10 negatives)
 run python train.py config/tiny_synthetic.py --data_dir="$OUT/train" --labels_dir="$OUT/cluster" \
-    --out_dir="$OUT/train_mlcd" --eval_data_dir="$OUT/test" --max_steps=$STEPS --eval_interval=0
+    --out_dir="$OUT/train_mlcd" --eval_data_dir="$OUT/test" --max_steps=$STEPS --eval_interval=0 \
+    --sample_ratio=1.0
 run python lit.py config/lit_tiny.py --data_dir="$OUT/train" --vision_checkpoint="$OUT/train_mlcd/ckpt.pt" \
     --out_dir="$OUT/lit" --epochs=$LIT_EPOCHS --precompute_features=True
 # 5. evaluate: linear probe on the shape classes, zero-shot from class names, retrieval on captions

@@ -1,6 +1,7 @@
 """loss.py against independent references: Eq. 4 / Eq. 5 written out in float64 over the full
-[B, k] cosine matrix, margin softmax cross-entropy, plain CLIP InfoNCE, and 2 gloo processes
-against 1 process on the same global batch."""
+[B, k] cosine matrix with explicit per-row negative masks, margin softmax cross-entropy, plain
+CLIP InfoNCE, and 2 gloo processes against 1 process on the same global batch; forward and
+backward of PartialFC run no op that would stall a GPU on a host sync."""
 import math
 import os
 import socket
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loss import PartialFC, clip_loss, shard_range
+from sync_count import count_syncs
 
 SCALE, MARGIN = 64.0, 0.3
 
@@ -22,29 +24,48 @@ SCALE, MARGIN = 64.0, 0.3
 # -----------------------------------------------------------------------------
 # independent references
 
-def ref_loss(emb, weight, labels, loss_type, scale=SCALE, margin=MARGIN):
-    """Eq. 4 / Eq. 5 straight from the paper, float64, masks over the full [B, k] cosines."""
+def label_sets(labels):
+    return [set(c for c in row.tolist() if c >= 0) for row in labels]
+
+
+def neg_mask(labels, scored, k):
+    """[B, k]: class c is a negative of row b iff c was scored and is not one of b's labels."""
+    neg = torch.zeros(len(labels), k, dtype=torch.bool)
+    for b, own in enumerate(label_sets(labels)):
+        for c in set(scored) - own:
+            neg[b, c] = True
+    return neg
+
+
+def ref_loss(emb, weight, labels, loss_type, neg=None, scale=SCALE, margin=MARGIN):
+    """Eq. 4 / Eq. 5 straight from the paper, float64, masks over the full [B, k] cosines: the
+    positives of row n are its labels, its negatives neg[n] (default: every other class)."""
     e = emb / emb.norm(dim=1, keepdim=True)
     w = weight / weight.norm(dim=1, keepdim=True)
     cos = e @ w.t()
     B, k = cos.shape
     pos = torch.zeros(B, k, dtype=torch.bool)
-    for n in range(B):
-        for c in labels[n].tolist():
-            if c >= 0:
-                pos[n, c] = True
+    for n, own in enumerate(label_sets(labels)):
+        for c in own:
+            pos[n, c] = True
+    neg = ~pos if neg is None else neg
     theta = torch.acos(cos.clamp(-1, 1))
     # ArcFace margin; past theta + m = pi, insightface's monotonic continuation cos(theta) - m sin(m)
     s_pos = scale * torch.where(theta + margin <= math.pi, torch.cos(theta + margin),
                                 cos - margin * math.sin(margin))
     s_neg = scale * cos
     P = torch.where(pos, torch.exp(-s_pos), 0.0).sum(1)  # sum_i exp(-s_i)
-    N = torch.where(pos, 0.0, torch.exp(s_neg)).sum(1)   # sum_j exp(s_j)
+    N = torch.where(neg, torch.exp(s_neg), 0.0).sum(1)   # sum_j exp(s_j)
     if loss_type == 'mlcd':
         per = torch.log(1 + P) + torch.log(1 + N)        # Eq. 5
     else:
         per = torch.log(1 + N * P)                       # Eq. 4
     return per.mean()
+
+
+def scored_set(pfc):
+    """The local centres the last forward drew (S, or T with batch_positives_as_negatives)."""
+    return [c for c in pfc.index.tolist() if c >= 0]
 
 
 def ref_clip(img, txt, logit_scale):
@@ -149,18 +170,125 @@ def test_extreme_cosines_give_finite_gradients():
     assert torch.isfinite(loss) and torch.isfinite(emb.grad).all() and torch.isfinite(pfc.weight.grad).all()
 
 
-def test_stats():
+@pytest.mark.parametrize('old', [False, True])
+@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('B,l,k,ratio', [(12, 8, 200, 0.1), (4, 1, 200, 0.1), (12, 4, 40, 0.25)])
+def test_sampled_matches_reference_float64(old, loss_type, B, l, k, ratio):
+    # loss and gradients against Eq. 4 / 5 with explicit per-row negatives: the drawn set minus
+    # the row's own labels. Default: S of round(r k) random centres, another row's positive is a
+    # negative only if drawn. Old convention: T = every positive of the batch + random fill.
+    g = torch.Generator().manual_seed(B * l + k)
+    d = 16
+    emb = torch.randn(B, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    labels = make_labels(g, B, l, k)
+    pfc = PartialFC(d, k, sample_ratio=ratio, loss_type=loss_type,
+                    batch_positives_as_negatives=old).double()
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+    pfc.generator.manual_seed(B + l)
+    e1 = emb.clone().requires_grad_()
+    loss = pfc(e1, labels)
+    loss.backward()
+    drawn = scored_set(pfc)
+    positives = set().union(*label_sets(labels))
+    assert len(set(drawn)) == len(drawn)
+    if old:
+        assert positives <= set(drawn)
+        assert len(drawn) == max(math.ceil(ratio * k), len(positives))
+    else:
+        assert len(drawn) == round(ratio * k)
+        assert not positives <= set(drawn)  # some positives were not drawn: not negatives here
+    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
+    ref = ref_loss(e2, w2, labels, loss_type, neg_mask(labels, drawn, k))
+    ref.backward()
+    assert close(loss.detach(), ref.detach(), 1e-9)
+    assert close(e1.grad, e2.grad, 1e-8)
+    assert close(pfc.weight.grad, w2.grad, 1e-8)
+    # every positive got its gradient, drawn or not
+    for c in positives:
+        assert pfc.weight.grad[c].abs().max() > 0
+
+
+def test_index_is_the_negative_set():
+    # index= scores a given S; a row's label outside S is still its positive
+    g = torch.Generator().manual_seed(4)
+    B, d, k = 6, 8, 30
+    emb = torch.randn(B, d, generator=g, dtype=torch.float64)
+    labels = make_labels(g, B, 3, k)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    S = torch.tensor([0, 5, int(labels[3, 0]), 17, 29]).unique()
+    assert not set().union(*label_sets(labels)) <= set(S.tolist())
+    pfc = PartialFC(d, k, sample_ratio=0.5).double()
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+    e1 = emb.clone().requires_grad_()
+    loss = pfc(e1, labels, index=S)
+    loss.backward()
+    assert pfc.index.tolist() == S.tolist()
+    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
+    ref = ref_loss(e2, w2, labels, 'mlcd', neg_mask(labels, S.tolist(), k))
+    ref.backward()
+    assert close(loss.detach(), ref.detach(), 1e-9)
+    assert close(e1.grad, e2.grad, 1e-8) and close(pfc.weight.grad, w2.grad, 1e-8)
+
+
+def test_negatives_per_row_are_S_minus_own_labels():
+    # Centres orthonormal, embeddings orthogonal to all of them: every cosine is 0, so a row's
+    # MLCD loss is log(1 + n_pos e^{sigma sin m}) + log(1 + #negatives), and #negatives can be read
+    # back from it. It must be |S \ labels(b)| for every row, whatever the batch holds; S itself
+    # depends only on the generator, not on the labels.
+    k, r, scale = 60, 0.25, 1.0
+    d = k + 1
+    g = torch.Generator().manual_seed(8)
+    B, l = 16, 8
+    labels = torch.randint(0, 30, (B, l), generator=g)  # many positives shared between rows
+    labels[3, 4:] = -1
+    e = torch.zeros(B, d, dtype=torch.float64)
+    e[:, k] = 1.0
+    pfc = PartialFC(d, k, sample_ratio=r, scale=scale, loss_type='mlcd').double()
+    with torch.no_grad():
+        pfc.weight.copy_(torch.eye(k, d, dtype=torch.float64))
+    state = pfc.generator.get_state()
+    pfc(e, labels)
+    S = set(scored_set(pfc))
+    assert len(S) == round(r * k)
+    counts = []
+    for b in range(B):
+        pfc.generator.set_state(state)
+        loss = pfc(e[b:b + 1], labels[b:b + 1]).item()
+        assert set(scored_set(pfc)) == S
+        own = label_sets(labels[b:b + 1])[0]
+        got = math.expm1(loss - math.log1p(len(own) * math.exp(scale * math.sin(MARGIN))))
+        counts.append(len(S - own))
+        assert abs(got - counts[-1]) < 1e-9
+    # the batch's mean, and the old convention, where every positive of the batch is scored
+    pfc.generator.set_state(state)
+    pfc(e, labels)
+    assert float(pfc.stats['num_neg']) == pytest.approx(sum(counts) / B)
+    old = PartialFC(d, k, sample_ratio=r, batch_positives_as_negatives=True).double()
+    old(e, labels)
+    T = set(scored_set(old))
+    assert set().union(*label_sets(labels)) <= T
+    old_counts = [len(T - own) for own in label_sets(labels)]
+    assert float(old.stats['num_neg']) == pytest.approx(sum(old_counts) / B)
+
+
+@pytest.mark.parametrize('old', [False, True])
+def test_stats(old):
     g = torch.Generator().manual_seed(5)
     B, d, k = 10, 8, 50
-    pfc = PartialFC(d, k, sample_ratio=0.5)
+    pfc = PartialFC(d, k, sample_ratio=0.3, batch_positives_as_negatives=old)
     emb = torch.randn(B, d, generator=g)
     labels = make_labels(g, B, 4, k)
     pfc(emb, labels)
-    idx = pfc.index
-    cos = F.normalize(emb, dim=1) @ F.normalize(pfc.weight.detach()[idx], dim=1).t()
-    pos = (labels[:, :, None] == idx[None, None, :]).any(1)  # [B, k_sampled]
+    cos = F.normalize(emb, dim=1) @ F.normalize(pfc.weight.detach(), dim=1).t()  # [B, k]
+    pos = ~neg_mask(labels, range(k), k)
+    neg = neg_mask(labels, scored_set(pfc), k)
+    assert all(v.dim() == 0 for v in pfc.stats.values())
     assert float(pfc.stats['pos_cos']) == pytest.approx(cos[pos].mean().item(), abs=1e-6)
-    assert float(pfc.stats['neg_cos']) == pytest.approx(cos[~pos].mean().item(), abs=1e-6)
+    assert float(pfc.stats['neg_cos']) == pytest.approx(cos[neg].mean().item(), abs=1e-6)
+    assert float(pfc.stats['num_neg']) == pytest.approx(neg.sum().item() / B)
 
 
 def test_sampler():
@@ -173,13 +301,18 @@ def test_sampler():
     for _ in range(2000):
         pfc(emb, labels)
         idx = pfc.index
-        assert idx.numel() == math.ceil(ratio * k) and {3, 7} <= set(idx.tolist())
+        assert idx.numel() == round(ratio * k)
         assert (idx[1:] > idx[:-1]).all()  # sorted, no repeats
         counts[idx] += 1
-    assert counts[3] == counts[7] == 2000
-    neg = torch.cat([counts[:3], counts[4:7], counts[8:]])
-    expected = 2000 * (math.ceil(ratio * k) - 2) / (k - 2)  # uniform over the 48 negatives
-    assert ((neg - expected).abs() < 5 * math.sqrt(expected)).all()
+    expected = 2000 * ratio  # uniform over all 50 centres, positives included
+    assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all()
+    # S depends on the generator only: other labels, the same draw
+    pfc.generator.manual_seed(5)
+    pfc(emb, labels)
+    a = pfc.index.clone()
+    pfc.generator.manual_seed(5)
+    pfc(torch.randn(3, 4), torch.arange(30).view(3, 10))
+    assert torch.equal(pfc.index, a)
     # seeded generator: the same draws again; its state can be saved and restored
     pfc.generator.manual_seed(123)
     pfc(emb, labels)
@@ -193,18 +326,81 @@ def test_sampler():
     pfc.generator.manual_seed(123)
     pfc(emb, labels)
     assert torch.equal(pfc.index, a)
-    # more positives than ceil(ratio * k): positives only
-    many = torch.arange(20).view(2, 10)
-    pfc(torch.randn(2, 4), many)
-    assert pfc.index.tolist() == list(range(20))
-    # ceil(0.3 * 10) is 3, although 0.3 * 10 == 3.0000000000000004 in floating point
-    ten = PartialFC(4, 10, sample_ratio=0.3)
-    ten(emb, torch.tensor([[1], [-1]]))
-    assert ten.index.numel() == 3 and 1 in ten.index.tolist()
+    # round(r n): 0.3 * 10 is 3.0000000000000004 in floating point; at least one centre
+    assert PartialFC(4, 10, sample_ratio=0.3).sample().numel() == 3
+    assert PartialFC(4, 10, sample_ratio=0.01).sample().numel() == 1
     # ratio 1: every centre
     full = PartialFC(4, k, sample_ratio=1.0)
     full(emb, labels)
     assert full.index.tolist() == list(range(k))
+
+
+def test_sampler_with_batch_positives():
+    # the old convention: every positive of the batch, filled up to ceil(r k) with random centres
+    k, ratio = 50, 0.2
+    pfc = PartialFC(4, k, sample_ratio=ratio, batch_positives_as_negatives=True)
+    labels = torch.tensor([[3, 7], [7, -1]])
+    emb = torch.randn(2, 4)
+    counts = torch.zeros(k)
+    pfc.generator.manual_seed(0)
+    for _ in range(2000):
+        pfc(emb, labels)
+        T = scored_set(pfc)
+        assert len(T) == math.ceil(ratio * k) and {3, 7} <= set(T) and len(set(T)) == len(T)
+        counts[T] += 1
+    assert counts[3] == counts[7] == 2000
+    neg = torch.cat([counts[:3], counts[4:7], counts[8:]])
+    expected = 2000 * (math.ceil(ratio * k) - 2) / (k - 2)  # uniform over the 48 others
+    assert ((neg - expected).abs() < 5 * math.sqrt(expected)).all()
+    # more positives than ceil(ratio * k): positives only
+    many = torch.arange(20).view(2, 10)
+    pfc(torch.randn(2, 4), many)
+    assert sorted(scored_set(pfc)) == list(range(20))
+    # ceil(0.3 * 10) is 3, although 0.3 * 10 == 3.0000000000000004 in floating point
+    ten = PartialFC(4, 10, sample_ratio=0.3, batch_positives_as_negatives=True)
+    ten(emb, torch.tensor([[1], [-1]]))
+    assert len(scored_set(ten)) == 3 and 1 in scored_set(ten)
+
+
+def test_sync_counter_sees_syncs():
+    # the counter itself: each of these would make the host wait for a GPU
+    x, m, i = torch.randn(6), torch.rand(6) > 0.5, torch.tensor([1, 2])
+    for f, name in [(lambda: x.sum().item(), '_local_scalar_dense'), (lambda: bool(m.any()), '_local'),
+                    (lambda: x[m], 'index'), (lambda: x.masked_fill(m, 0).tolist(), 'tolist'),
+                    (lambda: i.unique(), 'unique'), (lambda: m.nonzero(), 'nonzero'),
+                    (lambda: torch.repeat_interleave(i, i), 'repeat_interleave'),
+                    (lambda: PartialFC(4, 10).check_labels(i[None]), '_local_scalar_dense')]:
+        with count_syncs() as syncs:
+            f()
+        assert any(name in op for op in syncs), (name, syncs)
+    with count_syncs() as syncs:  # and not these
+        x[i], x.masked_fill(m, 0), torch.repeat_interleave(i, i, output_size=3), x.topk(3)
+    assert not syncs, syncs
+
+    class ItemInBackward(torch.autograd.Function):  # and it sees the backward pass
+        forward = staticmethod(lambda ctx, t: t.clone())
+        backward = staticmethod(lambda ctx, grad: grad * (grad.sum().item() != 0))
+
+    x.requires_grad_()
+    with count_syncs() as syncs:
+        ItemInBackward.apply(x).sum().backward()
+    assert syncs == {'aten._local_scalar_dense.default': 1}, syncs
+
+
+@pytest.mark.parametrize('old', [False, True])
+@pytest.mark.parametrize('ratio', [0.3, 1.0])
+@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+def test_no_host_sync(old, ratio, loss_type):
+    # forward + backward of PartialFC: nothing that reads a device value on the host
+    g = torch.Generator().manual_seed(9)
+    pfc = PartialFC(8, 40, sample_ratio=ratio, loss_type=loss_type, batch_positives_as_negatives=old)
+    emb = torch.randn(6, 8, generator=g, requires_grad=True)
+    labels = make_labels(g, 6, 4, 40)
+    with count_syncs() as syncs:
+        loss = pfc(emb, labels)
+        loss.backward()
+    assert not syncs, syncs
+    assert torch.isfinite(loss) and emb.grad.abs().max() > 0
 
 
 def test_no_batch_by_k_tensor_when_sampling():
@@ -221,13 +417,15 @@ def test_no_batch_by_k_tensor_when_sampling():
             return out
 
     B, d, k = 256, 4, 100_000
-    pfc = PartialFC(d, k, sample_ratio=0.01)
-    emb = torch.randn(B, d, requires_grad=True)
-    labels = torch.randint(0, k, (B, 8))
-    with MaxNumel():
-        pfc(emb, labels).backward()
-    # biggest: [B, ~0.01 k + positives] cosines, far below [B, k] (weight and its grad: k * d)
-    assert MaxNumel.biggest < B * k // 20
+    for old in (False, True):
+        pfc = PartialFC(d, k, sample_ratio=0.01, batch_positives_as_negatives=old)
+        emb = torch.randn(B, d, requires_grad=True)
+        labels = torch.randint(0, k, (B, 8))
+        MaxNumel.biggest = 0
+        with MaxNumel():
+            pfc(emb, labels).backward()
+        # biggest: [B, 0.01 k (+ B l candidates when old)] cosines, far below [B, k]
+        assert MaxNumel.biggest < B * k // 20
 
 
 @pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
@@ -272,14 +470,21 @@ def test_bf16_autocast_close_to_fp32(loss_type, regime):
 
 def test_bad_input():
     pfc = PartialFC(4, 10, sample_ratio=1.0)
-    with pytest.raises(ValueError, match='labels'):
-        pfc(torch.randn(2, 4), torch.tensor([[1], [10]]))
+    # label values are checked on request only (the check reads them on the host)
+    for bad in ([[1], [10]], [[-2], [3]]):
+        with pytest.raises(ValueError, match=r'labels must be in \[-1, 10\)'):
+            pfc.check_labels(torch.tensor(bad))
+    pfc.check_labels(torch.tensor([[-1, 0], [9, 9]]))
     with pytest.raises(ValueError, match='embeddings'):
         pfc(torch.randn(2, 5), torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match='labels must be'):
+        pfc(torch.randn(2, 4), torch.tensor([[1], [2], [3]]))
     with pytest.raises(ValueError, match='index'):
-        pfc(torch.randn(2, 4), torch.tensor([[1], [2]]), index=torch.tensor([1, 3]))
+        pfc(torch.randn(2, 4), torch.tensor([[1], [2]]), index=torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match='loss_type'):
         PartialFC(4, 10, loss_type='arcface')
+    with pytest.raises(ValueError, match='sample_ratio'):
+        PartialFC(4, 10, sample_ratio=0.0)
 
 
 def test_shard_range():
@@ -311,18 +516,20 @@ def test_clip_single_process():
 # 2 processes (gloo, CPU) against 1 process on the same global batch
 
 WORLD, B_LOCAL, D_IN, D = 2, 4, 6, 5
-CASES = [  # k, l, sample_ratio, loss_type, where the labels live
-    (11, 1, 1.0, 'mlcd', 'all'),
-    (11, 8, 1.0, 'mlc', 'all'),
-    (37, 8, 0.3, 'mlcd', 'all'),
-    (37, 1, 0.3, 'mlc', 'all'),
-    (37, 8, 0.3, 'mlcd', 'rank0'),  # rank 1 holds no positive of the batch
-    (37, 8, 1.0, 'mlc', 'rank1'),   # rank 0 holds no positive of the batch
+CASES = [  # k, l, sample_ratio, loss_type, where the labels live, batch_positives_as_negatives
+    (11, 1, 1.0, 'mlcd', 'all', False),
+    (11, 8, 1.0, 'mlc', 'all', False),
+    (37, 8, 0.3, 'mlcd', 'all', False),
+    (37, 1, 0.3, 'mlc', 'all', False),
+    (37, 8, 0.3, 'mlcd', 'rank0', False),  # rank 1 holds no positive of the batch
+    (37, 8, 1.0, 'mlc', 'rank1', False),   # rank 0 holds no positive of the batch
+    (37, 8, 0.3, 'mlcd', 'all', True),
+    (37, 1, 0.3, 'mlc', 'rank0', True),
 ]
 
 
 def case_data(i):
-    k, l, ratio, loss_type, where = CASES[i]
+    k, l, ratio, loss_type, where, _ = CASES[i]
     g = torch.Generator().manual_seed(100 + i)
     x = torch.randn(WORLD * B_LOCAL, D_IN, generator=g, dtype=torch.float64)
     weight = torch.randn(k, D, generator=g, dtype=torch.float64)
@@ -360,16 +567,19 @@ def _worker(rank, port, out_dir):
     torch.manual_seed(0)
     init = PartialFC(D, 37).weight.detach()
     results = []
-    for i, (k, l, ratio, loss_type, _) in enumerate(CASES):
+    for i, (k, l, ratio, loss_type, _, old) in enumerate(CASES):
         x, weight, labels, backbone = case_data(i)
         model = DDP(backbone)
-        pfc = PartialFC(D, k, sample_ratio=ratio, scale=SCALE, margin=MARGIN, loss_type=loss_type).double()
+        pfc = PartialFC(D, k, sample_ratio=ratio, scale=SCALE, margin=MARGIN, loss_type=loss_type,
+                        batch_positives_as_negatives=old).double()
         with torch.no_grad():
             pfc.weight.copy_(weight[pfc.start:pfc.start + pfc.num_local])
         pfc.generator.manual_seed(10 * i + rank)
-        loss = pfc(model(x[rows]), labels[rows])
-        loss.backward()
-        results.append(dict(loss=loss.item(), start=pfc.start, index=pfc.index + pfc.start,
+        with count_syncs() as syncs:  # collectives, but nothing that waits on a device value
+            loss = pfc(model(x[rows]), labels[rows])
+            loss.backward()
+        drawn = torch.tensor(scored_set(pfc), dtype=torch.long)
+        results.append(dict(loss=loss.item(), start=pfc.start, index=drawn + pfc.start, syncs=dict(syncs),
                             centre_grad=pfc.weight.grad, stats={k: float(v) for k, v in pfc.stats.items()},
                             backbone_grad=[p.grad for p in backbone.parameters()]))
     a, b, towers = clip_data()
@@ -393,30 +603,37 @@ def two_process_results():
 
 @pytest.mark.parametrize('i', range(len(CASES)))
 def test_partialfc_two_processes_equal_one(two_process_results, i):
-    k, l, ratio, loss_type, where = CASES[i]
+    k, l, ratio, loss_type, where, old = CASES[i]
     r0, r1 = two_process_results[0]['cases'][i], two_process_results[1]['cases'][i]
     # the same sampled set: 1 process scores the union of what the 2 ranks sampled
     index = torch.cat([r0['index'], r1['index']])
+    x, weight, labels, backbone = case_data(i)
     for r, res in enumerate((r0, r1)):
         start, n = shard_range(k, r, WORLD)
-        assert res['start'] == start
-        local = res['index'] - start
-        assert local.numel() >= (n if ratio == 1 else math.ceil(ratio * n))
+        assert res['start'] == start and not res['syncs'], res['syncs']
+        local = set((res['index'] - start).tolist())
+        if old:  # every local positive of the batch, filled up to ceil(r n)
+            own = set(c - start for c in set().union(*label_sets(labels)) if start <= c < start + n)
+            assert own <= local and len(local) == max(math.ceil(ratio * n), len(own))
+        else:
+            assert len(local) == round(ratio * n)
     if ratio < 1:
         assert index.numel() < k
-    x, weight, labels, backbone = case_data(i)
-    pfc = PartialFC(D, k, sample_ratio=ratio, scale=SCALE, margin=MARGIN, loss_type=loss_type).double()
+    pfc = PartialFC(D, k, sample_ratio=ratio, scale=SCALE, margin=MARGIN, loss_type=loss_type,
+                    batch_positives_as_negatives=old).double()
     with torch.no_grad():
         pfc.weight.copy_(weight)
     loss = pfc(backbone(x), labels, index=index)
     loss.backward()
-    if ratio == 1:  # and the paper's formula
-        ref = ref_loss(backbone(x).detach(), weight, labels, loss_type)
-        assert close(loss.detach(), ref, 1e-9)
+    # and the paper's formula with that set (r = 1: every other class is a negative)
+    ref = ref_loss(backbone(x).detach(), weight, labels, loss_type,
+                   None if ratio == 1 else neg_mask(labels, index.tolist(), k))
+    assert close(loss.detach(), ref, 1e-9)
     for res in (r0, r1):
         assert res['loss'] == pytest.approx(loss.item(), rel=1e-10)
         assert res['stats']['pos_cos'] == pytest.approx(float(pfc.stats['pos_cos']), rel=1e-9, abs=1e-12)
         assert res['stats']['neg_cos'] == pytest.approx(float(pfc.stats['neg_cos']), rel=1e-9, abs=1e-12)
+        assert res['stats']['num_neg'] == pytest.approx(float(pfc.stats['num_neg']), rel=1e-12)
         for got, want in zip(res['backbone_grad'], [p.grad for p in backbone.parameters()]):
             assert close(got, want, 1e-9)
         start = res['start']
