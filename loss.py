@@ -308,12 +308,14 @@ class PartialFC(nn.Module):
         m = torch.stack([z_pos.detach().amax(1), s_neg.detach().amax(1)], 1)  # [B, 2]
         if world > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        m = torch.where(torch.isfinite(m), m, 0.0)  # a set empty on every rank: any finite m
+        # a set empty on every rank (max -inf): any finite m. NaN must stay NaN, so that a diverged
+        # tower shows up as a NaN loss rather than as a loss of 0
+        m = m.masked_fill(m == float('-inf'), 0.0)
         sums = torch.stack([(z_pos - m[:, :1]).exp().sum(1), s_neg.sub_(m[:, 1:]).exp_().sum(1)], 1)
         if world > 1:
             packed = _AllReduceSum.apply(torch.cat([sums.flatten(), stats]))
             sums, stats = packed[:2 * B].view(B, 2), packed[2 * B:].detach()
-        nonempty = sums > 0
+        nonempty = sums != 0  # true for NaN too
         lse = torch.where(nonempty, m + torch.where(nonempty, sums, 1.0).log(), float('-inf'))
         lse_pos, lse_neg = lse[:, 0], lse[:, 1]  # log sum_i exp(-s_i), log sum_j exp(s_j)
 

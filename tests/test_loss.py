@@ -170,6 +170,20 @@ def test_extreme_cosines_give_finite_gradients():
     assert torch.isfinite(loss) and torch.isfinite(emb.grad).all() and torch.isfinite(pfc.weight.grad).all()
 
 
+@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+def test_non_finite_embeddings_give_a_nan_loss(loss_type):
+    # a diverged tower must not read as a loss of 0 (the run would then go on and save it)
+    torch.manual_seed(0)
+    pfc = PartialFC(8, 20, sample_ratio=0.5, loss_type=loss_type)
+    labels = torch.tensor([[0, 1], [2, -1], [3, 4]])
+    for bad in (float('nan'), float('inf')):
+        emb = torch.randn(3, 8)
+        emb[1, 2] = bad
+        assert torch.isnan(pfc(emb, labels)), bad
+    emb = torch.full((3, 8), float('nan'))
+    assert torch.isnan(pfc(emb, labels))
+
+
 @pytest.mark.parametrize('old', [False, True])
 @pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
 @pytest.mark.parametrize('B,l,k,ratio', [(12, 8, 200, 0.1), (4, 1, 200, 0.1), (12, 4, 40, 0.25)])
