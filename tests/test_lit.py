@@ -231,3 +231,38 @@ def test_lit_sigterm_checkpoints_and_resumes_exactly(setup):
     b = torch.load(out / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(a['text'][k], b['text'][k]) for k in a['text'])
     assert torch.equal(a['logit_scale'], b['logit_scale'])
+
+
+def test_lit_two_ranks_stop_together_on_a_signal_to_one(setup):
+    """SIGTERM to rank 1 only: the flag rides in the temperature gradient's all-reduce, both
+    ranks stop after the same step with one checkpoint, and the resumed run equals the
+    uninterrupted one."""
+    import signal
+    import time
+    args = ['--max_steps=20', '--precompute_features=True']
+    _, whole_log = lit(setup, 'sig2_whole', *args, nproc=2)
+    out = setup / 'sig2_part'
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ps = [subprocess.Popen(lit_cmd(setup, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=open(setup / f'sig2_part{r}.err', 'w'),
+                           env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE='2',
+                                    LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)))
+          for r in range(2)]
+    t0 = time.time()
+    while not (os.path.exists(out / 'log.jsonl') and len(open(out / 'log.jsonl').readlines()) >= 2):
+        assert all(p.poll() is None for p in ps) and time.time() - t0 < 300, 'ended before the signal'
+        time.sleep(0.05)
+    ps[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=300) for p in ps] == [1, 1]
+    step = torch.load(out / 'ckpt.pt', weights_only=True)['step']
+    assert 2 <= step < 20
+    for r in range(2):
+        last = open(setup / f'sig2_part{r}.err').read().strip().splitlines()[-1]
+        assert f'after step {step} ' in last and '--init_from=resume' in last, last
+    _, log = lit(setup, 'sig2_part', *args, '--init_from=resume', nproc=2)
+    assert [r['loss'] for r in log] == [r['loss'] for r in whole_log]
+    a = torch.load(setup / 'sig2_whole' / 'ckpt.pt', weights_only=True)
+    b = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert all(torch.equal(a['text'][k], b['text'][k]) for k in a['text'])
