@@ -57,8 +57,8 @@ def stop(msg):
 def init_distributed(device, timeout_minutes):
     """(ddp, rank, world, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK);
     nccl on CUDA, gloo on CPU. Every collective (and the rendezvous) fails after timeout_minutes
-    instead of waiting forever for a rank that is gone; the rank that notices exits with a line
-    saying so (see lost_rank), not with a traceback."""
+    when a rank is gone; the rank that notices exits with a line saying so (see lost_rank), not
+    with a traceback."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, device
     if not timeout_minutes > 0:
@@ -158,7 +158,8 @@ def catch_signals():
         global signalled
         name = signal.Signals(signum).name
         if signalled is not None:
-            sys.stderr.write(f'\n{name} again: exiting now, without a checkpoint of this step\n')
+            sys.stderr.write(f'\n{name} after {signalled}: exiting now; the last checkpoint is '
+                             'unchanged\n')
             sys.stderr.flush()
             os._exit(128 + signum)
         signalled = name
