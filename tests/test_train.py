@@ -291,7 +291,7 @@ def test_resume_drops_a_torn_last_log_line(data, two_runs):
 def test_files_of_another_run_are_refused(data, two_runs):
     """A centre shard or a ckpt.pt of another run (another seed, the same step and shard names),
     and a bit flipped in a shard's centres: each stops with a line naming the file."""
-    a, b = two_runs['A'], two_runs['B']
+    b = two_runs['B']
     shard = 'centres_00000002_rank0_of_1.pt'
     resume = data['data'] + BASE + ['--init_from=resume', '--max_steps=3']
     out = copy_run(two_runs, data, 'foreign_shard')
