@@ -12,6 +12,7 @@ first executes the config file(s) and then applies --key=value overrides, in ord
 parsed as Python literals (strings may be given bare). A key the script does not define, or a value
 of another type than the default's, stops the run with a message naming the key: a typo must never
 silently train the wrong model. After this runs, the script has a `config` dict of all its settings.
+`--help` lists every setting with its value and the comment beside it in the script's source.
 """
 import sys
 import types
@@ -24,6 +25,34 @@ def config_keys(g):
     """The settings of a script: its plain-valued globals, except _private names and CONSTANTS."""
     return [k for k, v in g.items()
             if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)]
+
+
+def setting_comments(path):
+    """{key: comment} from a script's top-level `key = value  # comment` lines; comment-only lines
+    indented right below such a line continue its comment."""
+    import tokenize  # here, not above: this file is exec'd into scripts that may have a tokenize
+    found, key, stmt, last = {}, None, False, -1
+    try:
+        with open(path) as f:
+            toks = list(tokenize.generate_tokens(f.readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return found
+    for i, t in enumerate(toks):
+        if t.type == tokenize.NAME and t.start[1] == 0 and toks[i + 1].string == '=':
+            key, stmt = t.string, True
+        elif t.type == tokenize.COMMENT and key:
+            text = t.string.lstrip('#').strip()
+            if stmt:  # on the setting's own line
+                found[key], last = text, t.start[0]
+            elif key in found and t.start[1] > 0 and t.start[0] == last + 1:  # continued below
+                found[key], last = f'{found[key]} {text}', last + 1
+            else:
+                key = None
+        elif t.type == tokenize.NEWLINE:
+            stmt = False
+        elif t.type != tokenize.NL and not stmt:
+            key = None
+    return found
 
 
 def coerce(key, value, default, where):
@@ -47,9 +76,12 @@ def configure(g, args):
     keys = config_keys(g)
     for arg in args:
         if arg in ('-h', '--help'):
+            notes = setting_comments(g['__file__']) if g.get('__file__') else {}
+            rows = [(f'--{k}={g[k]!r}', notes.get(k)) for k in keys]
+            width = min(40, max((len(r) for r, _ in rows), default=0))
             print('settings (override with --key=value or a config file):')
-            for k in keys:
-                print(f'  --{k}={g[k]!r}')
+            for r, note in rows:
+                print(f'  {r:<{width}}  # {note}' if note else f'  {r}')
             raise SystemExit(0)
         if not arg.startswith('--'):  # a config file: Python that assigns some of the settings
             try:
@@ -87,6 +119,6 @@ if __name__ == '__main__':
     # a namespace of their own
     _ns = {'__builtins__': __builtins__, 'sys': sys, 'types': types, 'literal_eval': literal_eval,
            '_CONFIG_TYPES': _CONFIG_TYPES}
-    for _f in (config_keys, coerce, configure):
+    for _f in (config_keys, setting_comments, coerce, configure):
         _ns[_f.__name__] = types.FunctionType(_f.__code__, _ns)
     _ns['configure'](globals(), sys.argv[1:])

@@ -10,14 +10,19 @@ One 8-GPU node:    torchrun --standalone --nproc_per_node=8 train.py config/vitl
 Several nodes:     torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 train.py ...
                    (out_dir must be on a file system every rank sees: centre shards live there)
 Continue a run:    python train.py config/x.py --init_from=resume   (any number of ranks)
+
+A run stops with one line, never leaving a checkpoint from a bad state: on a non-finite
+embedding, loss, gradient or weight, bad input, a rank that stops answering (timeout_minutes),
+or SIGTERM / SIGINT (after the current step and a checkpoint; exit status 1, resume with
+--init_from=resume).
 """
 import glob
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
 
+import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -25,9 +30,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from common import stop
 from data import Dataset, Loader, eval_batches
 from loss import PartialFC, shard_range
-from model import PRESETS, VisionTransformer, atomic_save, from_pretrained, rng_state, set_rng_state
+from model import PRESETS, VisionTransformer, from_pretrained, rng_state, set_rng_state
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
@@ -36,6 +42,7 @@ out_dir = 'out/train'
 data_dir = 'data/laion400m'  # a data.py dataset
 labels_dir = 'out/cluster'  # a cluster.py out_dir: labels.npy [N, l] int32 (+ centroids.npy)
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint from_pretrained loads
+overwrite = False  # start a new run in an out_dir that holds a checkpoint (replacing it)
 log_interval = 10  # steps between log lines
 ckpt_interval = 1000  # steps between checkpoints (one is always written at the end)
 eval_data_dir = ''  # optional dataset with classes.npy: leave-one-out kNN accuracy, for monitoring
@@ -57,8 +64,9 @@ batch_positives_as_negatives = False  # True: insightface's sampling, see README
 margin = 0.3  # ArcFace additive angular margin on positives (paper appendix)
 scale = 64.0  # sigma; the paper does not give it, 64 is the ArcFace / UNICOM value
 # optimisation
-global_batch_size = 32768  # images per optimizer step, over all ranks (paper: 32K)
-micro_batch_size = 256  # images per rank per forward; global / (micro * ranks) = accumulation steps
+global_batch_size = 32768  # images per optimizer step over all ranks (paper: 32K); when it is
+                           # not a multiple of the ranks, the nearest one is used (first line)
+micro_batch_size = 256  # most images per rank per forward (0: no limit); accumulation does the rest
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch; sets the length of the lr schedule
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged; 0: never
@@ -77,63 +85,54 @@ augment = True
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
 compile = False  # torch.compile the image tower
+threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
+timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 if loss_type not in ('mlcd', 'mlc'):
     raise SystemExit(f"config error: loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
-
-# distributed setup: torchrun sets RANK; gloo on CPU, nccl on CUDA
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-else:
-    rank, world = 0, 1
+threads = common.set_threads(threads)
+ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 autocast for the tower only; PartialFC runs outside it in fp32, because s * cos(theta) with
 # s = 64 would carry ~0.25 of logit error at bf16's 8-bit mantissa
 ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
        if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
-if micro_batch_size <= 0 or global_batch_size % (micro_batch_size * world):
-    raise SystemExit(f'config error: global_batch_size {global_batch_size} is not a multiple of '
-                     f'micro_batch_size * ranks = {micro_batch_size} * {world}')
-accum = global_batch_size // (micro_batch_size * world)  # gradient accumulation steps
+# the global batch: micro x ranks x accumulation steps, the nearest to the one asked
+global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
+    global_batch_size, world, micro_batch_size)
+common.check_out_dir(out_dir, init_from, overwrite)
 torch.manual_seed(seed)  # the same on every rank: same initial tower (DDP broadcasts it anyway)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-
-
-def stop(msg):
-    """Leave with a one-line message; the last checkpoint on disk is never touched on this path."""
-    if ddp:
-        dist.destroy_process_group()
-    raise SystemExit(msg)
-
+log_path = os.path.join(out_dir, 'log.jsonl')
 
 # -----------------------------------------------------------------------------
 # data and labels, checked before any work
-try:
-    dataset = Dataset(data_dir)
-    if eval_data_dir and Dataset(eval_data_dir).classes is None:
-        stop(f'{eval_data_dir}: no classes.npy, so no kNN accuracy (eval_data_dir needs classes)')
-except ValueError as e:  # library errors name the file; a script stops with the message
-    stop(str(e))
+dataset = common.open_dataset('data_dir', data_dir)
+if eval_data_dir and common.open_dataset('eval_data_dir', eval_data_dir).classes is None:
+    stop(f'eval_data_dir={eval_data_dir}: no classes.npy, so no kNN accuracy (it needs classes)')
 labels_path = os.path.join(labels_dir, 'labels.npy')
 if not os.path.exists(labels_path):
-    stop(f'{labels_path}: not found (run cluster.py with out_dir={labels_dir})')
-all_labels = np.load(labels_path, mmap_mode='r')
-if all_labels.ndim != 2 or all_labels.shape[0] != len(dataset):
-    stop(f'{labels_path}: {all_labels.shape[0]} label rows but {data_dir} has {len(dataset)} images')
+    stop(f'labels_dir={labels_dir}: no labels.npy (run cluster.py with out_dir={labels_dir})')
+try:
+    all_labels = np.load(labels_path, mmap_mode='r')
+except (ValueError, OSError) as e:
+    stop(f'labels_dir={labels_dir}: labels.npy is not a readable .npy file ({e})')
+if all_labels.ndim != 2 or not np.issubdtype(all_labels.dtype, np.integer):
+    stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] (nearest centre first), got '
+         f'{all_labels.dtype} {list(all_labels.shape)}')
+if all_labels.shape[0] != len(dataset):
+    stop(f'labels_dir={labels_dir}: labels.npy has {all_labels.shape[0]} label rows but '
+         f'data_dir={data_dir} has {len(dataset)} images')
 if not 1 <= num_positives <= all_labels.shape[1]:
     stop(f'config error: num_positives {num_positives} but {labels_path} has '
          f'{all_labels.shape[1]} columns')
 labels = all_labels[:, :num_positives]  # the l nearest centres, nearest first
+if master:  # the first line of the run
+    print(f'global batch {global_batch_size} = {world} rank(s) x {accum} accumulation step(s) x '
+          f'{micro_batch_size} images' + (f' ({batch_note})' if batch_note else ''))
 
 
 def label_range():
@@ -152,6 +151,9 @@ def label_range():
 
 
 label_min, label_max = label_range()
+if label_max < 0:
+    stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] with class ids, but every id is '
+         '-1 (no label)')
 centroids_path = os.path.join(labels_dir, 'centroids.npy')
 if num_classes == 0:
     num_classes = (np.load(centroids_path, mmap_mode='r').shape[0]
@@ -164,9 +166,7 @@ if label_max >= num_classes or label_min < -1:
 # the image tower
 ckpt = None
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        stop(f'{ckpt_path}: not found, cannot resume')
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = common.load(ckpt_path, 'init_from=resume')
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
 elif init_from == 'scratch':
@@ -176,9 +176,13 @@ elif init_from == 'scratch':
     vcfg['image_size'] = image_size or vcfg['image_size']
     vision = VisionTransformer(**vcfg)
 else:  # a checkpoint: ours, OpenAI, open_clip or Hugging Face
-    vision, _ = from_pretrained(init_from, image_size=image_size or None)
+    try:
+        vision, _ = from_pretrained(init_from, image_size=image_size or None)
+    except (ValueError, OSError) as e:
+        stop(f'init_from={init_from}: {str(e).removeprefix(init_from + ": ")}')
 vision.to(device)
 embed_dim = vision.embed_dim
+run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
 
 try:
     loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
@@ -187,7 +191,8 @@ try:
 except ValueError:  # the loader's only check left: fewer images than one global batch
     steps_per_epoch = 0
 if steps_per_epoch == 0:
-    stop(f'{data_dir}: {len(dataset)} images are fewer than one global batch of {global_batch_size}')
+    stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
+         f'{global_batch_size}')
 max_steps = max_steps or epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
@@ -216,14 +221,8 @@ pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own 
 # -----------------------------------------------------------------------------
 # optimizers: AdamW for the tower (replicated) and a separate AdamW for this rank's centre shard
 # (sharded, so its state is per rank and never all-reduced).
-# Weight decay 0.2 applies to the matrices (linear, patch-embedding conv, projection) only. It skips
-# biases and LayerNorm gains (few parameters that shift/scale activations: decaying them toward 0
-# only distorts the normalisation, it does not regularise), the class token and the position
-# embedding (additive inputs, not weights multiplying activations: decay would just erase them).
-decay = [p for n, p in vision.named_parameters() if p.ndim >= 2 and 'pos_embed' not in n]
-no_decay = [p for n, p in vision.named_parameters() if not (p.ndim >= 2 and 'pos_embed' not in n)]
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                               {'params': no_decay, 'weight_decay': 0.0}],
+# Weight decay 0.2 on the matrices only (common.param_groups), and not on the position embedding.
+optimizer = torch.optim.AdamW(common.param_groups(vision, weight_decay, skip=('pos_embed',)),
                               lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
 # Centres. A row that was not sampled this step gets an exactly zero gradient, and plain AdamW
 # still updates it: its moments decay (m *= beta1, v *= beta2) and it keeps moving along its last
@@ -245,7 +244,8 @@ optimizer_c = torch.optim.AdamW([pfc.weight], lr=learning_rate, betas=(beta1, be
 
 def load_centres(ckpt, start, n):
     """This rank's rows and their Adam state, copied from every old shard that overlaps them:
-    works for any old and new number of ranks."""
+    works for any old and new number of ranks. Each shard must be of this run (run_id) and hash
+    to the checksum ckpt.pt recorded for it."""
     w, m, v = torch.empty(n, embed_dim), torch.empty(n, embed_dim), torch.empty(n, embed_dim)
     adam_step, own = None, None
     for r_old, name in enumerate(ckpt['centres']):
@@ -254,10 +254,17 @@ def load_centres(ckpt, start, n):
         if lo >= hi:
             continue
         path = os.path.join(out_dir, name)
-        sh = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        sh = common.load(path, f"centre shard {r_old} of {ckpt_path}", mmap=True)
+        if sh.get('run_id') != ckpt.get('run_id'):
+            stop(f"{path}: belongs to run {sh.get('run_id')}, but {ckpt_path} to run "
+                 f"{ckpt.get('run_id')}: files of two runs are mixed in out_dir={out_dir}")
         if (sh['start'], sh['rows'], sh['step']) != (s0, n0, ckpt['step']):
             stop(f"{path}: holds rows {sh['start']}+{sh['rows']} of step {sh['step']}, expected "
                  f"{s0}+{n0} of step {ckpt['step']}")
+        if 'centres_sha256' in ckpt and common.sha256(
+                sh['weight'], sh['exp_avg'], sh['exp_avg_sq']) != ckpt['centres_sha256'][r_old]:
+            stop(f'{path}: its centres do not match the checksum in {ckpt_path} (the file changed '
+                 'after it was written)')
         w[lo - start:hi - start] = sh['weight'][lo - s0:hi - s0]
         m[lo - start:hi - start] = sh['exp_avg'][lo - s0:hi - s0]
         v[lo - start:hi - start] = sh['exp_avg_sq'][lo - s0:hi - s0]
@@ -290,6 +297,9 @@ if ckpt is not None:
         if master:
             print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded, "
                   'negative sampling reseeded')
+    if master and ckpt.get('global_batch_size', global_batch_size) != global_batch_size:
+        print(f"the global batch changes from {ckpt['global_batch_size']} to {global_batch_size} "
+              'on this number of ranks')
     del ckpt, w, m, v, own
 
 # -----------------------------------------------------------------------------
@@ -299,15 +309,6 @@ if compile:
     vision = torch.compile(vision)
 if ddp:
     vision = DDP(vision, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
-
-
-def get_lr(it):
-    """Linear warm-up over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if it < warmup_steps:
-        return learning_rate * (it + 1) / warmup_steps
-    progress = min(1.0, (it - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
-
 
 # dense bf16 tensor-core peak per GPU (FLOP/s), for MFU
 PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
@@ -322,22 +323,38 @@ def peak_flops():
 
 def save_checkpoint():
     """Every rank writes its centre shard under a step-tagged name; then rank 0 writes ckpt.pt,
-    which names them. ckpt.pt is the commit point: until its rename, the previous ckpt.pt and the
-    shards it names are untouched, so a crash at any moment leaves one complete checkpoint."""
-    names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
+    which names them and holds their checksums. ckpt.pt is the commit point: until its rename,
+    the previous ckpt.pt and the shards it names are untouched, so a crash at any moment leaves
+    one complete checkpoint. Nothing is written from non-finite weights or optimizer state.
+    The other ranks wait for rank 0's write in a collective: it must take less than
+    timeout_minutes (seconds for ViT-L: ~1.2 GB of tower and Adam state)."""
     st = optimizer_c.state[pfc.weight]
-    atomic_save({'start': pfc.start, 'rows': pfc.num_local, 'step': step,
-                 'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
-                 'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
-                 'generator': pfc.generator.get_state(), 'rng': rng_state(device)},
-                os.path.join(out_dir, names[rank]))
+    tensors = [*raw_vision.parameters(), pfc.weight, st['exp_avg'], st['exp_avg_sq']]
+    tensors += [s[k] for s in optimizer.state.values() for k in ('exp_avg', 'exp_avg_sq')]
+    bad = torch.tensor(float(not common.all_finite(tensors)), device=device)
     if ddp:
-        dist.barrier()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        stop(f'non-finite weights or optimizer state after step {step}: not saved; the last good '
+             f'checkpoint is {ckpt_path}' + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
+    os.makedirs(out_dir, exist_ok=True)
+    names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
+    shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
+             'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
+             'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
+             'generator': pfc.generator.get_state(), 'rng': rng_state(device)}
+    common.save(shard, os.path.join(out_dir, names[rank]))
+    sums = [common.sha256(shard['weight'], shard['exp_avg'], shard['exp_avg_sq'])]
+    if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it
+        sums = [None] * world
+        dist.all_gather_object(sums, common.sha256(shard['weight'], shard['exp_avg'],
+                                                   shard['exp_avg_sq']))
     if master:
-        atomic_save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
+        common.save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
                      'optimizer': optimizer.state_dict(), 'step': step,
-                     'epoch': step / steps_per_epoch, 'world_size': world,
-                     'num_classes': num_classes, 'embed_dim': embed_dim, 'centres': names,
+                     'epoch': step / steps_per_epoch, 'world_size': world, 'run_id': run_id,
+                     'global_batch_size': global_batch_size, 'num_classes': num_classes,
+                     'embed_dim': embed_dim, 'centres': names, 'centres_sha256': sums,
                      'rng': rng_state(device), 'config': config}, ckpt_path)
         for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
             if os.path.basename(f) not in names:
@@ -349,41 +366,37 @@ def save_checkpoint():
 @torch.no_grad()
 def knn_accuracy():
     """Leave-one-out weighted kNN (cosine, k = knn_k, weights exp(s / 0.07)) over eval_data_dir,
-    a cheap monitor of the features; every rank embeds its slice, rank 0 scores."""
+    a cheap monitor of the features. Every rank embeds its contiguous slice of the images, the
+    features are all-gathered, each rank scores its own slice against all of them, and the
+    counts of correct votes are summed: no rank waits while another works."""
     ds = Dataset(eval_data_dir)
+    start, n = shard_range(len(ds), rank, world)  # eval_batches' slice
     raw_vision.eval()
-    feats, index = [], []
+    mine = torch.zeros(n, embed_dim, device=device)
     for idx, images in eval_batches(eval_data_dir, eval_batch_size, raw_vision.image_size,
                                     rank=rank, world_size=world, device=device):
         with ctx:
-            feats.append(F.normalize(raw_vision(images).float(), dim=-1))
-        index.append(idx.to(device))
+            mine[idx.to(device) - start] = F.normalize(raw_vision(images).float(), dim=-1)
     raw_vision.train()
-    f = torch.cat(feats) if feats else torch.zeros(0, embed_dim, device=device)
-    i = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+    f = mine
     if ddp:  # slices differ by at most one row: pad, gather, drop the padding
-        n = -(-len(ds) // world)
-        f = torch.cat([f, f.new_zeros(n - len(f), embed_dim)])
-        i = torch.cat([i, i.new_full((n - len(i),), -1)])
-        fs, is_ = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
-        dist.all_gather(fs, f)
-        dist.all_gather(is_, i)
-        f, i = torch.cat(fs), torch.cat(is_)
-        f = f[i >= 0]
-        i = i[i >= 0]
-    if not master:
-        return None
-    f = f[torch.argsort(i)]
+        rows = -(-len(ds) // world)
+        fs = [torch.empty(rows, embed_dim, device=device) for _ in range(world)]
+        dist.all_gather(fs, torch.cat([mine, mine.new_zeros(rows - n, embed_dim)]))
+        f = torch.cat([x[:shard_range(len(ds), r, world)[1]] for r, x in enumerate(fs)])
     y = torch.as_tensor(np.asarray(ds.classes), dtype=torch.long, device=device)
-    nc, correct = int(y.max()) + 1, 0
-    for a in range(0, len(f), 1024):
-        sim = f[a:a + 1024] @ f.T
+    nc = int(y.max()) + 1
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for a in range(start, start + n, 1024):
+        sim = f[a:min(a + 1024, start + n)] @ f.T
         rows = torch.arange(len(sim), device=device)
         sim[rows, rows + a] = -2.0  # leave one out
         s, j = sim.topk(min(knn_k, len(f) - 1), dim=1)
         votes = torch.zeros(len(sim), nc, device=device).scatter_add_(1, y[j], (s / 0.07).exp())
-        correct += (votes.argmax(1) == y[a:a + len(sim)]).sum().item()
-    return correct / len(f)
+        correct += (votes.argmax(1) == y[a:a + len(sim)]).sum()
+    if ddp:
+        dist.all_reduce(correct)
+    return correct.item() / len(f)
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +405,7 @@ if master:
     print(f'{world} rank(s), {accum} micro-batches of {micro_batch_size} per rank per step, '
           f'{steps_per_epoch} steps per epoch, {max_steps} steps; {num_classes} centres '
           f'(this rank {pfc.start}+{pfc.num_local}), {raw_vision.num_params() / 1e6:.1f}M tower '
-          f'parameters, device {device}')
+          f'parameters, device {device}, {threads} thread(s), run {run_id}')
 run = None
 if wandb_log and master:
     try:
@@ -400,19 +413,16 @@ if wandb_log and master:
         run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     except ImportError:
         print('wandb_log=True but wandb is not installed: logging to log.jsonl only')
-log_path = os.path.join(out_dir, 'log.jsonl')
-if master and step > 0 and os.path.exists(log_path):  # resume: drop records past the checkpoint
-    kept = [x for x in open(log_path) if x.strip() and json.loads(x)['step'] <= step]
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    os.replace(log_path + '.tmp', log_path)
-log_file = open(log_path, 'a' if step > 0 else 'w') if master else None
+if master and step > 0:  # resume: drop records past the checkpoint (and a torn last line)
+    if common.trim_log(log_path, step):
+        print(f'{log_path}: dropped unreadable line(s), e.g. one cut short by a full disk')
+elif master and os.path.exists(log_path):  # a new run (--overwrite=True, or none saved yet)
+    os.remove(log_path)
 
 
 def log(record):
     if master:
-        log_file.write(json.dumps(record) + '\n')
-        log_file.flush()
+        common.log_line(log_path, record)
         if run is not None:
             run.log(record, step=record['step'])
 
@@ -421,24 +431,26 @@ def log(record):
 # training loop
 flops_per_image = 3 * raw_vision.flops()  # forward + backward (2x forward) of the tower
 peak = peak_flops()
-last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'images_per_s': None, 'mfu': None,
-        'knn_acc': None}
+last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'grad_norm': None, 'images_per_s': None,
+        'mfu': None, 'knn_acc': None}
 pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='train')
 batches, batches_epoch = None, -1
 t_log, wait, images_seen, t_start = time.time(), 0.0, 0, time.time()
 saved = None  # the step of the last checkpoint this invocation wrote
 end = min(max_steps, stop_at) if stop_at else max_steps
+common.catch_signals()  # SIGTERM / SIGINT: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     if epoch != batches_epoch:  # the loader's steps are micro-batches: accum of them per step
         if batches is not None:
             batches.close()
         batches, batches_epoch = loader.iterate(epoch, start_step=step_in_epoch * accum), epoch
-    lr = get_lr(step)
+    lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for opt in (optimizer, optimizer_c):
         for group in opt.param_groups:
             group['lr'] = lr
     loss_sum, pos_cos, neg_cos = 0.0, 0.0, 0.0  # device tensors after the first micro-batch
+    emb_finite = torch.ones((), dtype=torch.bool, device=device)
     for micro in range(accum):
         t0 = time.time()
         batch = next(batches)
@@ -447,6 +459,7 @@ while step < end:
             vision.require_backward_grad_sync = micro == accum - 1
         with ctx:
             emb = vision(batch['images'])
+        emb_finite &= torch.isfinite(emb).all()
         # Eq. 5 (or Eq. 4), mean over the global micro-batch; / accum: mean over the global batch.
         # PartialFC hands each rank world_size x its rows' gradient, so DDP's average is exact.
         loss = pfc(emb.float(), batch['labels']) / accum
@@ -454,13 +467,26 @@ while step < end:
         loss_sum += loss.detach()
         pos_cos += pfc.stats['pos_cos'] / accum
         neg_cos += pfc.stats['neg_cos'] / accum
-    # one device sync per step; the loss is the same global value on every rank, so all stop together
-    lossf, pos_cos, neg_cos = torch.stack([loss_sum, pos_cos, neg_cos]).tolist()
-    if not math.isfinite(lossf):
-        stop(f"non-finite loss ({lossf}) at step {step + 1}; nothing was updated or saved, the last "
-             f"good checkpoint is {ckpt_path}" + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_vision.parameters(), grad_clip)
+    params = list(raw_vision.parameters())
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
+                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    # Everything the step must agree on, in one tensor, all-reduced (MAX) and read once: the one
+    # device sync of the step. The loss, cosines and tower gradient norm are the same on every
+    # rank; the flags (non-finite values, this rank's embeddings, a signal) are 0 / 1 per rank.
+    vals = torch.stack([loss_sum, grad_norm, pfc.weight.grad.norm(), pos_cos, neg_cos]).float()
+    flags = torch.cat([~torch.isfinite(vals), ~emb_finite.view(1),
+                       torch.full((1,), common.signalled is not None, device=device)]).float()
+    packed = torch.cat([vals, flags])
+    if ddp:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    lossf, gnorm, _, pos_cos, neg_cos, *bad, signalled = packed.tolist()
+    if any(bad):  # before the optimizer step: the weights are still those of the last step
+        what = [n for n, b in zip(('loss', 'gradient norm', 'centre gradient norm', 'positive '
+                                   'cosine', 'negative cosine', 'embeddings'), bad) if b]
+        stop(f"non-finite {', '.join(what)} at step {step + 1} (loss {lossf}, gradient norm "
+             f'{gnorm}); nothing was updated or saved, the last good checkpoint is {ckpt_path}'
+             + ('' if os.path.exists(ckpt_path) else ' (none yet)')
+             + '; a lower learning_rate or grad_clip may help')
     optimizer.step()
     optimizer_c.step()
     optimizer.zero_grad(set_to_none=True)
@@ -468,37 +494,43 @@ while step < end:
     step += 1
     images_seen += global_batch_size
     pbar.update(1)
-    last.update(loss=lossf, pos_cos=pos_cos, neg_cos=neg_cos)
+    last.update(loss=lossf, pos_cos=pos_cos, neg_cos=neg_cos, grad_norm=gnorm)
+    stopping = signalled and step < end  # every rank read the same flag: all stop here
 
-    if step % log_interval == 0 or step == end:
+    if step % log_interval == 0 or step == end or stopping:
         dt = time.time() - t_log
         ips = images_seen / dt
         mfu = ips / world * flops_per_image / peak if peak else None
         last.update(images_per_s=ips, mfu=mfu)
         rec = {'step': step, 'epoch': step / steps_per_epoch, 'loss': lossf, 'lr': lr,
-               'pos_cos': pos_cos, 'neg_cos': neg_cos, 'images_per_s': ips, 'mfu': mfu,
-               'data_wait': wait / dt}
+               'pos_cos': pos_cos, 'neg_cos': neg_cos, 'grad_norm': gnorm, 'images_per_s': ips,
+               'mfu': mfu, 'data_wait': wait / dt}
         log(rec)
         if master:
             pbar.set_postfix(loss=f'{lossf:.4f}', pos=f'{pos_cos:.3f}')
             tqdm.write(f'step {step} epoch {step / steps_per_epoch:.3f}: loss {lossf:.4f}, '
                        f'lr {lr:.2e}, pos_cos {pos_cos:.3f}, neg_cos {neg_cos:.3f}, '
-                       f'{ips:.1f} img/s, mfu {"-" if mfu is None else f"{100 * mfu:.1f}%"}, '
+                       f'grad norm {gnorm:.3f}, {ips:.1f} img/s, '
+                       f'mfu {"-" if mfu is None else f"{100 * mfu:.1f}%"}, '
                        f'data wait {100 * wait / dt:.0f}%')
         t_log, wait, images_seen = time.time(), 0.0, 0
-    if eval_data_dir and (step == end or (eval_interval and step % eval_interval == 0)):
+    if eval_data_dir and not stopping and (step == end or (eval_interval and step % eval_interval == 0)):
         t0 = time.time()
         acc = knn_accuracy()
+        last['knn_acc'] = acc
+        log({'step': step, 'knn_acc': acc})
         if master:
-            last['knn_acc'] = acc
-            log({'step': step, 'knn_acc': acc})
             tqdm.write(f'step {step}: kNN accuracy {acc:.4f} on {eval_data_dir}')
         t_log += time.time() - t0  # evaluation time is not training throughput
-    if step % ckpt_interval == 0 or step == end:
+    if step % ckpt_interval == 0 or step == end or stopping:
         t0 = time.time()
         save_checkpoint()
         saved = step
         t_log += time.time() - t0
+    if stopping:
+        stop(f'stopped by {common.signalled or "a signal to another rank"} after step {step} of '
+             f'{max_steps}; checkpoint {ckpt_path} written: continue with the same command and '
+             '--init_from=resume')
 pbar.close()
 if batches is not None:
     batches.close()
@@ -507,10 +539,9 @@ if saved != step:  # e.g. a resume with nothing left to do: rewrites the checkpo
 
 result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps, 'world_size': world,
           'global_batch_size': global_batch_size, 'num_classes': num_classes, **last,
-          'time_s': time.time() - t_start, 'ckpt': ckpt_path}
+          'threads': threads, 'run_id': run_id, 'time_s': time.time() - t_start, 'ckpt': ckpt_path}
 if master:
-    with open(os.path.join(out_dir, 'train.json'), 'w') as f:
-        json.dump(result, f)
+    common.save_json(os.path.join(out_dir, 'train.json'), result)
     print(json.dumps(result))
 if ddp:
     dist.destroy_process_group()

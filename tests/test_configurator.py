@@ -60,10 +60,37 @@ def test_exec_from_a_script_edits_its_globals(tmp_path):
     script = tmp_path / 'stage.py'  # elsewhere than configurator.py, as bench/ scripts are
     script.write_text(
         "import os, json\nsteps = 10\nname = 'a'\ncompile = False  # shadows a builtin\n"
+        "def tokenize(s):  # a script's own function, as data.py's\n    return s.split()\n"
         f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
+        "assert tokenize('a b') == ['a', 'b']  # not replaced by a module the configurator uses\n"
         "print(json.dumps(config))\n")
     out = subprocess.run([sys.executable, str(script), '--steps=3', '--name=b', '--compile=True'],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == '{"steps": 3, "name": "b", "compile": true}'
     bad = subprocess.run([sys.executable, str(script), '--stpes=3'], capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown key 'stpes'" in bad.stderr
+
+
+def test_help_shows_the_comment_beside_each_setting(tmp_path):
+    script = tmp_path / 'stage.py'
+    script.write_text(
+        "import os\n# I/O\nsteps = 10  # optimizer steps\nname = 'a#b'  # a name; '#' in a value is fine\n"
+        "batch = 32  # images per step; when it is not\n"
+        "            # a multiple of the ranks, the nearest is used\n"
+        "# a section comment, not batch's\nlr = 0.1\n"
+        f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n")
+    out = subprocess.run([sys.executable, str(script), '--steps=3', '--help'], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    rows = {x.split('=')[0].strip(): x for x in out if x.startswith('  --')}
+    assert rows['--steps'].split() == ['--steps=3', '#', 'optimizer', 'steps']
+    assert rows['--name'].endswith("# a name; '#' in a value is fine")
+    assert rows['--batch'].endswith('# images per step; when it is not a multiple of the ranks, '
+                                    'the nearest is used')
+    assert rows['--lr'].strip() == '--lr=0.1'  # no comment: none shown
+
+
+def test_stage_help_explains_the_settings():
+    p = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, capture_output=True,
+                       text=True, check=True)
+    line = next(x for x in p.stdout.splitlines() if x.startswith('  --learning_rate='))
+    assert line.split('  # ')[1] == 'Table 9: 5e-4 for ViT-B, 4e-4 for ViT-L'

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quickstart_runs_every_stage(tmp_path):
     out = tmp_path / 'qs'
-    env = dict(os.environ, QUICK='1', OUT=str(out), OMP_NUM_THREADS='2')
+    env = dict(os.environ, QUICK='1', OUT=str(out), THREADS='2')  # the script's documented knob
     r = subprocess.run(['bash', 'scripts/quickstart.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -32,3 +32,15 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert 0 <= pixels['top1'] <= 1 and pixels['dim'] == 32 * 32 * 3
     for key in ('train_mlcd/loss', 'probe/linear probe top-1 %', 'probe/zero-shot top-1 %'):
         assert key in summary
+    assert json.load(open(out / 'train_mlcd' / 'train.json'))['threads'] == 2 and lit['threads'] == 2
+
+    # run again: every finished stage is skipped, and says so; nothing is retrained or replaced
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pt', '.json')}
+    r = subprocess.run(['bash', 'scripts/quickstart.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ('cluster/cluster.json', 'train_mlcd/train.json', 'lit/lit.json', 'probe/probe.json',
+                  'probe_pixels/probe.json'):
+        assert f'skip: {out / stage} exists' in r.stderr
+    assert '+ python' not in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == summary
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p.name != 'summary.json')

@@ -205,9 +205,306 @@ def test_config_files(name):
     p = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', '--help'], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    got = dict(x.strip()[2:].split('=', 1) for x in p.stdout.splitlines() if x.startswith('  --'))
+    # '  --key=value  # the comment beside the setting in train.py'
+    got = dict(x.split('  # ')[0].strip()[2:].split('=', 1) for x in p.stdout.splitlines()
+               if x.startswith('  --'))
     if name.startswith('vit'):
         assert got['learning_rate'] == ('0.0004' if name == 'vitl14' else '0.0005')
         assert (got['global_batch_size'], got['epochs'], got['warmup_steps']) == ('32768', '32', '2000')
         assert (got['weight_decay'], got['num_classes'], got['num_positives']) == ('0.2', '1000000', '8')
         assert (got['sample_ratio'], got['margin'], got['loss_type']) == ('0.1', '0.3', "'mlcd'")
+
+
+# -----------------------------------------------------------------------------
+# failure behaviour: every way a run can end keeps the last good checkpoint, and says why in a line
+
+BASE = ['--global_batch_size=16', '--micro_batch_size=16', '--max_steps=2']
+
+
+def files(out_dir):
+    return {f: sha(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if not f.endswith('.tmp')}
+
+
+def one_line_error(p, *needles):
+    """A non-zero exit whose stderr ends with a line holding every needle, and no traceback."""
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    for n in needles:
+        assert n in last, (n, last)
+    return last
+
+
+@pytest.fixture(scope='module')
+def two_runs(data):
+    """Two finished 2-step runs of different seeds (the same shard names), kept pristine."""
+    out = {}
+    for name, seed in (('A', 1337), ('B', 7)):
+        out[name] = str(data['root'] / f'run{name}')
+        run(data['data'] + BASE + [f'--seed={seed}'], out[name])
+    return out
+
+
+def copy_run(two_runs, data, name):
+    dst = str(data['root'] / name)
+    shutil.copytree(two_runs['A'], dst)
+    return dst
+
+
+def test_diverged_run_stops_before_the_step_and_keeps_the_checkpoint(data, two_runs):
+    """lr 1e6: NaN embeddings at the next step (PartialFC's loss may even read 0.0 then): the run
+    stops before the optimizer step, and the good checkpoint is not replaced by NaN weights."""
+    out = copy_run(two_runs, data, 'diverged')
+    before = files(out)
+    p = run(data['data'] + BASE + ['--init_from=resume', '--max_steps=6', '--learning_rate=1e6'],
+            out, expect_ok=False)
+    one_line_error(p, 'non-finite', 'embeddings', 'nothing was updated or saved')
+    after = files(out)  # log.jsonl has step 3 (finite, with lr 1e6); step 4 was not applied
+    assert {f: after[f] for f in before if f != 'log.jsonl'} == \
+        {f: h for f, h in before.items() if f != 'log.jsonl'}
+    assert [s for s, _, _ in losses(out)] == [1, 2, 3]
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ck['step'] == 2 and all(torch.isfinite(v).all() for v in ck['vision'].values())
+
+
+def test_a_new_run_never_replaces_a_checkpoint(data, two_runs):
+    out = copy_run(two_runs, data, 'again')
+    before = files(out)
+    p = run(data['data'] + BASE, out, expect_ok=False)  # the same command, without resume
+    one_line_error(p, f'out_dir={out}', '--init_from=resume', '--overwrite=True')
+    assert files(out) == before
+    run(data['data'] + BASE + ['--overwrite=True', '--max_steps=1'], out)
+    assert [s for s, _, _ in losses(out)] == [1]
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    old = torch.load(os.path.join(two_runs['A'], 'ckpt.pt'), weights_only=True)
+    assert ck['step'] == 1 and ck['run_id'] != old['run_id']
+
+
+def test_resume_drops_a_torn_last_log_line(data, two_runs):
+    out = copy_run(two_runs, data, 'torn')
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+        f.write('{"step": 3, "epoch": 0.09, "lo')  # the disk filled up mid-record
+    run(data['data'] + BASE + ['--init_from=resume', '--max_steps=3'], out)
+    recs = [json.loads(x) for x in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['step'] for r in recs] == [1, 2, 3]
+
+
+def test_files_of_another_run_are_refused(data, two_runs):
+    """A centre shard or a ckpt.pt of another run (another seed, the same step and shard names),
+    and a bit flipped in a shard's centres: each stops with a line naming the file."""
+    b = two_runs['B']
+    shard = 'centres_00000002_rank0_of_1.pt'
+    resume = data['data'] + BASE + ['--init_from=resume', '--max_steps=3']
+    out = copy_run(two_runs, data, 'foreign_shard')
+    shutil.copy(os.path.join(b, shard), os.path.join(out, shard))
+    one_line_error(run(resume, out, expect_ok=False), shard, 'belongs to run')
+    out = copy_run(two_runs, data, 'foreign_ckpt')
+    shutil.copy(os.path.join(b, 'ckpt.pt'), os.path.join(out, 'ckpt.pt'))
+    one_line_error(run(resume, out, expect_ok=False), shard, 'belongs to run')
+    out = copy_run(two_runs, data, 'bitflip')
+    sh = torch.load(os.path.join(out, shard), weights_only=True)
+    sh['weight'].view(torch.int32)[3, 5] ^= 1 << 4  # one bit of one centre
+    torch.save(sh, os.path.join(out, shard))
+    one_line_error(run(resume, out, expect_ok=False), shard, 'checksum')
+
+
+def test_broken_checkpoint_files_stop_with_one_line(data, two_runs):
+    shard = 'centres_00000002_rank0_of_1.pt'
+    resume = data['data'] + BASE + ['--init_from=resume', '--max_steps=3']
+    cases = {'missing shard': (shard, None, 'is missing'),
+             'truncated shard': (shard, 0.5, 'truncated'),
+             'truncated ckpt': ('ckpt.pt', 0.5, 'truncated'),
+             'empty ckpt': ('ckpt.pt', 0.0, 'empty (0 bytes)')}
+    for i, (what, (name, keep, needle)) in enumerate(cases.items()):
+        out = copy_run(two_runs, data, f'broken{i}')
+        path = os.path.join(out, name)
+        if keep is None:
+            os.remove(path)
+        else:
+            blob = open(path, 'rb').read()
+            open(path, 'wb').write(blob[:int(len(blob) * keep)])
+        one_line_error(run(resume, out, expect_ok=False), path, needle)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(data, two_runs):
+    """A checkpoint that cannot be written (a 1 MiB file-size limit fails the ~30 MB ckpt.pt the
+    way a full disk would) stops the run with one line; the previous checkpoint is intact and
+    the run resumes from it."""
+    import resource
+    out = copy_run(two_runs, data, 'disk_full')
+    before = files(out)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, 'train.py'] + TINY + data['data'] + BASE +
+                       ['--init_from=resume', '--max_steps=3', f'--out_dir={out}'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    one_line_error(p, os.path.join(out, 'ckpt.pt'), 'write failed', 'previous checkpoint is unchanged')
+    after = files(out)
+    assert all(after[f] == h for f, h in before.items() if f != 'log.jsonl')  # log: step 3 added
+    assert not any(f.endswith('.tmp') for f in os.listdir(out))
+    run(data['data'] + BASE + ['--init_from=resume', '--max_steps=3'], out)
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 3
+
+
+def test_labels_must_be_int_n_by_l(data):
+    lab = np.load(os.path.join(data['labels_dir'], 'labels.npy'))
+    bad = {'float': lab.astype(np.float32), 'all_minus_one': np.full_like(lab, -1),
+           'one_d': lab[:, 0].copy()}
+    for name, arr in bad.items():
+        d = data['root'] / f'labels_{name}'
+        os.makedirs(d)
+        np.save(d / 'labels.npy', arr)
+        out = str(data['root'] / f'out_labels_{name}')
+        p = run(data['data'][:1] + [f'--labels_dir={d}'] + BASE, out, expect_ok=False)
+        one_line_error(p, f'labels_dir={d}', 'must be int [N, l]')
+        assert not os.path.exists(out)  # nothing to write: no folder either
+
+
+def test_unwritable_out_dir_stops_before_any_work(data, tmp_path):
+    # sysfs takes no new files, even from root; a mode-0555 folder stops everyone else
+    cases = ['/sys/kernel', '/sys/kernel/mlcd_run']
+    if os.geteuid() != 0:
+        ro = tmp_path / 'ro'
+        os.makedirs(ro)
+        os.chmod(ro, 0o555)
+        cases += [str(ro), str(ro / 'run')]
+    for out in cases:
+        p = run(data['data'] + BASE, out, expect_ok=False)
+        one_line_error(p, f'out_dir={out}', 'cannot write')
+        assert 'global batch' not in p.stdout  # stopped before any work
+
+
+def test_defaults_stop_with_one_line_and_no_folder(tmp_path):
+    """python train.py with its defaults, where there is no data: one line naming the setting,
+    and no out/ folder left behind."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    one_line_error(p, 'data_dir=data/laion400m: no meta.json')
+    assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# signals and ranks that stop answering
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start(args, out_dir, log, rank=None, world=1, port=None):
+    """train.py in the background, stdout/stderr to files; with rank set, one DDP rank as
+    torchrun would start it (so a test can signal or stop one rank)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if rank is not None:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + TINY + args +
+                            [f'--out_dir={out_dir}'], cwd=ROOT, env=env,
+                            stdout=open(f'{log}.out', 'w'), stderr=open(f'{log}.err', 'w'))
+
+
+def wait_for_step(out_dir, step, procs, timeout=300):
+    """Until log.jsonl records `step` (the run is inside its training loop)."""
+    import time
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = os.path.join(out_dir, 'log.jsonl')
+        if os.path.exists(path) and any(s >= step for s, _, _ in losses(out_dir)):
+            return
+        assert all(p.poll() is None for p in procs), 'the run ended before it was signalled'
+        time.sleep(0.05)
+    raise AssertionError(f'no step {step} in {timeout} s')
+
+
+SIG_ARGS = ['--global_batch_size=16', '--micro_batch_size=8', '--max_steps=20', '--sample_ratio=0.5',
+            '--num_positives=1', '--ckpt_interval=1000']
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(data):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the exit status is non-zero
+    and says how to resume; the resumed run repeats the uninterrupted one bitwise. Then two
+    signals at once (SIGINT, then SIGTERM) exit without writing anything."""
+    import signal
+    args = data['data'] + SIG_ARGS
+    full, part = str(data['root'] / 'sig_full'), str(data['root'] / 'sig_part')
+    run(args, full)
+    p = start(args, part, part)
+    wait_for_step(part, 2, [p])
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 1
+    err = open(f'{part}.err').read().strip().splitlines()[-1]
+    assert 'stopped by SIGTERM' in err and '--init_from=resume' in err, err
+    ck = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    assert 2 <= ck['step'] < 20 and [s for s, _, _ in losses(part)] == list(range(1, ck['step'] + 1))
+    # two signals: delivered together on SIGCONT, the second exits at once
+    before = files(part)
+    p = start(args + ['--init_from=resume'], part, part)
+    wait_for_step(part, ck['step'] + 1, [p])
+    p.send_signal(signal.SIGSTOP)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
+    assert p.wait(timeout=300) == 128 + signal.SIGTERM
+    assert 'exiting now' in open(f'{part}.err').read()
+    after = files(part)
+    assert {f: after[f] for f in after if f != 'log.jsonl'} == {f: before[f] for f in before if f != 'log.jsonl'}
+    run(args + ['--init_from=resume'], part)
+    assert losses(part) == losses(full)
+    a = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    for k in a['vision']:
+        assert torch.equal(a['vision'][k], b['vision'][k]), k
+
+
+def test_two_ranks_stop_together_on_a_signal_to_one(data):
+    """SIGTERM to rank 1 only: the flag rides in the step's all-reduce, so both ranks stop after
+    the same step and one checkpoint is written; resumed, the run equals the uninterrupted one."""
+    import signal
+    args = data['data'] + SIG_ARGS[:1] + ['--micro_batch_size=4'] + SIG_ARGS[2:]
+    full, part = str(data['root'] / 'sig2_full'), str(data['root'] / 'sig2_part')
+    run(args, full, nproc=2)
+    port = free_port()
+    ps = [start(args, part, f'{part}{r}', rank=r, world=2, port=port) for r in range(2)]
+    wait_for_step(part, 2, ps)
+    ps[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=300) for p in ps] == [1, 1]
+    errs = [open(f'{part}{r}.err').read().strip().splitlines()[-1] for r in range(2)]
+    assert 'stopped by a signal to another rank' in errs[0] and 'stopped by SIGTERM' in errs[1], errs
+    ck = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    assert 2 <= ck['step'] < 20 and ck['world_size'] == 2
+    assert f'after step {ck["step"]} ' in errs[0] and f'after step {ck["step"]} ' in errs[1]
+    run(args + ['--init_from=resume'], part, nproc=2)
+    assert losses(part) == losses(full)
+    a = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)
+    b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    for k in a['vision']:
+        assert torch.equal(a['vision'][k], b['vision'][k]), k
+
+
+@pytest.mark.parametrize('stopped', [1, 0])  # rank 0 also hosts the rendezvous store
+def test_a_stopped_rank_ends_the_other_within_the_timeout(data, stopped):
+    """SIGSTOP on one rank (as a hung or swapped-out process): the other gets no answer and, after
+    timeout_minutes (here 0.2 min) rather than torch's default 30, exits with one line naming
+    the likely causes and the setting."""
+    import signal
+    out = str(data['root'] / f'stopped{stopped}')
+    args = data['data'] + SIG_ARGS[:1] + ['--micro_batch_size=4', '--max_steps=1000',
+                                          '--timeout_minutes=0.2'] + SIG_ARGS[3:]
+    port = free_port()
+    ps = [start(args, out, f'{out}{r}', rank=r, world=2, port=port) for r in range(2)]
+    try:
+        wait_for_step(out, 2, ps)
+        ps[stopped].send_signal(signal.SIGSTOP)
+        other = 1 - stopped
+        assert ps[other].wait(timeout=120) == 1  # not 30 minutes
+        err = open(f'{out}{other}.err').read()
+        last = err.strip().splitlines()[-1]
+        assert 'Traceback' not in err, err[-3000:]
+        assert last.startswith(f'rank {other}: lost contact') and 'timeout_minutes=0.2' in last, last
+        assert 'stopped' in last and 'OOM' in last, last
+    finally:
+        for p in ps:
+            p.kill()
+            p.wait()
