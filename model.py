@@ -291,6 +291,7 @@ PRESETS = {
     'ViT-L/14': _preset(224, 14, 1024, 24, 16, 768, 768, 12, 12),
     'ViT-L/14-336': _preset(336, 14, 1024, 24, 16, 768, 768, 12, 12),
     'ViT-T/4': _preset(32, 4, 192, 6, 3, 128, 128, 3, 2, act='gelu'),  # CPU tests and small runs
+    'ViT-T/8': _preset(32, 8, 128, 4, 4, 128, 128, 3, 2, act='gelu'),  # CIFAR on a CPU (17 tokens)
 }
 # the same tiny tower with MLCD's 2D rotary position embedding instead of a position table
 PRESETS['ViT-T/4-rope'] = {**PRESETS['ViT-T/4'], 'vision': {**PRESETS['ViT-T/4']['vision'],

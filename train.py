@@ -81,7 +81,9 @@ adam_eps = 1e-6
 grad_clip = 1.0  # max global grad norm of the image tower; 0: off
 # system
 seed = 1337
-augment = True
+augment = 'rrc'  # 'rrc' (random resized crop + flip) | 'pad_crop' (reflect-pad, crop, flip) | 'flip' | 'none'
+aug_scale = (0.4, 1.0)  # 'rrc': range of the crop's area fraction
+aug_pad = 4  # 'pad_crop': pixels of reflection padding on each side (CIFAR's recipe at 32 px)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
 compile = False  # torch.compile the image tower
@@ -184,12 +186,16 @@ vision.to(device)
 embed_dim = vision.embed_dim
 run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
 
-try:
-    loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
-                    world_size=world, seed=seed, augment=augment, device=device)
-    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
-except ValueError:  # the loader's only check left: fewer images than one global batch
+if len(dataset) < global_batch_size:
     steps_per_epoch = 0
+else:
+    try:
+        loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
+                        world_size=world, seed=seed, augment=augment, device=device,
+                        scale=tuple(aug_scale), pad=aug_pad)
+    except ValueError as e:  # a bad augmentation setting
+        stop(f'config error: {e}')
+    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
 if steps_per_epoch == 0:
     stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
          f'{global_batch_size}')

@@ -63,7 +63,7 @@ def data(tmp_path_factory):
 def test_learns_and_checkpoint_loads(data):
     out = str(data['root'] / 'learn')
     p = run(data['data'] + ['--global_batch_size=32', '--micro_batch_size=16', '--max_steps=40',
-                            '--sample_ratio=0.5', '--num_positives=2', '--augment=False',
+                            '--sample_ratio=0.5', '--num_positives=2', '--augment=none',
                             f'--eval_data_dir={data["data_dir"]}', '--eval_interval=20',
                             '--eval_batch_size=128'], out)
     result = json.loads(p.stdout.strip().splitlines()[-1])
@@ -130,7 +130,7 @@ def test_two_ranks_match_one_and_resume_on_one(data):
     to float32 reduction order (rel 1e-5). The 2-rank checkpoint then resumes on 1 rank: its centres and their Adam
     state are the two old shards stacked, bit for bit, and the loss continues as the 1-process run."""
     args = data['data'] + ['--global_batch_size=16', '--max_steps=5', '--sample_ratio=1.0',
-                           '--augment=False', '--ckpt_interval=1000']
+                           '--augment=none', '--ckpt_interval=1000']
     one, two = str(data['root'] / 'one'), str(data['root'] / 'two')
     knn = [f'--eval_data_dir={data["data_dir"]}', '--eval_interval=3', '--eval_batch_size=100']
     run(args + ['--micro_batch_size=16'] + knn, one)
