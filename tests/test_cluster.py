@@ -98,7 +98,7 @@ def test_blobs_recovered_and_report(tmp_path):
     assert r2['purity'] == pytest.approx(purity, abs=1e-12)
 
 
-def test_topl_is_bruteforce_topk_and_kmeans_is_faiss(tmp_path):
+def test_topl_is_bruteforce_topk_and_lloyd_is_faiss(tmp_path):
     import faiss
     rng = np.random.default_rng(0)
     x = rng.standard_normal((600, 16)).astype(np.float32) * rng.uniform(0.5, 3, (600, 1)).astype(np.float32)
@@ -112,8 +112,11 @@ def test_topl_is_bruteforce_topk_and_kmeans_is_faiss(tmp_path):
     np.testing.assert_allclose(emb.astype(np.float32), unit(x), atol=1e-3)
     cen = np.load(out / 'centroids.npy')
     assert cen.dtype == np.float32 and cen.shape == (37, 16)
-    km = faiss.Kmeans(16, 37, niter=7, seed=3, spherical=True, max_points_per_centroid=100)
-    km.train(emb.astype(np.float32))
+    # the same Lloyd iterations as faiss from the same start: the sample points at positions
+    # default_rng([seed, 2]).choice(n, k) (here the sample is every row, in order)
+    init = unit(emb.astype(np.float64)[np.random.default_rng([3, 2]).choice(600, 37, replace=False)])
+    km = faiss.Kmeans(16, 37, niter=7, spherical=True, max_points_per_centroid=100)
+    km.train(emb.astype(np.float32), init_centroids=init.astype(np.float32))
     np.testing.assert_allclose(cen, km.centroids, atol=1e-5)
     labels = np.load(out / 'labels.npy')
     assert labels.dtype == np.int32 and labels.shape == (600, 5)
