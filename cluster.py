@@ -200,8 +200,11 @@ if teacher_text and (embeddings_path or teacher == 'pixels'):
     fail('teacher_text=True needs a checkpoint teacher with a text tower (not pixels or embeddings_path)')
 if num_classes < 1 or num_classes > N:
     fail(f'num_classes={num_classes} must be between 1 and the number of images N={N}')
-if max_points_per_centroid < 1 or niter < 1:
-    fail(f'max_points_per_centroid={max_points_per_centroid} and niter={niter} must be >= 1')
+if max_points_per_centroid < 1 or niter < 1 or kmeans_ckpt_interval < 1 or assign_batch < 1:
+    fail(f'max_points_per_centroid={max_points_per_centroid}, niter={niter}, '
+         f'kmeans_ckpt_interval={kmeans_ckpt_interval} and assign_batch={assign_batch} must be >= 1')
+if search not in ('faiss', 'torch'):
+    fail(f"search={search!r} must be 'auto', 'faiss' or 'torch'")
 if num_positives < 1 or num_positives > num_classes:
     fail(f'num_positives={num_positives} must be between 1 and num_classes={num_classes}')
 cls_path = classes_path or (os.path.join(data_dir, 'classes.npy') if data_dir and not embeddings_path else '')
@@ -342,6 +345,8 @@ if todo['embed']:
     finish_phase('embed', (N, d), t0)
 d = np.load(emb_path, mmap_mode='r').shape[1]
 k, l = num_classes, num_positives
+# rows per search; the torch search also holds rows x k float32 scores: at most 1 GiB
+chunk_rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, (1 << 28) // k))
 
 # -----------------------------------------------------------------------------
 # phase 2: spherical k-means over all ranks. The sample is drawn from the seed alone; rank r holds
@@ -366,7 +371,8 @@ def sample_share(n, a, b):
         lo = blk * SAMPLE_BLOCK
         rows = np.arange(lo, lo + sizes[blk])
         if counts[blk] < sizes[blk]:
-            rows = lo + np.sort(np.random.default_rng([seed, 1, blk]).choice(sizes[blk], counts[blk], replace=False))
+            rng = np.random.default_rng([seed, 1, blk])
+            rows = lo + np.sort(rng.choice(sizes[blk], counts[blk], replace=False))
         s0, s1 = max(a, starts[blk]), min(b, ends[blk])
         x[s0 - a:s1 - a] = npy_rows(emb_path, rows[s0 - starts[blk]:s1 - starts[blk]], np.float16)
     return x
@@ -404,20 +410,22 @@ if todo['kmeans']:
     t0 = start_phase('kmeans')
     n = min(N, max_points_per_centroid * k)
     a, b = rank_slice(n, rank, world)
-    rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, (1 << 28) // k))
     if master:
         gib = lambda x: f'{x / 2 ** 30:.2f} GiB'
         share, cen_b, acc_b = (b - a) * d * 2, k * d * 4, k * (d + 1) * 8
-        chunk = rows * (d * 12 + 16) + (rows * k * 4 if search == 'torch' else 0)
-        print(f'kmeans: {n:,} sample points over {world} rank(s); per rank: share {b - a:,} x {d} float16 '
-              f'{gib(share)} + centres 2 x {gib(cen_b)} + sums {gib(acc_b)} + one chunk of {rows:,} rows '
-              f'{gib(chunk)} = peak ~{gib(share + 2 * cen_b + acc_b + chunk)}'
-              + (f' (share on the host, the rest on {device})' if device.startswith('cuda') else ''), flush=True)
+        # a chunk: float32 rows to search, float64 rows | 1 to sum (twice, cat), results (+ scores)
+        chunk = chunk_rows * (20 * d + 24) + (chunk_rows * k * 4 if search == 'torch' else 0)
+        where = f' (share on the host, the rest on {device})' if device.startswith('cuda') else ''
+        print(f'kmeans: {n:,} sample points over {world} rank(s); per rank: share {b - a:,} x {d} '
+              f'float16 {gib(share)} + centres 2 x {gib(cen_b)} + sums {gib(acc_b)} + one chunk of '
+              f'{chunk_rows:,} rows {gib(chunk)} = peak ~{gib(share + 2 * cen_b + acc_b + chunk)}{where}',
+              flush=True)
     it0, objs, C = 0, [], None
     if os.path.exists(kms_path):  # a killed run's last state: continue from it if it is ours
         try:
             st = np.load(kms_path)
-            st_keys, st_cen, st_it, st_objs = json.loads(str(st['config'])), st['centroids'], int(st['iteration']), st['obj'].tolist()
+            st_keys, st_cen = json.loads(str(st['config'])), st['centroids']
+            st_it, st_objs = int(st['iteration']), st['obj'].tolist()
         except Exception as e:
             fail(f'{kms_path} is unreadable ({e}); delete it to restart k-means')
         if st_keys == keys['kmeans'] and st_cen.shape == (k, d) and st_it <= niter:
@@ -435,14 +443,16 @@ if todo['kmeans']:
         if ddp:
             dist.all_reduce(C)  # one nonzero term per row: a copy
         C = normalise(C.double()).float()
-    pbar = tqdm(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master, initial=it0, total=niter)
+    pbar = tqdm(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master, initial=it0,
+                total=niter)
     for it in pbar:
         f = searcher(C.cpu().numpy())
         acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
         obj = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(0, b - a, rows):
-            D, I = f(x[i:i + rows], 1)
-            xi = torch.from_numpy(x[i:i + rows]).to(device).double()
+        for i in tqdm(range(0, b - a, chunk_rows), desc=f'iteration {it + 1}', disable=not master,
+                      leave=False):
+            D, I = f(x[i:i + chunk_rows], 1)
+            xi = torch.from_numpy(x[i:i + chunk_rows]).to(device).double()
             acc.index_add_(0, I[:, 0], torch.cat([xi, torch.ones_like(xi[:, :1])], 1))
             obj += D.double().sum()
         if ddp:
@@ -479,11 +489,10 @@ if master and kmeans_obj is None:
 if todo['assign']:
     t0 = start_phase('assign')
     f = searcher(cen)
-    rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, (1 << 28) // k))
     npy_create(lab_path, (N, l), np.int32)
     r0, r1 = rank_slice(N, rank, world)
-    for i in tqdm(range(r0, r1, rows), desc=f'assign top-{l}', disable=not master):
-        _, I = f(npy_rows(emb_path, slice(i, min(i + rows, r1)), np.float16), l)  # sorted, nearest first
+    for i in tqdm(range(r0, r1, chunk_rows), desc=f'assign top-{l}', disable=not master):
+        _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
         npy_write(lab_path, i, I.cpu().numpy().astype(np.int32))
         kill_point('assign')
     finish_phase('assign', (N, l), t0)

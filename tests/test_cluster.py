@@ -180,6 +180,7 @@ def test_bad_inputs(tmp_path):
     assert 'x3.npy' in run(f'--embeddings_path={tmp_path}/x3.npy', out, ok=False).stderr
     assert 'nope.npy' in run(f'--embeddings_path={tmp_path}/nope.npy', out, ok=False).stderr
     assert 'teacher_text' in run(e, out, '--teacher_text=True', '--num_classes=5', '--num_positives=2', ok=False).stderr
+    assert "search='bogus'" in run(e, out, '--search=bogus', '--num_classes=5', '--num_positives=2', ok=False).stderr
     os.makedirs(tmp_path / 'out', exist_ok=True)
     np.save(tmp_path / 'out' / 'embeddings.npy', x)  # its own output as input would be truncated
     assert 'another out_dir' in run(f'--embeddings_path={tmp_path}/out/embeddings.npy', out, ok=False).stderr
