@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/quickstart}
-if [ "${QUICK:-0}" = 1 ]; then N=1200; NTEST=400; K=60; STEPS=12; LIT_EPOCHS=2; ITERS=100
-else N=6000; NTEST=2000; K=300; STEPS=150; LIT_EPOCHS=2; ITERS=100; fi
+if [ "${QUICK:-0}" = 1 ]; then N=1200; NTEST=400; K=60; STEPS=12; LOG=1; LIT_EPOCHS=2; ITERS=100
+else N=6000; NTEST=2000; K=300; STEPS=150; LOG=10; LIT_EPOCHS=2; ITERS=100; fi
 mkdir -p "$OUT"
 run() { echo "+ $*" >&2; "$@"; }
 
@@ -20,7 +20,7 @@ run python cluster.py --data_dir="$OUT/train" --out_dir="$OUT/cluster" --teacher
     --num_classes=$K --num_positives=8
 # 3. MLCD pre-training of the tiny ViT (config/tiny_synthetic.py), then 4. LiT on its frozen tower
 run python train.py config/tiny_synthetic.py --data_dir="$OUT/train" --labels_dir="$OUT/cluster" \
-    --out_dir="$OUT/train_mlcd" --eval_data_dir="$OUT/test" --max_steps=$STEPS --eval_interval=0
+    --out_dir="$OUT/train_mlcd" --eval_data_dir="$OUT/test" --max_steps=$STEPS --log_interval=$LOG --eval_interval=0
 run python lit.py config/lit_tiny.py --data_dir="$OUT/train" --vision_checkpoint="$OUT/train_mlcd/ckpt.pt" \
     --out_dir="$OUT/lit" --epochs=$LIT_EPOCHS --precompute_features=True
 # 5. evaluate: linear probe on the shape classes, zero-shot from class names, retrieval on captions
