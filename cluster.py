@@ -1,24 +1,29 @@
 """
-Stage 1 of MLCD (DESIGN.md §1.1): embed every training image with a teacher, spherical k-means
-into k centres with faiss, keep each image's l nearest centres as its positive labels.
+Stage 1 of MLCD (paper Sec. 3.1): embed every training image with a teacher, spherical k-means
+into k centres over all ranks, keep each image's l nearest centres as its positive labels.
 
     python cluster.py --data_dir=data/synthetic --out_dir=out/cluster --num_classes=1000
     torchrun --nproc_per_node=8 cluster.py config/x.py --teacher=path/to/clip.pt
 
 Phases, each kept on disk in out_dir and skipped when re-run:
   embed   -> embeddings.npy float16 [N, d], L2-normalised   (all ranks, contiguous row slices)
-  kmeans  -> centroids.npy float32 [k, d]                    (rank 0, faiss; others wait)
+  kmeans  -> centroids.npy float32 [k, d]                    (all ranks, each on its share of the
+                                                              sample; kmeans_state.npz resumes it)
   assign  -> labels.npy int32 [N, l], nearest centre first   (all ranks, streamed in chunks)
   report  -> cluster.json (always recomputed, it is cheap)
 A finished phase leaves phase_<name>.json holding the settings that produced it. Re-running
 with the same settings skips it; with different settings the run stops and names them: an
 out_dir is ONE clustering that train.py runs point at, so it is never silently overwritten.
 Cluster differently into a new out_dir (embeddings_path=<old>/embeddings.npy reuses the
-embeddings), or pass force=True to redo every phase here.
+embeddings), or pass force=True to redo every phase here. A killed run re-run with the same
+settings redoes an unfinished embed or assign phase and continues k-means from its last state.
 """
 import os
 import json
 import time
+import heapq
+import signal
+import resource
 from datetime import timedelta
 
 import numpy as np
@@ -44,9 +49,13 @@ num_classes = 1000  # k, the number of centres (paper: 1M for LAION-400M)
 num_positives = 8  # l, labels kept per image (paper: 8)
 niter = 20  # Lloyd iterations
 max_points_per_centroid = 256  # k-means trains on a random sample of at most this * k points
+kmeans_ckpt_interval = 5  # iterations between saves of kmeans_state.npz (where a killed run resumes)
 seed = 0
-assign_batch = 65536  # rows per faiss search in the assignment (bounds RAM)
+assign_batch = 65536  # rows per search (bounds RAM); the torch search also keeps rows x k scores <= 1 GiB
+search = 'auto'  # nearest-centre search: 'faiss' or 'torch' (matmul + top-k on device); auto: faiss,
+#                  torch on CUDA when faiss has no GPUs
 force = False  # redo every phase even if finished
+timeout_minutes = 30  # a collective that waits longer than this fails instead of hanging
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -54,8 +63,9 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    # rank 0 runs k-means alone (hours at LAION scale) while the others wait at a barrier
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', timeout=timedelta(hours=24))
+    # every phase splits its work evenly over the ranks: no rank waits long for another
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
+                            timeout=timedelta(minutes=timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith('cuda'):
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
@@ -63,9 +73,22 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-use_gpu_faiss = device.startswith('cuda') and faiss.get_num_gpus() > 0
+if search == 'auto':
+    search = 'torch' if device.startswith('cuda') and faiss.get_num_gpus() == 0 else 'faiss'
+use_gpu_faiss = search == 'faiss' and device.startswith('cuda') and faiss.get_num_gpus() > 0
 os.makedirs(out_dir, exist_ok=True)
 emb_path, cen_path, lab_path = (os.path.join(out_dir, f) for f in ('embeddings.npy', 'centroids.npy', 'labels.npy'))
+kms_path = os.path.join(out_dir, 'kmeans_state.npz')
+SAMPLE_BLOCK = 1 << 16  # rows per block of the k-means sample draw (fixed: the sample must not depend
+#                         on the world size)
+kill_at, kill_count = os.environ.get('CLUSTER_KILL_AT', ''), {}
+
+
+def kill_point(phase):
+    # resume tests: CLUSTER_KILL_AT=<phase>:<n> SIGKILLs the process at the n-th pass here
+    kill_count[phase] = kill_count.get(phase, 0) + 1
+    if kill_at == f'{phase}:{kill_count[phase]}':
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def barrier():
@@ -118,6 +141,27 @@ def fail(msg):
     raise SystemExit(f'cluster.py: {msg}')
 
 
+def searcher(cen):
+    """f(x float16 [m, d] numpy, kk) -> (scores, ids) of the kk largest inner products with the
+    centres, sorted, as torch tensors on this rank's device: faiss (on this rank's GPU when faiss
+    has GPUs) or a torch matmul + top-k."""
+    if search == 'torch':
+        C = torch.from_numpy(cen).to(device)
+        return lambda x, kk: torch.topk(torch.from_numpy(x).to(device).float() @ C.T, kk)
+    index = faiss.IndexFlatIP(d)
+    if use_gpu_faiss:
+        index = faiss.index_cpu_to_gpu(gpu_res, torch.cuda.current_device(), index)
+    index.add(cen)
+
+    def f(x, kk):
+        D, I = index.search(x.astype(np.float32), kk)
+        return torch.from_numpy(D).to(device), torch.from_numpy(I).to(device)
+    return f
+
+
+gpu_res = faiss.StandardGpuResources() if use_gpu_faiss else None
+
+
 # -----------------------------------------------------------------------------
 # inputs: how many rows, and check what we can before any work starts
 ds = None
@@ -156,8 +200,11 @@ if teacher_text and (embeddings_path or teacher == 'pixels'):
     fail('teacher_text=True needs a checkpoint teacher with a text tower (not pixels or embeddings_path)')
 if num_classes < 1 or num_classes > N:
     fail(f'num_classes={num_classes} must be between 1 and the number of images N={N}')
-if max_points_per_centroid < 1 or niter < 1:
-    fail(f'max_points_per_centroid={max_points_per_centroid} and niter={niter} must be >= 1')
+if max_points_per_centroid < 1 or niter < 1 or kmeans_ckpt_interval < 1 or assign_batch < 1:
+    fail(f'max_points_per_centroid={max_points_per_centroid}, niter={niter}, '
+         f'kmeans_ckpt_interval={kmeans_ckpt_interval} and assign_batch={assign_batch} must be >= 1')
+if search not in ('faiss', 'torch'):
+    fail(f"search={search!r} must be 'auto', 'faiss' or 'torch'")
 if num_positives < 1 or num_positives > num_classes:
     fail(f'num_positives={num_positives} must be between 1 and num_classes={num_classes}')
 cls_path = classes_path or (os.path.join(data_dir, 'classes.npy') if data_dir and not embeddings_path else '')
@@ -206,6 +253,8 @@ def start_phase(p):
         for q in ('embed', 'kmeans', 'assign')[('embed', 'kmeans', 'assign').index(p):]:
             if os.path.exists(state_path(q)):
                 os.remove(state_path(q))
+        if p == 'embed' and os.path.exists(kms_path):  # k-means state of the old embeddings
+            os.remove(kms_path)
     barrier()
     return time.time()
 
@@ -234,6 +283,7 @@ if todo['embed']:
         r0, r1 = rank_slice(N, rank, world)
         for i in tqdm(range(r0, r1, assign_batch), desc='embed (copy)', disable=not master):
             npy_write(emb_path, i, l2n(npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))))
+            kill_point('embed')
     elif teacher == 'pixels':
         # Downsampled pixels + PCA: a deterministic teacher that needs no checkpoint. Each image is
         # pooled on its own (area average), so a row never depends on which batch it was in.
@@ -263,6 +313,7 @@ if todo['embed']:
         for i in tqdm(range(r0, r1, batch_size), desc='embed (pixels)', disable=not master):
             x = pool(np.arange(i, min(i + batch_size, r1)))
             npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
+            kill_point('embed')
     else:
         import model
         try:
@@ -290,37 +341,143 @@ if todo['embed']:
             index = index.cpu().numpy()
             assert (np.diff(index) == 1).all(), 'eval_batches yields contiguous rows'
             npy_write(emb_path, int(index[0]), e.cpu().numpy())
+            kill_point('embed')
     finish_phase('embed', (N, d), t0)
 d = np.load(emb_path, mmap_mode='r').shape[1]
 k, l = num_classes, num_positives
+# rows per search; the torch search also holds rows x k float32 scores: at most 1 GiB
+chunk_rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, (1 << 28) // k))
 
 # -----------------------------------------------------------------------------
-# phase 2: spherical k-means on a seeded sample (rank 0; the sample is the only thing in RAM)
+# phase 2: spherical k-means over all ranks. The sample is drawn from the seed alone; rank r holds
+# only its contiguous slice of it (sorted by row). Centres are replicated; each iteration every
+# rank assigns its points, and the per-centre sums and counts are all-reduced in float64. Every
+# embedding is a float16 (a multiple of 2^-24, |x| <= 1), so these float64 sums are exact for
+# fewer than 2^29 points per centre: the same in any order, hence bitwise the same centres for any
+# world size, chunking or device, and every rank derives the same next centres from them.
+
+
+def sample_share(n, a, b):
+    """Rows [a, b) of the k-means sample (n of the N rows, sorted), as float16 [b - a, d]. Drawn
+    per block of SAMPLE_BLOCK rows: how many rows each block gives (multivariate hypergeometric:
+    a uniform n-subset), then which ones (uniform within the block), each from its own seed, so a
+    rank draws and reads only the blocks its slice touches."""
+    sizes = np.minimum(SAMPLE_BLOCK, N - np.arange(0, N, SAMPLE_BLOCK))
+    counts = sizes if n == N else np.random.default_rng([seed, 0]).multivariate_hypergeometric(sizes, n)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    x = np.empty((b - a, d), np.float16)
+    for blk in tqdm(np.flatnonzero((ends > a) & (starts < b)), desc='kmeans sample', disable=not master):
+        lo = blk * SAMPLE_BLOCK
+        rows = np.arange(lo, lo + sizes[blk])
+        if counts[blk] < sizes[blk]:
+            rng = np.random.default_rng([seed, 1, blk])
+            rows = lo + np.sort(rng.choice(sizes[blk], counts[blk], replace=False))
+        s0, s1 = max(a, starts[blk]), min(b, ends[blk])
+        x[s0 - a:s1 - a] = npy_rows(emb_path, rows[s0 - starts[blk]:s1 - starts[blk]], np.float16)
+    return x
+
+
+def normalise(C):  # spherical k-means: a centre is the unit direction of its points' sum (in place)
+    return C.div_(C.norm(dim=1, keepdim=True).clamp_min(1e-30))
+
+
+def update(acc):
+    """Next centres from the all-reduced [k, d + 1] float64 sums | counts. An empty centre takes a
+    copy of the currently largest cluster, both nudged apart by +-1/1024 on alternate coordinates
+    and splitting its count (faiss's split, but of the largest cluster, with no random draw)."""
+    C, counts = normalise(acc[:, :d]), acc[:, d].cpu().numpy()  # C: a view, no second k x d copy
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        heap = [(-c, j) for j, c in enumerate(counts) if c > 0]  # largest first, then lowest id
+        heapq.heapify(heap)
+        eps = torch.full((d,), 1 / 1024, dtype=C.dtype, device=C.device)
+        eps[1::2] *= -1
+        moved = set()
+        for j in empty:
+            c, big = heapq.heappop(heap)
+            C[j], C[big] = C[big] * (1 + eps), C[big] * (1 - eps)
+            heapq.heappush(heap, (c + (-c) // 2, big))  # big keeps the larger half
+            heapq.heappush(heap, (-((-c) // 2), j))
+            moved |= {j, big}
+        moved = torch.tensor(sorted(moved), device=C.device)
+        C[moved] = normalise(C[moved])
+    return C.float().contiguous(), len(empty)
+
+
 kmeans_obj = None
 if todo['kmeans']:
     t0 = start_phase('kmeans')
+    n = min(N, max_points_per_centroid * k)
+    a, b = rank_slice(n, rank, world)
     if master:
-        n = min(N, max_points_per_centroid * k)
-        idx = np.arange(N) if n == N else np.sort(np.random.default_rng(seed).choice(N, n, replace=False))
-        x = np.empty((n, d), np.float32)
-        # read the sample window by window of assign_batch rows: fancy indexing across the whole
-        # memmap would map (and count as ours) most of the file's pages at once
-        cuts = np.searchsorted(idx, np.arange(0, N + assign_batch, assign_batch))
-        for a, b in tqdm(list(zip(cuts[:-1], cuts[1:])), desc='kmeans sample'):
-            x[a:b] = npy_rows(emb_path, idx[a:b])
-        # one faiss call per Lloyd iteration, for progress: the result equals one call with niter
-        # (the state between iterations is just the centroids; empty clusters are split with a
-        # fixed seed inside faiss). We sampled already, so faiss must not subsample again.
-        km = faiss.Kmeans(d, k, niter=1, seed=seed, spherical=True, gpu=use_gpu_faiss,
-                          max_points_per_centroid=n, min_points_per_centroid=1)
-        pbar = tqdm(range(niter), desc=f'kmeans {n}x{d} -> {k}')
-        for it in pbar:
-            km.train(x, init_centroids=None if it == 0 else km.centroids)
-            kmeans_obj = float(km.obj[-1]) / n  # mean cosine of a point to its centre
-            pbar.set_postfix(mean_cos=f'{kmeans_obj:.4f}')
-        np.save(cen_path, km.centroids.astype(np.float32))
-        del x
+        gib = lambda x: f'{x / 2 ** 30:.2f} GiB'
+        share, cen_b, acc_b = (b - a) * d * 2, k * d * 4, k * (d + 1) * 8
+        # a chunk: float32 rows to search, float64 rows | 1 to sum (twice, cat), results (+ scores)
+        chunk = chunk_rows * (20 * d + 24) + (chunk_rows * k * 4 if search == 'torch' else 0)
+        where = f' (share on the host, the rest on {device})' if device.startswith('cuda') else ''
+        print(f'kmeans: {n:,} sample points over {world} rank(s); per rank: share {b - a:,} x {d} '
+              f'float16 {gib(share)} + centres 2 x {gib(cen_b)} + sums {gib(acc_b)} + one chunk of '
+              f'{chunk_rows:,} rows {gib(chunk)} = peak ~{gib(share + 2 * cen_b + acc_b + chunk)}{where}',
+              flush=True)
+    it0, objs, C = 0, [], None
+    if os.path.exists(kms_path):  # a killed run's last state: continue from it if it is ours
+        try:
+            st = np.load(kms_path)
+            st_keys, st_cen = json.loads(str(st['config'])), st['centroids']
+            st_it, st_objs = int(st['iteration']), st['obj'].tolist()
+        except Exception as e:
+            fail(f'{kms_path} is unreadable ({e}); delete it to restart k-means')
+        if st_keys == keys['kmeans'] and st_cen.shape == (k, d) and st_it <= niter:
+            it0, objs, C = st_it, st_objs, torch.from_numpy(st_cen).to(device)
+            if master:
+                print(f'resume kmeans from {kms_path} at iteration {it0}/{niter}')
+        elif master:
+            print(f'ignoring {kms_path}: made with {st_keys}, now {keys["kmeans"]}')
+    x = sample_share(n, a, b)
+    if C is None:  # initial centres: k sample points chosen by the seed, each sent by the rank holding it
+        pos = np.random.default_rng([seed, 2]).choice(n, k, replace=False)
+        mine = (pos >= a) & (pos < b)
+        C = torch.zeros(k, d, device=device)
+        C[torch.from_numpy(mine)] = torch.from_numpy(x[pos[mine] - a]).to(device).float()
+        if ddp:
+            dist.all_reduce(C)  # one nonzero term per row: a copy
+        C = normalise(C.double()).float()
+    pbar = tqdm(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master, initial=it0,
+                total=niter)
+    for it in pbar:
+        f = searcher(C.cpu().numpy())
+        acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
+        obj = torch.zeros((), dtype=torch.float64, device=device)
+        for i in tqdm(range(0, b - a, chunk_rows), desc=f'iteration {it + 1}', disable=not master,
+                      leave=False):
+            D, I = f(x[i:i + chunk_rows], 1)
+            xi = torch.from_numpy(x[i:i + chunk_rows]).to(device).double()
+            acc.index_add_(0, I[:, 0], torch.cat([xi, torch.ones_like(xi[:, :1])], 1))
+            obj += D.double().sum()
+        if ddp:
+            dist.all_reduce(acc)
+            dist.all_reduce(obj)
+        del f
+        C, n_empty = update(acc)
+        del acc
+        objs.append(float(obj) / n)  # mean cosine of a point to its centre, before this update
+        pbar.set_postfix(mean_cos=f'{objs[-1]:.4f}', empty=n_empty)
+        if master and ((it + 1) % kmeans_ckpt_interval == 0) and it + 1 < niter:
+            tmp = kms_path[:-4] + '.tmp.npz'
+            np.savez(tmp, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
+                     config=json.dumps(keys['kmeans']))
+            os.replace(tmp, kms_path)
+        kill_point('kmeans')
+    kmeans_obj = objs[-1]
+    if master:
+        tmp = cen_path[:-4] + '.tmp.npy'
+        np.save(tmp, C.cpu().numpy())
+        os.replace(tmp, cen_path)
+    del x
     finish_phase('kmeans', (k, d), t0, mean_cos=kmeans_obj)
+    if master and os.path.exists(kms_path):
+        os.remove(kms_path)
 cen = np.load(cen_path)
 if cen.shape[1] != d:
     fail(f'{cen_path} has dim {cen.shape[1]} but {emb_path} has dim {d}; force=True redoes it')
@@ -331,16 +488,19 @@ if master and kmeans_obj is None:
 # phase 3: assignment, every image's l nearest centres by inner product (= cosine, both unit)
 if todo['assign']:
     t0 = start_phase('assign')
-    index = faiss.IndexFlatIP(d)
-    if use_gpu_faiss:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
-    index.add(cen)
+    f = searcher(cen)
     npy_create(lab_path, (N, l), np.int32)
     r0, r1 = rank_slice(N, rank, world)
-    for i in tqdm(range(r0, r1, assign_batch), desc=f'assign top-{l}', disable=not master):
-        _, I = index.search(npy_rows(emb_path, slice(i, min(i + assign_batch, r1))), l)  # sorted, nearest first
-        npy_write(lab_path, i, I.astype(np.int32))
+    for i in tqdm(range(r0, r1, chunk_rows), desc=f'assign top-{l}', disable=not master):
+        _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
+        npy_write(lab_path, i, I.cpu().numpy().astype(np.int32))
+        kill_point('assign')
     finish_phase('assign', (N, l), t0)
+
+# peak resident memory of every rank (Linux reports KiB), for the report
+rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20] * world
+if ddp:
+    dist.all_gather_object(rss, rss[0])
 
 # -----------------------------------------------------------------------------
 # phase 4: report (rank 0): cluster sizes of the top-1 assignment, purity and NMI vs ground truth
@@ -372,7 +532,8 @@ if master:
         result.update(purity=float(purity), nmi=float(nmi), true_classes=int((b > 0).sum()))
     times['report'] = round(time.time() - t0, 2)
     result.update(phases={p: ('done' if todo[p] else 'skipped') for p in todo}, seconds=times,
-                  faiss_gpu=use_gpu_faiss, world_size=world, out_dir=out_dir)
+                  search=search, faiss_gpu=use_gpu_faiss, world_size=world,
+                  peak_rss_gib=[round(r, 3) for r in rss], out_dir=out_dir)
     json.dump(result, open(os.path.join(out_dir, 'cluster.json'), 'w'), indent=1)
     print(json.dumps(result))
 barrier()

@@ -1,35 +1,39 @@
 """
-Benchmark of cluster.py at scale: wall time and peak RSS to cluster N x d float16 embeddings
-into k centres and assign the top-l, through the real script (embeddings_path input), plus a
-side-by-side at a smaller scale against the obvious alternative: everything in RAM as float32,
-faiss.Kmeans on it (faiss draws its own sample of max_points_per_centroid * k), one index.search
-over all rows (median of `repeats` runs each). Ours also makes its normalised float16 copy of the
-input (the embed phase of embeddings_path), which the alternative does not.
+Benchmark of cluster.py's k-means over ranks: N x d float16 embeddings into k centres plus the
+top-l assignment, through the real script (embeddings_path input) on 1 rank and on 2 ranks
+(torchrun, gloo), against the obvious alternative: everything in RAM as float32, faiss.Kmeans
+(spherical) on it, one index.search over all rows, with 1 and with 2 threads. Every k-means sees
+the same number of points (min(N, max_points_per_centroid * k); all of them at the defaults) for
+the same iterations. Each configuration runs `repeats` times; the medians are reported.
 
-    python bench/bench_cluster.py                      # 1M x 512 -> 10K, top-8 (CPU: ~10 min)
-    python bench/bench_cluster.py --n=100000 --k=1000  # quicker
+    python bench/bench_cluster.py                         # 1M x 128 -> 10K, top-8, 2 iterations
+    python bench/bench_cluster.py --n=200000 --niter=5    # quicker
 
-On a machine with CUDA and faiss GPUs, cluster.py runs k-means and assignment on the GPU.
-Peak RSS is each child process's ru_maxrss (it includes file pages mapped while reading).
+Each rank and the faiss process get OMP_NUM_THREADS=threads (1) per rank / thread count given:
+1 rank uses one core, 2 ranks two. Peak RSS is each process's own ru_maxrss (cluster.py reports
+it per rank in cluster.json; it includes file pages mapped while reading). cluster.py's time also
+covers its embed phase (a normalised float16 copy of the input), which the alternative skips;
+kmeans_s is the k-means phase alone (sample read + iterations) and faiss's train().
 """
 import os
 import sys
 import json
 import time
+import socket
 import subprocess
 
 import numpy as np
 
 n = 1_000_000  # embeddings
-d = 512
+d = 128
 k = 10_000  # centres
 l = 8  # top-l labels
 true_k = 10_000  # generating clusters of the random data
 noise = 0.6  # per-row noise norm relative to the unit centre
-niter = 10
-max_points_per_centroid = 8  # k-means sample = min(n, this * k); faiss's own default is 256
-cmp_n, cmp_k = 500_000, 1000  # side-by-side with the in-RAM alternative (same ppc, niter)
+niter = 2  # Lloyd iterations (kept low: one iteration is ~2.6 TFLOP, minutes on one CPU core)
+max_points_per_centroid = 256  # k-means sample = min(n, this * k): all 1M rows at the defaults
 repeats = 3
+threads = 1  # OMP_NUM_THREADS per rank (and for faiss at 1 thread)
 work_dir = 'out/bench_cluster'
 seed = 0
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +48,13 @@ path, k, l, niter, ppc, seed = sys.argv[1], *map(int, sys.argv[2:])
 t0 = time.time()
 x = np.load(path).astype(np.float32)
 km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=ppc,
-                  min_points_per_centroid=1, gpu=faiss.get_num_gpus() > 0)
+                  min_points_per_centroid=1)
+t1 = time.time()
 km.train(x)
+t2 = time.time()
 _, labels = km.index.search(x, l)
-np.save(path + '.inram_labels.npy', labels.astype(np.int32))
-print(json.dumps(dict(seconds=time.time() - t0)))
+print(json.dumps(dict(seconds=time.time() - t0, kmeans_s=t2 - t1, mean_cos=float(km.obj[-1]) / min(len(x), ppc * k),
+                      peak_rss_gib=[resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20])))
 '''
 
 
@@ -68,70 +74,61 @@ def make_data(path, n, d, true_k, seed):
     out.flush()
     del out
     os.replace(path + '.tmp', path)
-    np.save(path + '.classes.npy', y)
 
 
-def measure(cmd):
-    """Wall time and peak RSS (GiB) of one child process."""
-    shim = ('import subprocess, sys, resource, time; t = time.time(); '
-            'r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True); '
-            'print(r.stdout); print("WALL", time.time() - t, "RSS", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, '
-            '"RC", r.returncode)')
-    out = subprocess.run([sys.executable, '-c', shim, *cmd], capture_output=True, text=True, cwd=root).stdout
-    tail = out.strip().splitlines()[-1].split()
-    if tail[5] != '0':
-        raise SystemExit(f'benchmark command failed ({tail[5]}): {" ".join(cmd)}\n{out}')
-    lines = [ln for ln in out.splitlines() if ln.startswith('{')]
-    return float(tail[1]), int(tail[3]) / 2 ** 20, json.loads(lines[-1]) if lines else {}
+def measure(cmd, omp):
+    """Wall time of one command and the JSON line it printed last."""
+    t = time.time()
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(omp), CUDA_VISIBLE_DEVICES=''))
+    wall = time.time() - t
+    if r.returncode != 0:
+        raise SystemExit(f'benchmark command failed ({r.returncode}): {" ".join(cmd)}\n{r.stderr[-2000:]}')
+    return wall, json.loads([ln for ln in r.stdout.splitlines() if ln.startswith('{')][-1])
 
 
-def ours(path, out, k, niter, ppc):
-    return [sys.executable, 'cluster.py', f'--embeddings_path={path}', f'--classes_path={path}.classes.npy',
-            f'--out_dir={out}', f'--num_classes={k}', f'--num_positives={l}', f'--niter={niter}',
-            f'--max_points_per_centroid={ppc}', f'--seed={seed}', '--force=True']
+def ours(path, ranks):
+    if ranks == 1:
+        cmd = [sys.executable, 'cluster.py']
+    else:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}', f'--master_port={port}',
+               'cluster.py']
+    return cmd + [f'--embeddings_path={path}', f'--out_dir={work_dir}/ours_{ranks}', f'--num_classes={k}',
+                  f'--num_positives={l}', f'--niter={niter}', f'--max_points_per_centroid={max_points_per_centroid}',
+                  f'--seed={seed}', '--force=True']
 
 
-results = {}
-try:
-    import torch
-    gpu = torch.cuda.is_available()
-except ImportError:
-    gpu = False
-
-# 1) the headline: n x d -> k, top-l, through cluster.py
-big = os.path.join(work_dir, f'emb_{n}x{d}.npy')
+path = os.path.join(work_dir, f'emb_{n}x{d}.npy')
 t = time.time()
-make_data(big, n, d, true_k, seed)
-print(f'data {big}: {time.time() - t:.1f}s', flush=True)
-wall, rss, res = measure(ours(big, os.path.join(work_dir, 'big'), k, niter, max_points_per_centroid))
+make_data(path, n, d, true_k, seed)
+print(f'data {path}: {time.time() - t:.1f}s', flush=True)
+configs = {
+    'cluster.py, 1 rank': lambda: measure(ours(path, 1), threads),
+    'cluster.py, 2 ranks': lambda: measure(ours(path, 2), threads),
+    f'faiss.Kmeans, {threads} thread(s)': lambda: measure(
+        [sys.executable, '-c', IN_RAM, path, str(k), str(l), str(niter), str(max_points_per_centroid), str(seed)], threads),
+    f'faiss.Kmeans, {2 * threads} threads': lambda: measure(
+        [sys.executable, '-c', IN_RAM, path, str(k), str(l), str(niter), str(max_points_per_centroid), str(seed)],
+        2 * threads),
+}
+runs = {name: [] for name in configs}
+for rep in range(repeats):  # interleaved, so that machine load drifts hit every configuration alike
+    for name, f in configs.items():
+        wall, res = f()
+        kmeans_s = res['kmeans_s'] if 'kmeans_s' in res else res['seconds']['kmeans']
+        mean_cos = res['mean_cos'] if 'mean_cos' in res else res['kmeans_mean_cos']
+        runs[name].append((wall, kmeans_s, max(res['peak_rss_gib']), mean_cos))
+        print(json.dumps(dict(config=name, repeat=rep, wall_s=round(wall, 1), kmeans_s=round(kmeans_s, 1),
+                              peak_rss_gib_per_rank=res['peak_rss_gib'], mean_cos=mean_cos)), flush=True)
 sample = min(n, max_points_per_centroid * k)
-results['headline'] = dict(n=n, d=d, k=k, l=l, niter=niter, max_points_per_centroid=max_points_per_centroid,
-                           kmeans_sample=sample, wall_s=round(wall, 1), peak_rss_gib=round(rss, 2),
-                           phase_s=res.get('seconds'), purity=res.get('purity'), nmi=res.get('nmi'),
-                           empty=res.get('sizes', {}).get('empty'), faiss_gpu=res.get('faiss_gpu'),
-                           lloyd_tflop_per_iter=round(2 * sample * k * d / 1e12, 2),
-                           assign_tflop=round(2 * n * k * d / 1e12, 2))
-if res.get('seconds'):
-    s = res['seconds']
-    results['headline']['kmeans_gflops'] = round(niter * 2 * sample * k * d / s['kmeans'] / 1e9, 1)
-    results['headline']['assign_gflops'] = round(2 * n * k * d / s['assign'] / 1e9, 1)
-print(json.dumps(results['headline']), flush=True)
-
-# 2) side by side at a smaller scale: ours (streamed, float16 on disk) vs all in RAM
-small = os.path.join(work_dir, f'emb_{cmp_n}x{d}.npy')
-make_data(small, cmp_n, d, cmp_k, seed + 1)
-rows = {'ours': [], 'in_ram': []}
-for r in range(repeats):
-    rows['ours'].append(measure(ours(small, os.path.join(work_dir, 'small'), cmp_k, niter, max_points_per_centroid))[:2])
-    rows['in_ram'].append(measure([sys.executable, '-c', IN_RAM, small, str(cmp_k), str(l), str(niter),
-                                   str(max_points_per_centroid), str(seed)])[:2])
-med = {m: (float(np.median([w for w, _ in v])), float(np.median([s for _, s in v]))) for m, v in rows.items()}
-results['side_by_side'] = dict(n=cmp_n, d=d, k=cmp_k, l=l, repeats=repeats,
-                               ours_wall_s=round(med['ours'][0], 2), in_ram_wall_s=round(med['in_ram'][0], 2),
-                               ours_rss_gib=round(med['ours'][1], 3), in_ram_rss_gib=round(med['in_ram'][1], 3),
-                               wall_ratio=round(med['ours'][0] / med['in_ram'][0], 2),
-                               rss_ratio=round(med['ours'][1] / med['in_ram'][1], 2))
-print(json.dumps(results['side_by_side']), flush=True)
-results['gpu'] = gpu
+results = dict(n=n, d=d, k=k, l=l, niter=niter, kmeans_sample=sample, repeats=repeats, omp_threads_per_rank=threads,
+               lloyd_gflop_per_iter=round(2 * sample * k * d / 1e9, 1), rows={})
+for name, v in runs.items():
+    wall, km, rss, cos = (float(np.median(c)) for c in zip(*v))
+    results['rows'][name] = dict(wall_s=round(wall, 1), kmeans_s=round(km, 1), peak_rss_gib_per_rank=round(rss, 3),
+                                 mean_cos=round(cos, 4))
 json.dump(results, open(os.path.join(work_dir, 'bench_cluster.json'), 'w'), indent=1)
 print(json.dumps(results))

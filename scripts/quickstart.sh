@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/quickstart}
 THREADS=${THREADS:-0}
-if [ "${QUICK:-0}" = 1 ]; then N=1200; NTEST=400; K=60; STEPS=12; LIT_EPOCHS=2; ITERS=100
-else N=6000; NTEST=2000; K=300; STEPS=150; LIT_EPOCHS=2; ITERS=100; fi
+if [ "${QUICK:-0}" = 1 ]; then N=1200; NTEST=400; K=60; STEPS=12; LOG=1; LIT_EPOCHS=2; ITERS=100
+else N=6000; NTEST=2000; K=300; STEPS=150; LOG=10; LIT_EPOCHS=2; ITERS=100; fi
 # train.py and lit.py take --threads; the other stages read OMP_NUM_THREADS
 if [ "$THREADS" -gt 0 ]; then export OMP_NUM_THREADS=$THREADS; fi
 run() { echo "+ $*" >&2; "$@"; }
@@ -32,7 +32,7 @@ finished "$OUT/cluster/cluster.json" || run python cluster.py --data_dir="$OUT/t
 #    (every centre is a negative: with only K centres, r = 0.1 would leave K / 10 negatives)
 finished "$OUT/train_mlcd/train.json" || run python train.py config/tiny_synthetic.py --data_dir="$OUT/train" \
     --labels_dir="$OUT/cluster" --out_dir="$OUT/train_mlcd" --eval_data_dir="$OUT/test" --max_steps=$STEPS \
-    --eval_interval=0 --sample_ratio=1.0 --threads=$THREADS $(resume "$OUT/train_mlcd")
+    --log_interval=$LOG --eval_interval=0 --sample_ratio=1.0 --threads=$THREADS $(resume "$OUT/train_mlcd")
 finished "$OUT/lit/lit.json" || run python lit.py config/lit_tiny.py --data_dir="$OUT/train" \
     --vision_checkpoint="$OUT/train_mlcd/ckpt.pt" --out_dir="$OUT/lit" --epochs=$LIT_EPOCHS \
     --precompute_features=True --threads=$THREADS $(resume "$OUT/lit")
