@@ -53,7 +53,7 @@ from model import (PRESETS, AugAwareVision, TextTransformer, VisionTransformer, 
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
 # I/O
 out_dir = 'out/lit'
-data_dir = 'data/laion400m'  # a data.py dataset; captions (texts_*.npy) for clip (uniclip: optional)
+data_dir = 'data/laion400m'  # a data.py dataset; clip needs captions (texts_*.npy), uniclip may use them
 vision_checkpoint = 'out/train/ckpt.pt'  # train.py's ckpt.pt or anything from_pretrained reads
 vision_act = ''  # '' (the checkpoint's; OpenAI: quick_gelu) or 'gelu' for open_clip GELU weights
 init_from = 'scratch'  # 'scratch' (new text tower) | 'resume' (out_dir/ckpt.pt)
@@ -99,8 +99,8 @@ logit_scale_max = math.log(100.0)  # Table 10: the temperature is capped at 100
 # data
 precompute_features = False  # LiT: embed the frozen images once (un-augmented), train from those
 augment = True  # augment the images as augment_kind says (never with precompute_features)
-augment_kind = 'rrc'  # 'rrc' (random resized crop + flip), 'pad_crop' (reflect-pad, crop back, flip),
-                      # 'flip' (flip only)
+augment_kind = 'rrc'  # 'rrc' (random resized crop + flip), 'pad_crop' (reflect-pad, crop back,
+                      # flip), 'flip' (flip only)
 crop_scale = (0.4, 1.0)  # rrc: range of the crop's area fraction
 pad = 4  # pad_crop: pixels of reflect padding
 color_jitter = 0.0  # with augment: SimCLR's colour distortion strength (0: off; SimCLR: 0.5 / 1.0)
@@ -395,10 +395,10 @@ def similarity_values(t):
 
 
 def crop_texts(texts, index):
-    """The captions cut after the last end token of the batch: the text tower attends causally and
-    pools at the end token, so the padding behind it changes nothing, and short captions (the
-    synthetic set's: ~20 of 77 tokens) cost a quarter. The length is read from the memory-mapped
-    ids on the host: no device read."""
+    """The captions cut after the last end token of the batch: the text tower attends causally
+    and pools at the end token, so the padding behind it changes nothing but rounding, and short
+    captions (the synthetic set's: ~20 of 77 tokens) cost a quarter. The length is read from the
+    memory-mapped ids on the host: no device read."""
     return texts[:, :int(loader.ds.texts(index.numpy()).argmax(1).max()) + 1]
 
 
@@ -427,15 +427,18 @@ def step_loss(batch):
 # -----------------------------------------------------------------------------
 # training loop
 if master:
-    tower = (f'frozen image tower from {vision_source} ({vision.num_params() / 1e6:.1f}M)' if locked
-             else f"image tower from {vision_source} ({sum(p.numel() for p in trained_vision.parameters()) / 1e6:.1f}M"
-                  + (f', augmentation-aware, {aug_dim} parameters' if aug_dim else '') + ')')
+    if locked:
+        tower = f'frozen image tower from {vision_source} ({vision.num_params() / 1e6:.1f}M)'
+    else:
+        n = sum(p.numel() for p in trained_vision.parameters())
+        tower = (f'image tower from {vision_source} ({n / 1e6:.1f}M'
+                 + (f', augmentation-aware, {aug_dim} parameters)' if aug_dim else ')'))
     print(f'{loss}, {world} rank(s), {batch_size} images per rank per step, {views} view(s), '
           f'{steps_per_epoch} steps per epoch, {max_steps} steps; {tower}, '
           + (f'text tower {text.num_params() / 1e6:.1f}M, ' if text is not None else 'no text tower, ')
           + f'embed {vision.embed_dim}, '
-          f"{'precomputed features' if precompute_features else 'full image forward'}, device {device}, "
-          f'{threads} thread(s), run {run_id}')
+          + ('precomputed features' if precompute_features else 'full image forward')
+          + f', device {device}, {threads} thread(s), run {run_id}')
     if step > 0 and common.trim_log(log_path, step):  # resume: drop records past the checkpoint
         print(f'{log_path}: dropped unreadable line(s), e.g. one cut short by a full disk')
     elif step == 0 and os.path.exists(log_path):  # a new run (--overwrite=True, or none saved yet)

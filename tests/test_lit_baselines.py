@@ -5,7 +5,6 @@ process, UniCLIP reduced to one scale and no augmentation embedding equals SimCL
 checkpoint loads with model.from_pretrained, exports and runs through probe.py."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
