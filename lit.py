@@ -1,18 +1,30 @@
 """
-Stage 3: locked-image text tuning (LiT). The image tower of a train.py checkpoint
-(or of anything model.from_pretrained reads) is frozen; a CLIP text tower is trained from scratch
-against it with the symmetric contrastive loss and a learnable temperature capped at 100 (paper
-Table 10), with train.py's optimiser, schedule, DDP, logging, checkpoint and exact-resume rules.
+Stage 3: the contrastive stage. By default locked-image text tuning (LiT): the image tower of a
+train.py checkpoint (or of anything model.from_pretrained reads) is frozen and a CLIP text tower
+is trained from scratch against it with the symmetric contrastive loss and a learnable temperature
+capped at 100 (paper Table 10), with train.py's optimiser, schedule, DDP, logging, checkpoint and
+exact-resume rules. The same loop trains the instance discrimination baselines that MLCD is
+compared with (README: "Instance discrimination baselines"):
+  loss='clip', lock_image=False: CLIP from scratch, both towers trained with the same loss;
+  loss='uniclip': UniCLIP (Lee et al., NeurIPS 2022) as we read it: MP-NCE over `views` augmented
+      views and the caption of each image, domain dependent similarity, augmentation-aware image
+      embedding, each a switch; on a dataset without captions, the image-image part only;
+  loss='simclr': SimCLR's NT-Xent over 2 augmented views of each image (captions unused).
+The image tower is then trained: from a model.py preset (model=...) or from vision_checkpoint.
 
 One CPU process:   python lit.py config/lit_tiny.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py --vision_checkpoint=out/train/ckpt.pt
+CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
+UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
 Continue a run:    python lit.py config/x.py --init_from=resume   (the same number of ranks)
 
-precompute_features=True embeds every image once (eval transform, no augmentation) and trains the
-text tower from those features: the frozen tower then costs one forward pass per image in total
-instead of one per image per epoch. Full mode with augment=False sees exactly the same inputs.
-The features live in out_dir/image_features.npy (a memory map; reused on resume).
-The result, out_dir/ckpt.pt, holds both towers: model.from_pretrained returns (vision, text).
+precompute_features=True (LiT only) embeds every image once (eval transform, no augmentation)
+and trains the text tower from those features: the frozen tower then costs one forward pass per
+image in total instead of one per image per epoch. Full mode with augment=False sees exactly the
+same inputs. The features live in out_dir/image_features.npy (a memory map; reused on resume).
+The result, out_dir/ckpt.pt, holds the towers: model.from_pretrained returns (vision, text or
+None); with the augmentation-aware embedding, 'vision' is the plain tower of the unaugmented
+embedding (AugAwareVision.folded()) and 'aug_vision' what a resume needs.
 It stops with one line as train.py does (bad input, a non-finite value, a rank that stops
 answering, SIGTERM / SIGINT after a checkpoint), never writing a checkpoint from a bad state.
 """
@@ -27,25 +39,40 @@ import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import stop
 from data import Loader, eval_batches
-from loss import clip_loss, shard_range
-from model import PRESETS, TextTransformer, VisionTransformer, from_pretrained, rng_state, set_rng_state
+from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, shard_range, simclr_loss
+from model import (PRESETS, AugAwareVision, TextTransformer, VisionTransformer, from_pretrained,
+                   rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
 # I/O
 out_dir = 'out/lit'
-data_dir = 'data/laion400m'  # a data.py dataset with captions (texts_*.npy)
+data_dir = 'data/laion400m'  # a data.py dataset; clip needs captions (texts_*.npy), uniclip may use them
 vision_checkpoint = 'out/train/ckpt.pt'  # train.py's ckpt.pt or anything from_pretrained reads
 vision_act = ''  # '' (the checkpoint's; OpenAI: quick_gelu) or 'gelu' for open_clip GELU weights
 init_from = 'scratch'  # 'scratch' (new text tower) | 'resume' (out_dir/ckpt.pt)
 overwrite = False  # start a new run in an out_dir that holds a checkpoint (replacing it)
 log_interval = 10
 ckpt_interval = 1000  # steps between checkpoints (one is always written at the end)
+# what is trained (README: "Instance discrimination baselines")
+loss = 'clip'  # 'clip' (image-text InfoNCE), 'uniclip' (MP-NCE over views and captions),
+               # 'simclr' (NT-Xent over 2 views; images only)
+lock_image = True  # clip: True is LiT (frozen image tower), False is CLIP from scratch (both towers
+                   # trained); uniclip and simclr always train the image tower
+model = ''  # a trained image tower from this model.py preset (random init); '': vision_checkpoint
+image_size = 0  # 0: the preset's (or the checkpoint's) resolution
+views = 0  # augmented views per image; 0: the loss's own (clip 1, uniclip 2, simclr 2)
+domain_similarity = True  # uniclip: a learnable scale per domain pair (image-image, image-text,
+                          # text-text); False: one shared scale (plain MP-NCE)
+domain_offsets = True  # uniclip, with domain_similarity: and a learnable offset per domain pair
+aug_embed = True  # uniclip: the augmentation-aware image embedding (model.AugAwareVision)
+aug_hidden = 0  # its MLP's hidden width; 0: the image tower's width
 # text tower: the preset whose embedding width equals the image tower's output (ViT-B: 512,
 # ViT-L: 768, ViT-T/4: 128), else ViT-B's text tower with embed_dim set to it
 text_preset = ''  # '' picks as above; or a model.py preset name
@@ -53,9 +80,9 @@ text_width = 0  # 0: the preset's; else overrides (heads must divide it)
 text_layers = 0
 text_heads = 0
 # optimisation
-global_batch_size = 32768  # captions per step over all ranks; the contrastive loss couples the
-                           # whole batch, so there is no gradient accumulation: each rank holds
-                           # global_batch_size / ranks pairs (the nearest multiple of the ranks)
+global_batch_size = 32768  # images (pairs) per step over all ranks; the contrastive loss couples
+                           # the whole batch, so there is no gradient accumulation: each rank holds
+                           # global_batch_size / ranks (the nearest multiple of the ranks)
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged
@@ -66,28 +93,47 @@ weight_decay = 0.2
 beta1 = 0.9
 beta2 = 0.98
 adam_eps = 1e-6
-grad_clip = 1.0  # max global grad norm of the text tower; 0: off
-logit_scale_init = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+grad_clip = 1.0  # max global grad norm of the trained towers; 0: off
+logit_scale_init = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (uniclip: every scale)
 logit_scale_max = math.log(100.0)  # Table 10: the temperature is capped at 100
+# data
+precompute_features = False  # LiT: embed the frozen images once (un-augmented), train from those
+augment = True  # augment the images as augment_kind says (never with precompute_features)
+augment_kind = 'rrc'  # 'rrc' (random resized crop + flip), 'pad_crop' (reflect-pad, crop back,
+                      # flip), 'flip' (flip only)
+crop_scale = (0.4, 1.0)  # rrc: range of the crop's area fraction
+pad = 4  # pad_crop: pixels of reflect padding
+color_jitter = 0.0  # with augment: SimCLR's colour distortion strength (0: off; SimCLR: 0.5 / 1.0)
 # system
-precompute_features = False  # embed the frozen images once (un-augmented) and train from those
-augment = True  # random resized crop + flip in full mode (precomputed features are never augmented)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
-compile = False  # torch.compile the text tower
+compile = False  # torch.compile the trained towers
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
+if loss not in ('clip', 'uniclip', 'simclr'):
+    raise SystemExit(f"config error: loss must be 'clip', 'uniclip' or 'simclr', got {loss!r}")
+locked = loss == 'clip' and lock_image  # LiT: the image tower is frozen
+views = views or (1 if loss == 'clip' else 2)
+need = {'clip': 1, 'simclr': 2}.get(loss)  # uniclip: any number
+if (need and views != need) or views < 1:
+    raise SystemExit(f"config error: loss={loss!r} takes views={need or '>= 1'}, got {views}")
+if precompute_features and not locked:
+    raise SystemExit("config error: precompute_features needs a frozen image tower (loss='clip', "
+                     'lock_image=True)')
+if augment_kind not in ('rrc', 'pad_crop', 'flip'):
+    raise SystemExit(f"config error: augment_kind must be 'rrc', 'pad_crop' or 'flip', got "
+                     f'{augment_kind!r}')
 threads = common.set_threads(threads)
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
        if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
-# pairs per rank: the nearest global batch that is a multiple of the ranks (no accumulation)
+# images per rank: the nearest global batch that is a multiple of the ranks (no accumulation)
 global_batch_size, batch_size, _, batch_note = common.batch_plan(global_batch_size, world)
 common.check_out_dir(out_dir, init_from, overwrite)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -104,57 +150,122 @@ def state_hash(module):
     return h.hexdigest()
 
 
+class Towers(nn.Module):
+    """The trained towers as one module, so that DDP wraps them (and all-reduces their gradients)
+    together: vision (an AugAwareVision) is None when locked, text None without captions."""
+
+    def __init__(self, vision, text):
+        super().__init__()
+        self.vision, self.text = vision, text
+
+    def forward(self, images, aug, texts):
+        return (None if images is None else self.vision(images, aug),
+                None if texts is None else self.text(texts))
+
+
 # -----------------------------------------------------------------------------
-# the frozen image tower and the text tower
+# the image tower (frozen or trained) and the text tower
 dataset = common.open_dataset('data_dir', data_dir)
-if not dataset.meta.get('has_text'):
-    stop(f'data_dir={data_dir}: has no captions (texts_*.npy); LiT needs image-text pairs')
+has_text = bool(dataset.meta.get('has_text'))
+if loss == 'clip' and not has_text:
+    stop(f"data_dir={data_dir}: has no captions (texts_*.npy); {'LiT' if locked else 'CLIP'} needs "
+         "image-text pairs (loss='uniclip' or 'simclr' train on images alone)")
+use_text = loss == 'clip' or (loss == 'uniclip' and has_text)
+if loss == 'uniclip' and not use_text and views < 2:
+    stop(f'config error: data_dir={data_dir} has no captions, so uniclip needs views >= 2 (a '
+         'positive needs two rows per image)')
+# the loader's augmentation parameters of an unaugmented view: box, flip, then colour factors
+aug_dim = 5 + 5 * bool(augment and color_jitter) if loss == 'uniclip' and aug_embed else 0
+aug_identity = [0.5, 0.5, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0][:aug_dim]
+# what the checkpoint's tensors mean: a resume must ask for the same
+setup = dict(loss=loss, lock_image=locked, text=use_text, aug_dim=aug_dim,
+             aug_hidden=aug_hidden if aug_dim else 0,
+             domain_similarity=loss == 'uniclip' and domain_similarity,
+             domain_offsets=loss == 'uniclip' and domain_similarity and domain_offsets)
 ckpt = None
 if init_from == 'resume':
     ckpt = common.load(ckpt_path, 'init_from=resume')
+    was = ckpt.get('setup', dict(setup, loss='clip', lock_image=True, text=True, aug_dim=0,
+                                 aug_hidden=0, domain_similarity=False, domain_offsets=False))
+    diff = [f'{k}={was.get(k)!r} (now {v!r})' for k, v in setup.items() if was.get(k) != v]
+    if diff:
+        stop(f"{ckpt_path}: written with {', '.join(diff)}; resume with the settings it was "
+             'written with')
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
-    tcfg = ckpt['text_config']
+    tcfg = ckpt.get('text_config')
     vision_source = ckpt['vision_source']
 elif init_from == 'scratch':
-    if not os.path.exists(vision_checkpoint):
-        stop(f'vision_checkpoint={vision_checkpoint}: not found')
-    try:  # its text tower, if any, is unused
-        vision, _ = from_pretrained(vision_checkpoint, act=vision_act or None)
-    except (ValueError, OSError, RuntimeError) as e:
-        stop(f"vision_checkpoint={vision_checkpoint}: "
-             f"{str(e).splitlines()[0].removeprefix(vision_checkpoint + ': ')}")
-    vision_source = vision_checkpoint
+    if model:
+        if model not in PRESETS:
+            stop(f"config error: model {model!r} is not one of {', '.join(PRESETS)}")
+        vcfg = dict(PRESETS[model]['vision'])
+        vcfg['image_size'] = image_size or vcfg['image_size']
+        vision, vision_source = VisionTransformer(**vcfg), f'preset {model} (random init)'
+    else:
+        if not os.path.exists(vision_checkpoint):
+            stop(f'vision_checkpoint={vision_checkpoint}: not found')
+        try:  # its text tower, if any, is unused
+            vision, _ = from_pretrained(vision_checkpoint, image_size=image_size or None,
+                                        act=vision_act or None)
+        except (ValueError, OSError, RuntimeError) as e:
+            stop(f"vision_checkpoint={vision_checkpoint}: "
+                 f"{str(e).splitlines()[0].removeprefix(vision_checkpoint + ': ')}")
+        vision_source = vision_checkpoint
     embed_dim = vision.embed_dim
     name = text_preset or next((k for k, v in PRESETS.items() if v['text']['embed_dim'] == embed_dim), 'ViT-B/16')
     if name not in PRESETS:
         stop(f"config error: text_preset {name!r} is not one of {', '.join(PRESETS)}")
     tcfg = dict(PRESETS[name]['text'], embed_dim=embed_dim)
     tcfg.update({k: v for k, v in (('width', text_width), ('layers', text_layers), ('heads', text_heads)) if v})
+    tcfg = tcfg if use_text else None
 else:
     stop(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-vision.to(device).eval().requires_grad_(False)  # locked: eval mode, no gradients, no optimizer
-vision_sha256 = state_hash(vision)
-if ckpt is not None and ckpt['vision_sha256'] != vision_sha256:
-    stop(f'{ckpt_path}: its image tower does not match the hash recorded when the run started')
-text = TextTransformer(**tcfg).to(device)
-logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale_init), device=device))
+vision.to(device)
+vision_sha256 = None
+if locked:
+    vision.eval().requires_grad_(False)  # locked: eval mode, no gradients, no optimizer
+    vision_sha256 = state_hash(vision)
+    if ckpt is not None and ckpt['vision_sha256'] != vision_sha256:
+        stop(f'{ckpt_path}: its image tower does not match the hash recorded when the run started')
+    trained_vision = None
+else:  # trained: with aug_dim = 0 AugAwareVision is the plain tower (same parameters)
+    trained_vision = AugAwareVision(vision, aug_dim, identity=aug_identity or None,
+                                    hidden=aug_hidden).to(device)
+    if ckpt is not None and aug_dim:
+        trained_vision.load_state_dict(ckpt['aug_vision'])
+text = TextTransformer(**tcfg).to(device) if tcfg else None
+towers = Towers(trained_vision, text)
+# the learnable similarity: CLIP's one logit scale, or UniCLIP's per-domain scales and offsets
+if loss == 'uniclip':
+    sim = DomainSimilarity(math.exp(logit_scale_init), math.exp(logit_scale_max),
+                           per_domain=setup['domain_similarity'],
+                           offsets=setup['domain_offsets']).to(device)
+    temps = list(sim.parameters())
+else:
+    sim = None
+    logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale_init), device=device))
+    temps = [logit_scale]
 run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
 
 # -----------------------------------------------------------------------------
-# data: the loader fixes which pairs form each step's batch (a pure function of seed, epoch, step,
-# rank), in both modes; precomputed mode replaces its images by their frozen features
+# data: the loader fixes which images form each step's batch (a pure function of seed, epoch,
+# step, rank), in both modes; precomputed mode replaces its images by their frozen features
+augmenting = augment and not precompute_features
 try:
-    loader = Loader(data_dir, batch_size, vision.image_size, with_text=True, rank=rank,
-                    world_size=world, seed=seed, augment=augment and not precompute_features,
-                    device=device)
-except ValueError:  # fewer pairs than one global batch
-    stop(f'data_dir={data_dir}: {len(dataset)} pairs are fewer than one global batch of '
-         f'{global_batch_size}')
+    loader = Loader(data_dir, batch_size, vision.image_size, with_text=use_text, rank=rank,
+                    world_size=world, seed=seed, augment=augment_kind if augmenting else 'none',
+                    device=device, scale=tuple(crop_scale), pad=pad, views=views,
+                    color_jitter=color_jitter if augmenting else 0.0)
+except ValueError as e:
+    if len(dataset) < global_batch_size:
+        stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
+             f'{global_batch_size}')
+    stop(f'config error: {e}')
 steps_per_epoch = loader.steps_per_epoch
 max_steps = max_steps or epochs * steps_per_epoch
 if master:  # the first line of the run
-    print(f'global batch {global_batch_size} = {world} rank(s) x {batch_size} pairs'
+    print(f'global batch {global_batch_size} = {world} rank(s) x {batch_size} images'
           + (f' ({batch_note})' if batch_note else ''))
 
 
@@ -207,16 +318,20 @@ def image_embeddings(batch):
 
 # -----------------------------------------------------------------------------
 # optimizer: AdamW as in train.py, decay on matrices only (common.param_groups); the token and
-# position embeddings (lookup tables / additive inputs) and the temperature get none
-groups = common.param_groups(text, weight_decay, skip=('embed',))
-groups[1]['params'].append(logit_scale)
+# position embeddings (lookup tables / additive inputs) and the temperatures get none
+groups = common.param_groups(towers, weight_decay, skip=('pos_embed', 'token_embed'))
+groups[1]['params'] += temps
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
 
 step = 0
 if ckpt is not None:
-    text.load_state_dict(ckpt['text'])
-    with torch.no_grad():
-        logit_scale.copy_(ckpt['logit_scale'])
+    if text is not None:
+        text.load_state_dict(ckpt['text'])
+    if sim is None:
+        with torch.no_grad():
+            logit_scale.copy_(ckpt['logit_scale'])
+    else:
+        sim.load_state_dict(ckpt['similarity'])
     optimizer.load_state_dict(ckpt['optimizer'])
     for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
         group['weight_decay'] = wd  # the current config wins over the saved hyperparameters
@@ -226,20 +341,22 @@ if ckpt is not None:
     set_rng_state(ckpt['rng'][rank], device)
     del ckpt
 
-raw_text = text
+raw_towers = towers
 if compile:
-    text = torch.compile(text)
-if ddp:  # the temperature lives outside DDP: its gradient is averaged by hand below
-    text = DDP(text, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    towers = torch.compile(towers)
+if ddp:  # the temperatures live outside DDP: their gradients are averaged by hand below
+    towers = DDP(towers, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
 
 def save_checkpoint():
-    """Rank 0 writes ckpt.pt (both towers + everything resume needs) with every rank's RNG state;
+    """Rank 0 writes ckpt.pt (the towers + everything resume needs) with every rank's RNG state;
     never from non-finite weights or optimizer state. The other ranks wait for the write in a
-    barrier: it must take less than timeout_minutes (seconds for two ViT-L-sized towers)."""
-    tensors = [*raw_text.parameters(), logit_scale]
+    barrier: it must take less than timeout_minutes (seconds for two ViT-L-sized towers).
+    'vision' is always a plain VisionTransformer (what from_pretrained and probe.py read): with
+    the augmentation-aware embedding the tower of the unaugmented view, folded."""
+    tensors = [*raw_towers.parameters(), *temps]
     tensors += [s[k] for s in optimizer.state.values() for k in ('exp_avg', 'exp_avg_sq')]
-    if not common.all_finite(tensors):  # the same on every rank (the text tower is replicated)
+    if not common.all_finite(tensors):  # the same on every rank (everything is replicated)
         stop(f'non-finite weights or optimizer state after step {step}: not saved; the last good '
              f'checkpoint is {ckpt_path}' + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
     rngs = [rng_state(device)]
@@ -248,36 +365,92 @@ def save_checkpoint():
         dist.all_gather_object(rngs, rng_state(device))
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        common.save({'vision_config': vision.config, 'vision': vision.state_dict(),
-                     'text_config': raw_text.config, 'text': raw_text.state_dict(),
-                     'logit_scale': logit_scale.detach().cpu(), 'optimizer': optimizer.state_dict(),
-                     'step': step, 'epoch': step / steps_per_epoch, 'world_size': world, 'rng': rngs,
-                     'run_id': run_id, 'global_batch_size': global_batch_size,
-                     'vision_sha256': vision_sha256, 'vision_source': vision_source,
-                     'config': config}, ckpt_path)
+        plain = trained_vision.folded() if aug_dim else vision
+        ck = {'vision_config': plain.config, 'vision': plain.state_dict(),
+              'optimizer': optimizer.state_dict(), 'step': step, 'epoch': step / steps_per_epoch,
+              'world_size': world, 'rng': rngs, 'run_id': run_id,
+              'global_batch_size': global_batch_size, 'setup': setup,
+              'vision_sha256': vision_sha256, 'vision_source': vision_source, 'config': config}
+        if aug_dim:  # the tower and its augmentation MLP as trained, for a resume
+            ck['aug_vision'] = trained_vision.state_dict()
+        if text is not None:
+            ck.update(text_config=text.config, text=text.state_dict())
+        if sim is None:
+            ck['logit_scale'] = logit_scale.detach().cpu()
+        else:
+            ck['similarity'] = sim.state_dict()
+        common.save(ck, ckpt_path)
     if ddp:
         dist.barrier()
+
+
+def similarity_values(t):
+    """The log record's view of the learnable similarity parameters, flattened in `temps` order:
+    CLIP / SimCLR the logit scale exp(t); UniCLIP its scales per domain pair (image-image,
+    image-text, text-text, or one shared) and offsets."""
+    if sim is None:
+        return {'logit_scale': math.exp(t[0])}
+    n = sim.log_scale.numel()
+    return {'scales': [math.exp(v) for v in t[:n]], 'offsets': t[n:] or None}
+
+
+def crop_texts(texts, index):
+    """The captions cut after the last end token of the batch: the text tower attends causally
+    and pools at the end token, so the padding behind it changes nothing but rounding, and short
+    captions (the synthetic set's: ~20 of 77 tokens) cost a quarter. The length is read from the
+    memory-mapped ids on the host: no device read."""
+    return texts[:, :int(loader.ds.texts(index.numpy()).argmax(1).max()) + 1]
+
+
+def step_loss(batch):
+    """This step's loss over the global batch and the embeddings it came from (for the checks)."""
+    texts = crop_texts(batch['texts'], batch['index']) if use_text else None
+    if locked:
+        img = image_embeddings(batch)
+        with ctx:
+            txt = towers(None, None, texts)[1]
+    else:  # the views of this rank's images, view-major: [V * b, ...] through the tower at once
+        x = batch['images'] if views > 1 else batch['images'][None]
+        with ctx:
+            img, txt = towers(x.flatten(0, 1), batch['aug'].flatten(0, 1), texts)
+        img = img.float().view(views, -1, img.shape[-1])
+    txt = None if txt is None else txt.float()
+    if loss == 'clip':  # symmetric InfoNCE, temperature exp(logit_scale) <= 100 (Table 10)
+        out = clip_loss(img if locked else img[0], txt, logit_scale.exp())
+    elif loss == 'simclr':  # NT-Xent: each view's positive is the other view of its image
+        out = simclr_loss(img, logit_scale.exp())
+    else:  # MP-NCE over every view and caption, s_ij = t_{D(i)D(j)} cos + b_{D(i)D(j)}
+        out = mp_nce_loss(*multiview_rows(img, txt), *sim())
+    return out, [e for e in (img, txt) if e is not None]
 
 
 # -----------------------------------------------------------------------------
 # training loop
 if master:
-    print(f'{world} rank(s), {batch_size} pairs per rank per step, {steps_per_epoch} steps per epoch, '
-          f'{max_steps} steps; frozen image tower from {vision_source} ({vision.num_params() / 1e6:.1f}M), '
-          f'text tower {raw_text.num_params() / 1e6:.1f}M, embed {vision.embed_dim}, '
-          f"{'precomputed features' if precompute_features else 'full image forward'}, device {device}, "
-          f'{threads} thread(s), run {run_id}')
+    if locked:
+        tower = f'frozen image tower from {vision_source} ({vision.num_params() / 1e6:.1f}M)'
+    else:
+        n = sum(p.numel() for p in trained_vision.parameters())
+        tower = (f'image tower from {vision_source} ({n / 1e6:.1f}M'
+                 + (f', augmentation-aware, {aug_dim} parameters)' if aug_dim else ')'))
+    print(f'{loss}, {world} rank(s), {batch_size} images per rank per step, {views} view(s), '
+          f'{steps_per_epoch} steps per epoch, {max_steps} steps; {tower}, '
+          + (f'text tower {text.num_params() / 1e6:.1f}M, ' if text is not None else 'no text tower, ')
+          + f'embed {vision.embed_dim}, '
+          + ('precomputed features' if precompute_features else 'full image forward')
+          + f', device {device}, {threads} thread(s), run {run_id}')
     if step > 0 and common.trim_log(log_path, step):  # resume: drop records past the checkpoint
         print(f'{log_path}: dropped unreadable line(s), e.g. one cut short by a full disk')
     elif step == 0 and os.path.exists(log_path):  # a new run (--overwrite=True, or none saved yet)
         os.remove(log_path)
-last = {'loss': None, 'logit_scale': None, 'grad_norm': None, 'pairs_per_s': None}
+last = {'loss': None, 'grad_norm': None, 'images_per_s': None}
 first_loss = None
-pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='lit')
+pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc=loss)
 batches, batches_epoch = None, -1
 t_log, t_loop, pairs, steps_run, ckpt_s = time.time(), time.time(), 0, 0, 0.0
 saved = None
 end = min(max_steps, stop_at) if stop_at else max_steps
+n_t = sum(p.numel() for p in temps)
 common.catch_signals()  # SIGTERM / SIGINT: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -294,28 +467,31 @@ while step < end:
     lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    batch = next(batches)
-    img = image_embeddings(batch)
-    with ctx:
-        txt = text(batch['texts'])
-    # symmetric InfoNCE over the global batch, temperature exp(logit_scale) <= 100 (Table 10)
-    loss = clip_loss(img, txt.float(), logit_scale.exp())
-    loss.backward()
-    emb_bad = ~(torch.isfinite(img).all() & torch.isfinite(txt).all())
+    value, embs = step_loss(next(batches))
+    value.backward()
+    emb_bad = ~torch.stack([torch.isfinite(e).all() for e in embs]).all()
     signal_flag = torch.full((), common.signalled is not None, device=device)
-    if ddp:  # clip_loss gives each rank the gradient of its share: the average is the global one;
-        # the flags ride along (summed: > 0 if any rank raised them)
-        red = torch.stack([logit_scale.grad, emb_bad.float(), signal_flag.float()])
+    t_grad = torch.cat([p.grad.view(-1) for p in temps])
+    if ddp:  # the losses give each rank the temperatures' gradient of its share (times the ranks
+        # for mp_nce_loss): the average is the global one; the flags ride along (summed: > 0 if
+        # any rank raised them)
+        red = torch.cat([t_grad, emb_bad.float().view(1), signal_flag.float().view(1)])
         dist.all_reduce(red)
-        logit_scale.grad.copy_(red[0] / world)
-        emb_bad, signal_flag = red[1] > 0, red[2] > 0
-    params = list(raw_text.parameters())
+        t_grad = red[:n_t] / world
+        for p, g in zip(temps, t_grad.split([p.numel() for p in temps])):
+            p.grad.copy_(g.view_as(p))
+        emb_bad, signal_flag = red[n_t] > 0, red[n_t + 1] > 0
+    params = list(raw_towers.parameters())
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
                  else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     # the step's one device read: the values to log and every reason to stop, the same on all ranks
-    vals = torch.stack([loss.detach(), grad_norm, logit_scale.grad, logit_scale.detach()]).float()
+    t_val = torch.cat([p.detach().view(-1) for p in temps])
+    vals = torch.cat([torch.stack([value.detach(), grad_norm]), t_grad, t_val]).float()
     flags = torch.cat([~torch.isfinite(vals), emb_bad.view(1), signal_flag.view(1)]).float()
-    lossf, gnorm, _, scale_used, *bad, signalled = torch.cat([vals, flags]).tolist()
+    host = torch.cat([vals, flags]).tolist()
+    lossf, gnorm, t_used = host[0], host[1], host[2 + n_t:2 + 2 * n_t]
+    bad = host[2 + 2 * n_t:-1]
+    bad = [bad[0], bad[1], any(bad[2:2 + n_t]), any(bad[2 + n_t:2 + 2 * n_t]), bad[-1]]
     if any(bad):  # before the optimizer step: the weights are still those of the last step
         what = [n for n, b in zip(('loss', 'gradient norm', 'temperature gradient', 'temperature',
                                    'embeddings'), bad) if b]
@@ -325,26 +501,32 @@ while step < end:
              + '; a lower learning_rate or grad_clip may help')
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        logit_scale.clamp_(0, logit_scale_max)  # CLIP clamps the parameter itself after each step
+    with torch.no_grad():  # CLIP clamps the parameter itself after each step
+        if sim is None:
+            logit_scale.clamp_(0, logit_scale_max)
+        else:
+            sim.clamp_()
     step += 1
     steps_run += 1
     pairs += global_batch_size
     first_loss = lossf if first_loss is None else first_loss
-    # the temperature this step's loss used (the clamped value of the step before)
-    last.update(loss=lossf, logit_scale=math.exp(scale_used), grad_norm=gnorm)
+    # the temperatures this step's loss used (the clamped values of the step before)
+    last.update(loss=lossf, **similarity_values(t_used), grad_norm=gnorm)
     pbar.update(1)
-    stopping = signalled and step < end  # every rank read the same flag: all stop here
+    stopping = host[-1] and step < end  # every rank read the same flag: all stop here
     if step % log_interval == 0 or step == end or stopping:
         dt = time.time() - t_log
-        last['pairs_per_s'] = pairs / dt
+        last['images_per_s'] = pairs / dt
         rec = {'step': step, 'epoch': step / steps_per_epoch, 'loss': lossf, 'lr': lr,
-               'logit_scale': last['logit_scale'], 'grad_norm': gnorm, 'pairs_per_s': pairs / dt}
+               **similarity_values(t_used), 'grad_norm': gnorm, 'images_per_s': pairs / dt}
         if master:
             common.log_line(log_path, rec)
-            pbar.set_postfix(loss=f'{lossf:.4f}', scale=f"{last['logit_scale']:.1f}")
-            tqdm.write(f"step {step}: loss {lossf:.4f}, lr {lr:.2e}, logit scale {last['logit_scale']:.2f}, "
-                       f'grad norm {gnorm:.3f}, {pairs / dt:.1f} pairs/s')
+            shown = ', '.join(f'{k} ' + (f'{v:.2f}' if isinstance(v, float) else
+                                        '/'.join(f'{x:.2f}' for x in v))
+                              for k, v in similarity_values(t_used).items() if v is not None)
+            pbar.set_postfix(loss=f'{lossf:.4f}')
+            tqdm.write(f'step {step}: loss {lossf:.4f}, lr {lr:.2e}, {shown}, '
+                       f'grad norm {gnorm:.3f}, {pairs / dt:.1f} images/s')
         t_log, pairs = time.time(), 0
     if step % ckpt_interval == 0 or step == end or stopping:
         t0 = time.time()
@@ -363,18 +545,19 @@ if batches is not None:
 if saved != step:
     save_checkpoint()
 
-vision_unchanged = state_hash(vision) == vision_sha256  # bit for bit, after all the training
+# LiT: the frozen tower, bit for bit, after all the training (None: the tower was trained)
+vision_unchanged = state_hash(vision) == vision_sha256 if locked else None
 result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps, 'world_size': world,
           'global_batch_size': global_batch_size, 'first_loss': first_loss, **last,
-          'logit_scale': float(logit_scale.detach().exp()),  # the final temperature
-          'precompute_features': precompute_features, 'precompute_s': precompute_s,
-          'steps_per_s': steps_run / loop_s if steps_run else None, 'threads': threads,
-          'run_id': run_id, 'vision_unchanged': vision_unchanged, 'vision_sha256': vision_sha256,
-          'ckpt': ckpt_path}
+          **similarity_values([v for p in temps for v in p.detach().view(-1).tolist()]),  # final
+          'setup': setup, 'views': views, 'precompute_features': precompute_features,
+          'precompute_s': precompute_s, 'steps_per_s': steps_run / loop_s if steps_run else None,
+          'threads': threads, 'run_id': run_id, 'vision_unchanged': vision_unchanged,
+          'vision_sha256': vision_sha256, 'ckpt': ckpt_path}
 if master:
     common.save_json(os.path.join(out_dir, 'lit.json'), result)
     print(json.dumps(result))
 if ddp:
     dist.destroy_process_group()
-if not vision_unchanged:
+if locked and not vision_unchanged:
     raise SystemExit('the frozen image tower changed during training: this is a bug')

@@ -875,7 +875,9 @@ class AugAwareVision(nn.Module):
         """A plain VisionTransformer equal to forward(images) with the identity augmentation: the
         constant mlp(identity) is added to ln_post's bias. What probe.py and export_hf read."""
         p = self.vision.ln_post.bias
-        out = VisionTransformer(**self.vision.config).to(p.device, p.dtype)
+        with torch.random.fork_rng(devices=[]):  # building a tower draws random weights: keep
+            out = VisionTransformer(**self.vision.config)  # a training run's RNG untouched
+        out = out.to(p.device, p.dtype)
         out.load_state_dict(self.vision.state_dict())
         if self.aug_dim:
             out.ln_post.bias += self.mlp(self.identity[None].to(p.dtype))[0]
