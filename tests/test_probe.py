@@ -49,13 +49,77 @@ def test_fit_logreg_reaches_the_optimum():
     # dW = X^T (softmax(XW + b) - onehot) / n + lam/n W = 0, db = mean(softmax - onehot) = 0
     x, y = blobs(200, 8, 3, 1.5, seed=1)
     lam = 3.0
-    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, tol=1e-10)
+    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
     X = torch.tensor(x, dtype=torch.float64)
     P = torch.softmax(X @ W + b, 1) - F.one_hot(torch.tensor(y), 3).double()
     gW = X.T @ P / len(y) + lam / len(y) * W
     gb = P.mean(0)
     assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
     assert W.abs().max() > 0.1  # and it moved away from the zero start
+
+
+def objective_grad(x, y, lam, W, b):
+    """Gradient of  mean CE + lam/(2n) ||W||^2  by autograd through F.cross_entropy, float64."""
+    X, Y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    W, b = W.double().clone().requires_grad_(True), b.double().clone().requires_grad_(True)
+    (F.cross_entropy(X @ W + b, Y) + lam / (2 * len(Y)) * W.pow(2).sum()).backward()
+    return W.grad, b.grad
+
+
+def test_fit_logreg_optimum_on_every_path():
+    # features far from zero mean (the fit centres them: the optimum must be the uncentred
+    # objective's), unequal scales, overlapping classes; three lambdas
+    x, y = blobs(300, 6, 4, 1.0, seed=2)
+    x = x * np.linspace(0.5, 3, 6, dtype=np.float32) + 5
+    for lam in (1e-3, 1.0, 30.0):
+        W, b = probe.fit_logreg(x, y, 4, lam, dtype=torch.float64, tol=1e-10)
+        gW, gb = objective_grad(x, y, lam, W, b)
+        assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+        # the path features take on a GPU: float32 tensors on the device, default tolerance
+        W32, b32 = probe.fit_logreg(torch.tensor(x), torch.tensor(y), 4, lam)
+        assert W32.dtype == torch.float32 and W32.device == torch.tensor(x).device
+        assert torch.allclose(W32.double(), W, rtol=0, atol=2e-3 * W.abs().max())
+        assert torch.allclose(b32.double(), b, rtol=0, atol=2e-3 * b.abs().max())
+        agree = probe.logits_of(W32, b32, x).argmax(1) == probe.logits_of(W, b, x).argmax(1)
+        assert agree.double().mean() >= 0.99
+
+
+def test_warm_start_reaches_the_cold_optimum():
+    x, y = blobs(400, 8, 5, 1.5, seed=4)
+    x = x + 3  # off-centre, so that the start's bias conversion matters
+    for lam, start_lam in ((0.1, 100.0), (10.0, 0.01), (1.0, 1.3)):
+        cold_info, warm_info = {}, {}
+        cold = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, info=cold_info)
+        init = probe.fit_logreg(x, y, 5, start_lam, dtype=torch.float64)
+        warm = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, init=init, info=warm_info)
+        for a, c in zip(warm, cold):
+            assert torch.allclose(a, c, rtol=0, atol=1e-6 * cold[0].abs().max())
+        if start_lam == 1.3:  # a neighbouring lambda is a good start
+            assert warm_info['iterations'] < cold_info['iterations']
+    # from the optimum itself (the start converted to centred, preconditioned variables and
+    # back): nothing left to do, the same weights
+    info = {}
+    again = probe.fit_logreg(x, y, 5, 1.0, dtype=torch.float64, init=cold, info=info)
+    assert info['iterations'] == 0
+    assert torch.allclose(again[0], cold[0], rtol=0, atol=1e-12) and torch.allclose(again[1], cold[1], rtol=0, atol=1e-12)
+    # a warm-started search scores every lambda like the cold (pure) one, up to the tolerance
+    score = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5, fitted={})
+    pure = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5)
+    for lam in probe.lambda_grid(-4, 4, 2)[::-1]:
+        (acc_w, nll_w), (acc_c, nll_c) = score(lam), pure(lam)
+        # (at the default tolerance, so a boundary point may flip: 1 of 200)
+        assert round(200 * abs(acc_w - acc_c)) <= 2 and abs(nll_w - nll_c) < 2e-3
+
+
+def test_linear_probe_same_result_from_tensors_and_arrays():
+    # the script moves the features to `device` as tensors; numpy in gives the same answer
+    x, y = blobs(300, 10, 3, 2.0, seed=3)
+    parts = (x[:150], y[:150], x[150:220], y[150:220], x[220:], y[220:])
+    a = probe.linear_probe(*parts, 3, log=lambda s: None)
+    b = probe.linear_probe(*(torch.tensor(p) for p in parts), 3, log=lambda s: None, device='cpu')
+    assert (a['lambda_'], a['top1'], a['mean_per_class']) == (b['lambda_'], b['top1'], b['mean_per_class'])
+    c = probe.linear_probe(*parts, 3, dtype=torch.float64, log=lambda s: None)
+    assert abs(c['top1'] - a['top1']) <= 1 / 80 and np.isclose(np.log10(c['lambda_']), np.log10(a['lambda_']), atol=0.26)
 
 
 def test_lambda_search_matches_brute_force_grid():
