@@ -233,10 +233,12 @@ def sets(tmp_path_factory):
     return d
 
 
-def run_probe(d, out, *args):
-    cmd = [sys.executable, 'probe.py', f'--out_dir={d / out}', '--cache_features=True', '--device=cpu', *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
-                       text=True, timeout=300)
+def run_probe(d, out, *args, nproc=1):
+    launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone',
+                                  f'--nproc_per_node={nproc}'] if nproc > 1 else [])
+    cmd = launch + ['probe.py', f'--out_dir={d / out}', '--cache_features=True', '--device=cpu', *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES=''),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result == json.load(open(d / out / 'probe.json'))
@@ -299,3 +301,68 @@ def test_probe_script_zero_shot_and_retrieval(sets):
     for k in (1, 5, 10):
         assert r['retrieval'][f'i2t_R@{k}'] == float((i2t < k).double().mean())
         assert r['retrieval'][f't2i_R@{k}'] == float((t2i < k).double().mean())
+
+
+@pytest.fixture(scope='module')
+def odd(sets):
+    """101 images: 2 ranks embed uneven slices (51 + 50); batch_size=17 puts the batch edges of
+    one process and of two at the same places (17 divides 51)."""
+    import data
+    data.build('synthetic', str(sets / 'odd'), image_size=32, count=101, seed=2, workers=1, progress=False)
+    return sets / 'odd'
+
+
+def several(sets, odd):
+    return [f'--checkpoint={sets / "both.pt"}', f'--train_dir={odd}', f'--test_dir={odd}',
+            f'--retrieval_dir={odd}', f'--templates={sets / "templates.txt"}', '--batch_size=17',
+            '--features=pooled,cls:standardize,embed:l2']
+
+
+def test_probe_script_several_features(sets, odd):
+    import model
+    r = run_probe(sets, 'several', *several(sets, odd))
+    lps = r['linear_probes']
+    assert list(lps) == ['pooled:none', 'cls:standardize', 'embed:l2']
+    assert r['linear_probe'] == lps['pooled:none']  # what single-probe readers take
+    assert [(p['feature'], p['feature_norm'], p['dim']) for p in lps.values()] == \
+        [('pooled', 'none', 192), ('cls', 'standardize', 192), ('embed', 'l2', 128)]
+    # the three features, extracted once: the tower run directly on the stored images
+    (feats,) = cached(sets, 'several')
+    vision, _ = model.from_pretrained(str(sets / 'both.pt'))
+    x, y = pixels(odd)
+    with torch.no_grad():
+        images = torch.tensor(x, dtype=torch.float32).view(-1, 3, 32, 32)
+        cls = vision.forward_tokens(images)[:, 0]
+        expect = dict(cls=cls, pooled=vision.ln_post(cls), embed=vision(images))
+    for k, v in expect.items():
+        assert np.allclose(feats[k], v.numpy(), atol=1e-4), k
+    # every probe: the script's split, the normalisation written out here, CLIP's protocol
+    tr, va = probe.split_train_val(len(y), 0.2, 0)
+    for key, res in lps.items():
+        name, norm = key.split(':')
+        a = feats[name]
+        if norm == 'standardize':  # training part's statistics
+            a = (a - a[tr].mean(0)) / (a[tr].std(0) + 1e-6)
+        elif norm == 'l2':
+            a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        out = probe.linear_probe(a[tr], y[tr], a[va], y[va], a, y, int(y.max()) + 1, log=lambda s: None)
+        assert (out['lambda_'], out['top1'], out['mean_per_class']) == \
+            (res['l2_lambda'], res['top1'], res['mean_per_class']), key
+
+
+def test_probe_script_two_ranks_equal_one(sets, odd):
+    # torchrun, 2 CPU ranks (gloo): each embeds its slice, rank 0 gathers and evaluates
+    one = run_probe(sets, 'one_rank', *several(sets, odd))
+    two = run_probe(sets, 'two_ranks', *several(sets, odd), nproc=2)
+    (a,), (b,) = cached(sets, 'one_rank'), cached(sets, 'two_ranks')
+    assert sorted(a.files) == sorted(b.files) == ['cls', 'embed', 'pooled']
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
+
+    def timeless(r):
+        r = {k: v for k, v in r.items() if k != 'seconds'}
+        r['linear_probes'] = {k: {**v, 'seconds': 0} for k, v in r['linear_probes'].items()}
+        r['linear_probe'] = {**r['linear_probe'], 'seconds': 0}
+        return r
+    assert timeless(one) == timeless(two)
+    assert 'zero_shot' in two and 'i2t_R@1' in two['retrieval']  # rank 0 went on with the text tower
