@@ -104,14 +104,14 @@ def cpu_threads(n):
 
 
 def principal_axes(x):
-    """Orthonormal [d, r] basis of the centred rows of x, float64: its eigenvectors of the
+    """Orthonormal [d, r] basis of the centred rows of x, float64: the eigenvectors of their
     covariance (r = d), or, when there are fewer rows than dimensions, the r = n right
     singular vectors (the directions the rows span; a fit's weights are zero elsewhere)."""
-    x = torch.as_tensor(x).double()
+    x = torch.as_tensor(x)
     xc = x - x.mean(0)
     if len(x) < x.shape[1]:
-        return torch.linalg.svd(xc, full_matrices=False).Vh.T
-    return torch.linalg.eigh(xc.T @ xc).eigenvectors
+        return torch.linalg.svd(xc.double(), full_matrices=False).Vh.T
+    return torch.linalg.eigh((xc.T @ xc).double()).eigenvectors  # any orthonormal basis is exact
 
 
 def _fit_logreg(x, y, num_classes, lam, max_iter, dtype, tol, init, precondition, info):
@@ -246,7 +246,8 @@ def linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, max_iter=1000,
     """Search lambda on (train, val), refit on train+val, report on test. Everything runs on
     `device` (features are moved there once); each fit starts from the nearest one before it.
     The refit starts from the train-only fit at the chosen lambda."""
-    x_tr, y_tr, x_va, y_va, x_te = (torch.as_tensor(a, device=device) for a in (x_tr, y_tr, x_va, y_va, x_te))
+    x_tr, y_tr, x_va, y_va, x_te = (torch.as_tensor(a, device=device)
+                                    for a in (x_tr, y_tr, x_va, y_va, x_te))
     fitted = {}
     with cpu_threads(threads):
         # the fits run on the features' coordinates along the principal axes of train+val: a
@@ -259,7 +260,8 @@ def linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, max_iter=1000,
         def logged(lam):
             t0 = time.time()
             s = score(lam)
-            log(f'  lambda {lam:9.3g}  val top-1 {100 * s[0]:6.2f}  val loss {-s[1]:.4f}  ({time.time() - t0:.1f}s)')
+            log(f'  lambda {lam:9.3g}  val top-1 {100 * s[0]:6.2f}  val loss {-s[1]:.4f}  '
+                f'({time.time() - t0:.1f}s)')
             return s
         lam, tried = search_lambda(logged)
         W, b = fit_logreg(torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va]), num_classes, lam, max_iter,
@@ -346,11 +348,13 @@ def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size
     from tqdm import tqdm
     import data
     N = len(data.Dataset(data_dir))
-    n, start = N // world_size + (rank < N % world_size), rank * (N // world_size) + min(rank, N % world_size)
+    n = N // world_size + (rank < N % world_size)
+    start = rank * (N // world_size) + min(rank, N % world_size)  # data.eval_batches' slice
     out = None
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=str(device).startswith('cuda'))
-    for index, images in tqdm(data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device),
-                              total=math.ceil(n / batch_size), desc=desc, leave=False, disable=rank > 0):
+    batches = data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device)
+    for index, images in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, leave=False,
+                              disable=rank > 0):
         if vision is None:
             c = p = e = images.flatten(1).float()
         else:
@@ -454,7 +458,8 @@ if __name__ == '__main__':
                            # ':standardize': 'pooled' (after ln_post, before the projection: what
                            # CLIP probes), 'cls' (before ln_post), 'embed' (projected). The first
                            # is probe.json's 'linear_probe'; all are in 'linear_probes'
-    feature_norm = 'none'  # for features without one: 'none' (CLIP: raw), 'l2', 'standardize' (train mean/std)
+    feature_norm = 'none'  # for entries without one: 'none' (CLIP: raw), 'l2', 'standardize'
+                           # (mean and std of the training part)
     probe_dtype = 'float32'  # the logistic regression's precision ('float64': slower, same optimum)
     probe_tol = 1e-4       # a fit stops at max |gradient| <= probe_tol * max |gradient at zero|
     probe_threads = 1      # CPU threads of the fits (small ops: 1 is fastest); 0: torch's setting
@@ -532,7 +537,8 @@ if __name__ == '__main__':
         else:
             memo[d] = f = extract(vision, d, batch_size, size, device, rank, world, desc)
             if cache_features and rank == 0:
-                np.savez(path + '.tmp.npz', **{k: v for k, v in f.items() if k == 'pooled' or v is not f['pooled']})
+                np.savez(path + '.tmp.npz', **{k: v for k, v in f.items()
+                                               if k == 'pooled' or v is not f['pooled']})
                 os.replace(path + '.tmp.npz', path)
         return memo[d]
 
@@ -544,7 +550,8 @@ if __name__ == '__main__':
 
     # every dataset's features first (all ranks take part), then rank 0 alone evaluates
     zero_shot_on = zero_shot and test_dir and text is not None and data.Dataset(test_dir).classnames
-    retrieval_on = retrieval_dir and text is not None and data.Dataset(retrieval_dir).meta.get('has_text')
+    retrieval_on = (retrieval_dir and text is not None
+                    and data.Dataset(retrieval_dir).meta.get('has_text'))
     needed = [train_dir, val_dir, test_dir] if train_dir else []
     needed += [test_dir] if zero_shot_on else []
     needed += [retrieval_dir] if retrieval_on else []
@@ -573,7 +580,10 @@ if __name__ == '__main__':
         for name, norm in probes:
             t1 = time.time()
             x_train, x_test = features_of(train_dir)[name], features_of(test_dir)[name]
-            x_tr, x_val = (x_train, features_of(val_dir)[name]) if val_dir else (x_train[tr], x_train[va])
+            if val_dir:
+                x_tr, x_val = x_train, features_of(val_dir)[name]
+            else:
+                x_tr, x_val = x_train[tr], x_train[va]
             x_tr, x_val, x_test = normalise(norm, x_tr, x_val, x_test)
             print(f'linear probe: {len(y_tr)} train / {len(y_val)} val / {len(y_test)} test, '
                   f'{x_tr.shape[1]}-d {name} features ({norm}), {num_classes} classes')
@@ -586,7 +596,8 @@ if __name__ == '__main__':
             results['linear_probes'][f'{name}:{norm}'] = r
             results.setdefault('linear_probe', r)  # the first: what single-probe readers use
             ev = 'linear probe' + (f' {name}:{norm}' if len(probes) > 1 else '')
-            table += [(ev, 'top-1', 100 * lp['top1']), (ev, 'mean per class', 100 * lp['mean_per_class']),
+            table += [(ev, 'top-1', 100 * lp['top1']),
+                      (ev, 'mean per class', 100 * lp['mean_per_class']),
                       (ev, f"lambda (of {lp['lambdas_tried']} tried)", lp['lambda_'])]
 
     # (2) zero-shot -------------------------------------------------------------
