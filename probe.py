@@ -1,15 +1,17 @@
 """
-Stage 4: evaluate a frozen image tower three ways (DESIGN.md §1.4).
+Stage 4: evaluate a frozen image tower three ways.
 
 1. Linear probe as in CLIP (Radford et al. 2021, appendix A.3): features of the frozen tower
    (eval transform), L-BFGS multinomial logistic regression with up to 1,000 iterations, L2
    strength chosen by CLIP's parametric binary search on a validation split, retrained on
-   train+val, reported on test as top-1 and mean-per-class accuracy.
+   train+val, reported on test as top-1 and mean-per-class accuracy. Several features
+   ('pooled', 'cls', 'embed') can be probed in one run; features are extracted once.
 2. Zero-shot classification: class names x prompt templates through the text tower.
 3. Image-text retrieval R@1/5/10 in both directions (one caption per image).
 
     python probe.py --checkpoint=out/lit/ckpt.pt --train_dir=data/cifar_train --test_dir=data/cifar_test
     python probe.py --checkpoint=pixels --train_dir=... --test_dir=...   # raw-pixel baseline
+    torchrun --nproc_per_node=8 probe.py ...   # features on 8 GPUs, rank 0 fits and writes
 
 The checkpoint is anything model.from_pretrained reads (ours, OpenAI CLIP, open_clip, Hugging
 Face CLIP directories), or 'pixels': the flattened, CLIP-normalised pixels are the features.
@@ -17,9 +19,11 @@ Face CLIP directories), or 'pixels': the flattened, CLIP-normalised pixels are t
 Features for the probe are used raw by default (feature_norm='none'), as CLIP did with scikit-learn:
 the lambda search absorbs the overall feature scale, and a probe result then says something about
 the features as the tower emits them. 'standardize' (train statistics) or 'l2' are options.
+The logistic regression runs on the GPU when there is one (float32 by default everywhere).
 The math lives in small functions at the top so that tests can import them; the script body
 runs only when this file is executed.
 """
+import contextlib
 import json
 import math
 import os
@@ -62,42 +66,108 @@ CLIP_TEMPLATES = [
 # linear probe
 
 
-def fit_logreg(x, y, num_classes, lam, max_iter=1000, dtype=torch.float64, tol=1e-6):
+def fit_logreg(x, y, num_classes, lam, max_iter=1000, dtype=torch.float32, tol=1e-4, init=None,
+               threads=1, precondition=True, info=None):
     """Multinomial logistic regression with an L2 penalty, fitted by L-BFGS (strong Wolfe).
 
     Minimises  sum_i CE(W x_i + b, y_i) + lam/2 ||W||^2  (the bias is not penalised), the
-    objective of scikit-learn's LogisticRegression(C=1/lam, solver='lbfgs') that CLIP used.
-    Divided by n so that gradients (and the tolerance) do not scale with the data size; the
-    minimiser is the same. Starts from zero every time, so a fit is a pure function of its
-    inputs (the lambda search and a brute-force grid then score a lambda identically).
-    Returns (W [d, C], b [C]) as tensors of `dtype`.
+    objective of scikit-learn's LogisticRegression(C=1/lam, solver='lbfgs') that CLIP used,
+    divided by n (same minimiser). x: [n, d] array or tensor; the fit runs on x's device.
+    Two exact changes of variables speed it up; neither changes the objective or its minimiser:
+    - the features are centred (W x + b = W (x - mu) + b + W mu: the bias is not penalised);
+    - L-BFGS runs on V with W = V diag(q), q_j = (c var_j + lam/n)^(-1/2) ~ the inverse
+      square root of the Hessian's diagonal (var_j: the variance of feature j; c = (1 - 1/C)/C,
+      the softmax curvature at W = 0). It is the whole Hessian's when the features are
+      uncorrelated: linear_probe first rotates them onto their principal axes.
+    Stops when max |gradient| <= tol * max |gradient at zero| (a scale-free test, well above
+    float32's rounding, ~1e-5 of that yardstick), when a step no longer changes the loss or
+    the weights at dtype's resolution, or after max_iter iterations.
+    init=(W, b): start there, e.g. the fit of a nearby lambda (warm start: same optimum).
+    threads: CPU threads for the fit; its ops are small, and idle or contended threads cost
+    more than they add (0: torch's setting). info: a dict to receive the iteration counts.
+    Returns (W [d, C], b [C]) as tensors of `dtype` on x's device.
     """
-    x = torch.as_tensor(np.asarray(x), dtype=dtype)
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
-    n, d = x.shape
-    W = torch.zeros(num_classes, d, dtype=dtype, requires_grad=True)  # [C, d]: its gradient G.T @ x is contiguous
-    b = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=tol,
-                            tolerance_change=1e-12, line_search_fn='strong_wolfe')
+    with cpu_threads(threads):
+        return _fit_logreg(x, y, num_classes, lam, max_iter, dtype, tol, init, precondition, info)
 
-    onehot = F.one_hot(y, num_classes).to(dtype)
+
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's CPU thread count set to n inside the block (0: unchanged)."""
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def principal_axes(x):
+    """Orthonormal [d, r] basis of the centred rows of x, float64: the eigenvectors of their
+    covariance (r = d), or, when there are fewer rows than dimensions, the r = n right
+    singular vectors (the directions the rows span; a fit's weights are zero elsewhere)."""
+    x = torch.as_tensor(x)
+    xc = x - x.mean(0)
+    if len(x) < x.shape[1]:
+        return torch.linalg.svd(xc.double(), full_matrices=False).Vh.T
+    return torch.linalg.eigh((xc.T @ xc).double()).eigenvectors  # any orthonormal basis is exact
+
+
+def _fit_logreg(x, y, num_classes, lam, max_iter, dtype, tol, init, precondition, info):
+    x = torch.as_tensor(x).to(dtype)
+    y = torch.as_tensor(y, device=x.device).long()
+    n, d = x.shape
+    mu = x.mean(0)
+    xT = x.T.contiguous()  # [d, n]: logits come out [C, n], the softmax runs over rows
+    xT -= mu[:, None]
+    q = torch.ones(d, dtype=dtype, device=x.device)  # W = V diag(q)
+    if precondition:
+        q = (xT.var(1, correction=0) * (1 - 1 / num_classes) / num_classes + lam / n).rsqrt()
+    V = torch.zeros(num_classes, d, dtype=dtype, device=x.device)
+    b = torch.zeros(num_classes, 1, dtype=dtype, device=x.device)
+    cols = torch.arange(n, device=x.device)
+
+    def loss_grad():
+        # mean CE + lam/(2n) ||W||^2 and its gradient, written out (no autograd graph), in
+        # place on one [C, n] buffer; the loss summed in float64 so that the line search
+        # sees changes below float32's resolution
+        W = V * q
+        L = torch.addmm(b, W, xT)                  # logits [C, n]
+        m = L.amax(0)
+        loss = (m - L[y, cols]).sum(dtype=torch.float64)
+        L.sub_(m).exp_()
+        s = L.sum(0)
+        loss = (loss + s.log().sum(dtype=torch.float64)) / n + lam / (2 * n) * W.double().pow(2).sum()
+        L.div_(s * n)
+        L[y, cols] -= 1 / n                        # (softmax - onehot) / n = d loss / d logits
+        return loss, torch.addmm(W, L, xT.T, beta=lam / n) * q, L.sum(1, keepdim=True)
+
+    _, gV, gb = loss_grad()
+    scale = max(float(gV.abs().max()), float(gb.abs().max()))  # the yardstick: gradient at zero
+    if init is not None:  # (W, b) on uncentred features -> (V, b) here
+        V.copy_(init[0].T / q)
+        b.copy_((init[1] + mu @ init[0])[:, None])
+    V.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([V, b], lr=1, max_iter=max_iter, history_size=10,
+                            tolerance_grad=tol * scale, tolerance_change=torch.finfo(dtype).eps,
+                            line_search_fn='strong_wolfe')
 
     def closure():
-        # the gradient written out rather than by autograd, whose x.T @ G reads the (large,
-        # memory-bound) feature matrix column-wise, ~3x slower than G.T @ x on a CPU
         with torch.no_grad():
-            logits = x @ W.T + b
-            loss = torch.logsumexp(logits, 1).mean() - (logits * onehot).sum() / n + lam / (2 * n) * W.pow(2).sum()
-            G = (torch.softmax(logits, 1) - onehot) / n  # d mean CE / d logits
-            W.grad = G.T @ x + (lam / n) * W
-            b.grad = G.sum(0)
+            loss, V.grad, b.grad = loss_grad()
         return loss
     opt.step(closure)  # one step() runs up to max_iter L-BFGS iterations
-    return W.detach().T, b.detach()
+    if info is not None:
+        state = opt.state[opt.param_groups[0]['params'][0]]
+        info.update(iterations=state['n_iter'], evaluations=state['func_evals'])
+    W = (V.detach() * q).T
+    return W, b.detach()[:, 0] - mu @ W
 
 
 def logits_of(W, b, x):
-    return torch.as_tensor(np.asarray(x), dtype=W.dtype) @ W + b
+    return torch.as_tensor(x, device=W.device).to(W.dtype) @ W + b
 
 
 def class_accuracy(pred, y, num_classes):
@@ -126,7 +196,9 @@ def search_lambda(score, lo=-6, hi=6, per_decade=8):
     index (7 values), then with step = per_decade, per_decade/2, ..., 1 score the two neighbours
     best-step and best+step of the current peak and move the peak to the best of the three.
     7 + 2*4 = 15 fits instead of 97. `score(lam)` returns anything comparable, larger is better;
-    ties go to the larger lambda (the simpler model). Returns (best lambda, {lambda: score}).
+    ties go to the larger lambda (the simpler model). The coarse sweep runs from the largest
+    lambda down, so that a warm-started score() always has a simpler fit nearby to start from.
+    Returns (best lambda, {lambda: score}).
     """
     n = (hi - lo) * per_decade
     scores = {}
@@ -140,21 +212,29 @@ def search_lambda(score, lo=-6, hi=6, per_decade=8):
         return max(ks, key=lambda k: (s(k), k))  # tie -> larger k, i.e. larger lambda
 
     step = 2 * per_decade  # the coarse sweep: every second decade
-    best = best_of(range(0, n + 1, step))
+    best = best_of(range(n, -1, -step))
     while step > 1:
         step //= 2
         best = best_of([k for k in (best - step, best, best + step) if 0 <= k <= n])
     return 10 ** (lo + best / per_decade), {10 ** (lo + k / per_decade): v for k, v in sorted(scores.items())}
 
 
-def probe_score(x_tr, y_tr, x_va, y_va, num_classes, max_iter=1000, dtype=torch.float64):
+def probe_score(x_tr, y_tr, x_va, y_va, num_classes, max_iter=1000, dtype=torch.float32,
+                tol=1e-4, threads=1, fitted=None):
     """The validation score the lambda search maximises: (top-1, -cross-entropy). Accuracy is
     CLIP's criterion; the validation loss only breaks its ties (accuracy is a step function of
-    lambda, so plateaus are common on small validation sets)."""
-    yv = torch.as_tensor(np.asarray(y_va), dtype=torch.long)
+    lambda, so plateaus are common on small validation sets). With a dict `fitted`, every fit is
+    kept there ({lambda: (W, b)}) and starts from the one of the nearest lambda already fitted
+    (warm start); without it a score is a pure function of lambda (every fit starts at zero)."""
+    yv = torch.as_tensor(y_va, device=getattr(x_va, 'device', None)).long()
 
     def score(lam):
-        W, b = fit_logreg(x_tr, y_tr, num_classes, lam, max_iter, dtype)
+        init = None
+        if fitted:
+            init = fitted[min(fitted, key=lambda k: abs(math.log(k / lam)))]
+        W, b = fit_logreg(x_tr, y_tr, num_classes, lam, max_iter, dtype, tol, init, threads)
+        if fitted is not None:
+            fitted[lam] = W, b
         logits = logits_of(W, b, x_va)
         return (round(float((logits.argmax(1) == yv).double().mean()), 12),
                 -float(F.cross_entropy(logits, yv)))
@@ -162,21 +242,33 @@ def probe_score(x_tr, y_tr, x_va, y_va, num_classes, max_iter=1000, dtype=torch.
 
 
 def linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, max_iter=1000,
-                 dtype=torch.float64, log=print):
-    """Search lambda on (train, val), refit on train+val, report on test."""
-    score = probe_score(x_tr, y_tr, x_va, y_va, num_classes, max_iter, dtype)
+                 dtype=torch.float32, tol=1e-4, threads=1, device='cpu', log=print):
+    """Search lambda on (train, val), refit on train+val, report on test. Everything runs on
+    `device` (features are moved there once); each fit starts from the nearest one before it.
+    The refit starts from the train-only fit at the chosen lambda."""
+    x_tr, y_tr, x_va, y_va, x_te = (torch.as_tensor(a, device=device)
+                                    for a in (x_tr, y_tr, x_va, y_va, x_te))
+    fitted = {}
+    with cpu_threads(threads):
+        # the fits run on the features' coordinates along the principal axes of train+val: a
+        # rotation keeps ||W|| and so the objective (and W x), and makes fit_logreg's diagonal
+        # preconditioner the full one (10-20x fewer iterations on tower features)
+        P = principal_axes(torch.cat([x_tr, x_va])).to(dtype)
+        x_tr, x_va, x_te = (x.to(dtype) @ P for x in (x_tr, x_va, x_te))
+        score = probe_score(x_tr, y_tr, x_va, y_va, num_classes, max_iter, dtype, tol, threads, fitted)
 
-    def logged(lam):
-        t0 = time.time()
-        s = score(lam)
-        log(f'  lambda {lam:9.3g}  val top-1 {100 * s[0]:6.2f}  val loss {-s[1]:.4f}  ({time.time() - t0:.1f}s)')
-        return s
-    lam, tried = search_lambda(logged)
-    W, b = fit_logreg(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), num_classes, lam,
-                      max_iter, dtype)
-    top1, mpc = class_accuracy(logits_of(W, b, x_te).argmax(1).numpy(), y_te, num_classes)
+        def logged(lam):
+            t0 = time.time()
+            s = score(lam)
+            log(f'  lambda {lam:9.3g}  val top-1 {100 * s[0]:6.2f}  val loss {-s[1]:.4f}  '
+                f'({time.time() - t0:.1f}s)')
+            return s
+        lam, tried = search_lambda(logged)
+        W, b = fit_logreg(torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va]), num_classes, lam, max_iter,
+                          dtype, tol, fitted[lam], threads)
+        top1, mpc = class_accuracy(logits_of(W, b, x_te).argmax(1).cpu().numpy(), y_te, num_classes)
     return dict(lambda_=lam, val_top1=tried[lam][0], top1=top1, mean_per_class=mpc,
-                lambdas_tried=len(tried))
+                lambdas_tried=len(tried), W=P @ W, b=b)
 
 
 def split_train_val(n, val_fraction, seed):
@@ -239,33 +331,100 @@ def retrieval_recall(image_emb, text_emb, ks=(1, 5, 10)):
 # features of a frozen tower
 
 
+FEATURES = ('cls', 'pooled', 'embed')
+NORMS = ('none', 'l2', 'standardize')
+
+
 @torch.no_grad()
-def extract(vision, data_dir, batch_size, image_size, device, desc=''):
+def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size=1, desc=''):
     """Every image of a dataset through the frozen tower (eval transform, no augmentation).
-    vision=None means raw pixels. Returns (pooled, embedding) float32 numpy arrays in dataset
-    order: pooled = the post-ln class token before the projection (what CLIP's linear probes
-    use, appendix A.3), embedding = the projected output (what zero-shot and retrieval compare
-    with text); for raw pixels both are the flattened normalised pixels."""
+    Returns {'cls', 'pooled', 'embed'}, float32 numpy arrays [N, d] in dataset order:
+    cls = the class token before the final LayerNorm, pooled = after it and before the
+    projection (what CLIP's linear probes use, appendix A.3), embed = the projected output (what
+    MLCD trains; zero-shot and retrieval compare it with text). vision=None means raw pixels:
+    all three are the flattened normalised pixels (one array). Under torch.distributed rank r
+    embeds its contiguous slice (data.eval_batches) and rank 0 gathers the whole set; the other
+    ranks get None."""
     from tqdm import tqdm
     import data
-    n = len(data.Dataset(data_dir))
-    pooled = embed = None
+    N = len(data.Dataset(data_dir))
+    n = N // world_size + (rank < N % world_size)
+    start = rank * (N // world_size) + min(rank, N % world_size)  # data.eval_batches' slice
+    out = None
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=str(device).startswith('cuda'))
-    for index, images in tqdm(data.eval_batches(data_dir, batch_size, image_size, device=device),
-                              total=math.ceil(n / batch_size), desc=desc, leave=False):
+    batches = data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device)
+    for index, images in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, leave=False,
+                              disable=rank > 0):
         if vision is None:
-            p = e = images.flatten(1).float()
+            c = p = e = images.flatten(1).float()
         else:
             with autocast:
-                p = vision.ln_post(vision.forward_tokens(images)[:, 0])
+                c = vision.forward_tokens(images)[:, 0]
+                p = vision.ln_post(c)
                 e = vision.proj(p) if vision.proj is not None else p
-        if pooled is None:
-            pooled = np.zeros((n, p.shape[1]), np.float32)
-            embed = pooled if e is p else np.zeros((n, e.shape[1]), np.float32)
-        index = index.cpu().numpy()
-        pooled[index] = p.float().cpu().numpy()
-        embed[index] = e.float().cpu().numpy()
-    return pooled, embed
+        if out is None:  # one array per distinct tensor (pixels: one; no projection: two)
+            out = {'cls': np.zeros((n, c.shape[1]), np.float32)}
+            out['pooled'] = out['cls'] if p is c else np.zeros((n, p.shape[1]), np.float32)
+            out['embed'] = out['pooled'] if e is p else np.zeros((n, e.shape[1]), np.float32)
+        index = index.cpu().numpy() - start
+        for k, v, same in (('cls', c, False), ('pooled', p, p is c), ('embed', e, e is p)):
+            if not same:
+                out[k][index] = v.float().cpu().numpy()
+    if world_size == 1:
+        return out
+    return gather_features(out, N, rank, world_size, device)
+
+
+def gather_features(out, N, rank, world_size, device):
+    """Each rank's {name: [n_r, d]} slice -> on rank 0 the [N, d] arrays in rank order, which is
+    dataset order (the slices are contiguous). Slices are padded to the largest, n_0."""
+    import torch.distributed as dist
+    device = device if str(device).startswith('cuda') else 'cpu'  # nccl: cuda tensors; gloo: cpu
+    # the widths (and which arrays alias) from rank 0, which always holds images (N >= 1)
+    meta = [None if out is None else [(k, v.shape[1], [j for j in FEATURES if out[j] is v][0])
+                                      for k, v in out.items()]]
+    dist.broadcast_object_list(meta, 0, device=torch.device(device))
+    m = N // world_size + (N % world_size > 0)
+    full = {}
+    for k, d, first in meta[0]:
+        if first != k:  # an alias of an earlier array
+            full[k] = full.get(first)
+            continue
+        t = torch.zeros(m, d, device=device)
+        if out is not None:
+            t[:len(out[k])] = torch.from_numpy(out[k])
+        parts = [torch.empty_like(t) for _ in range(world_size)] if rank == 0 else None
+        dist.gather(t, parts, dst=0)
+        if rank == 0:
+            full[k] = np.concatenate([p[:N // world_size + (r < N % world_size)].cpu().numpy()
+                                      for r, p in enumerate(parts)])
+    return full if rank == 0 else None
+
+
+def parse_features(spec, default_norm):
+    """'pooled,cls:standardize' -> [('pooled', default_norm), ('cls', 'standardize')]."""
+    out = []
+    for item in spec.split(','):
+        name, _, norm = item.strip().partition(':')
+        norm = norm or default_norm
+        if name not in FEATURES or norm not in NORMS:
+            raise ValueError(f"{item!r}: a feature is one of {', '.join(FEATURES)}, optionally followed "
+                             f"by ':' and a normalisation, one of {', '.join(NORMS)}")
+        if (name, norm) not in out:
+            out.append((name, norm))
+    return out
+
+
+def normalise(how, x_tr, *others):
+    """Feature normalisation: 'none', 'l2' (each row to unit length) or 'standardize' (every
+    dimension to zero mean, unit variance with the statistics of x_tr only)."""
+    xs = (x_tr, *others)
+    if how == 'l2':
+        return tuple(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in xs)
+    if how == 'standardize':
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+        return tuple((x - mu) / sd for x in xs)
+    return xs
 
 
 @torch.no_grad()
@@ -295,9 +454,15 @@ if __name__ == '__main__':
     val_fraction = 0.2
     seed = 0
     max_iter = 1000        # L-BFGS iterations per fit (CLIP: 1,000)
-    feature = 'pooled'     # 'pooled': before the projection, as CLIP probes ViTs; 'embed': projected
-    feature_norm = 'none'  # 'none' (CLIP: raw features), 'l2', or 'standardize' (train mean/std)
-    probe_dtype = 'float64'  # the logistic regression's precision (float32 halves time and memory)
+    features = 'pooled'    # probed features, comma-separated, each optionally ':none', ':l2' or
+                           # ':standardize': 'pooled' (after ln_post, before the projection: what
+                           # CLIP probes), 'cls' (before ln_post), 'embed' (projected). The first
+                           # is probe.json's 'linear_probe'; all are in 'linear_probes'
+    feature_norm = 'none'  # for entries without one: 'none' (CLIP: raw), 'l2', 'standardize'
+                           # (mean and std of the training part)
+    probe_dtype = 'float32'  # the logistic regression's precision ('float64': slower, same optimum)
+    probe_tol = 1e-4       # a fit stops at max |gradient| <= probe_tol * max |gradient at zero|
+    probe_threads = 1      # CPU threads of the fits (small ops: 1 is fastest); 0: torch's setting
     zero_shot = True       # on test_dir, when the checkpoint has a text tower and test_dir class names
     templates = ''         # file with one prompt template per line, '{}' = class name; '' = CLIP's 80
     retrieval_dir = ''     # shards with one caption per image; '' skips retrieval
@@ -310,13 +475,26 @@ if __name__ == '__main__':
     import model
     import data
 
+    # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = 0, 1
+    if ddp:
+        import torch.distributed as dist
+        if device.startswith('cuda'):
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     if not checkpoint:
         raise SystemExit('probe.py: set --checkpoint=<path> (or --checkpoint=pixels)')
-    if feature not in ('pooled', 'embed') or feature_norm not in ('none', 'l2', 'standardize'):
-        raise SystemExit(f"probe.py: feature must be 'pooled' or 'embed' (got {feature!r}) and "
-                         f"feature_norm 'none', 'l2' or 'standardize' (got {feature_norm!r})")
+    try:
+        probes = parse_features(features, feature_norm)
+    except ValueError as e:
+        raise SystemExit(f'probe.py: features: {e}')
+    if probe_dtype not in ('float32', 'float64'):
+        raise SystemExit(f"probe.py: probe_dtype must be 'float32' or 'float64' (got {probe_dtype!r})")
     for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test_dir),
                    ('retrieval_dir', retrieval_dir)):
         if d and not os.path.exists(os.path.join(d, 'meta.json')):
@@ -341,21 +519,26 @@ if __name__ == '__main__':
 
     memo = {}
 
-    def features(d, desc):
-        """(pooled, embed) of a dataset, once per run; from out_dir's cache when allowed."""
+    def features_of(d, desc=''):
+        """{'cls', 'pooled', 'embed'} of a dataset, once per run; from out_dir's cache when allowed.
+        Under torchrun every rank must call it for the same datasets in the same order."""
         if d in memo:
             return memo[d]
-        key = f'{os.path.abspath(checkpoint)}|{os.path.abspath(d)}|{size}'
+        key = f'v2|{os.path.abspath(checkpoint)}|{os.path.abspath(d)}|{size}'
         for p in (checkpoint, os.path.join(d, 'meta.json')):
             key += f'|{os.path.getmtime(p)}' if os.path.exists(p) else ''
         path = os.path.join(out_dir, f'features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz')
-        if cache_features and os.path.exists(path):
-            f = np.load(path)
-            memo[d] = f['pooled'], f['embed']
+        hit = [cache_features and os.path.exists(path)]
+        if ddp:  # rank 0's view of the cache decides for all
+            dist.broadcast_object_list(hit, 0, device=torch.device(device))
+        if hit[0]:  # an array equal to 'pooled' (pixels; no projection) is stored once
+            f = np.load(path) if rank == 0 else None
+            memo[d] = f and {k: f[k if k in f.files else 'pooled'] for k in FEATURES}
         else:
-            memo[d] = extract(vision, d, batch_size, size, device, desc)
-            if cache_features:
-                np.savez(path + '.tmp.npz', pooled=memo[d][0], embed=memo[d][1])
+            memo[d] = f = extract(vision, d, batch_size, size, device, rank, world, desc)
+            if cache_features and rank == 0:
+                np.savez(path + '.tmp.npz', **{k: v for k, v in f.items()
+                                               if k == 'pooled' or v is not f['pooled']})
                 os.replace(path + '.tmp.npz', path)
         return memo[d]
 
@@ -365,41 +548,57 @@ if __name__ == '__main__':
             raise SystemExit(f'probe.py: {d} has no classes.npy; classification needs labels')
         return np.asarray(ds.classes, np.int64), ds.classnames
 
+    # every dataset's features first (all ranks take part), then rank 0 alone evaluates
+    zero_shot_on = zero_shot and test_dir and text is not None and data.Dataset(test_dir).classnames
+    retrieval_on = (retrieval_dir and text is not None
+                    and data.Dataset(retrieval_dir).meta.get('has_text'))
+    needed = [train_dir, val_dir, test_dir] if train_dir else []
+    needed += [test_dir] if zero_shot_on else []
+    needed += [retrieval_dir] if retrieval_on else []
+    t0 = time.time()
+    for d in dict.fromkeys(x for x in needed if x):
+        features_of(d, f'features {os.path.basename(os.path.normpath(d))}')
+    if ddp:
+        dist.destroy_process_group()
+        if rank != 0:
+            raise SystemExit(0)
+
     results = dict(checkpoint=checkpoint, image_size=size)
     table = []  # (evaluation, metric, value) rows of the printed table
-    t0 = time.time()
 
     # (1) linear probe --------------------------------------------------------
     if train_dir:
-        x_train = features(train_dir, 'train features')[0 if feature == 'pooled' else 1]
         y_train, _ = labels_of(train_dir)
-        x_test = features(test_dir, 'test features')[0 if feature == 'pooled' else 1]
         y_test, _ = labels_of(test_dir)
         if val_dir:
-            x_val, x_tr = features(val_dir, 'val features')[0 if feature == 'pooled' else 1], x_train
             y_val, y_tr = labels_of(val_dir)[0], y_train
         else:
             tr, va = split_train_val(len(y_train), val_fraction, seed)
-            x_tr, y_tr, x_val, y_val = x_train[tr], y_train[tr], x_train[va], y_train[va]
-        if feature_norm == 'l2':
-            x_tr, x_val, x_test = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-                                   for x in (x_tr, x_val, x_test))
-        elif feature_norm == 'standardize':  # statistics of the training part only
-            mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-            x_tr, x_val, x_test = ((x - mu) / sd for x in (x_tr, x_val, x_test))
+            y_tr, y_val = y_train[tr], y_train[va]
         num_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
-        print(f'linear probe: {len(y_tr)} train / {len(y_val)} val / {len(y_test)} test, '
-              f'{x_tr.shape[1]}-d {feature} features, {num_classes} classes')
-        lp = linear_probe(x_tr, y_tr, x_val, y_val, x_test, y_test, num_classes, max_iter,
-                          getattr(torch, probe_dtype))
-        results['linear_probe'] = dict(top1=lp['top1'], mean_per_class=lp['mean_per_class'],
-                                       val_top1=lp['val_top1'], l2_lambda=lp['lambda_'],
-                                       lambdas_tried=lp['lambdas_tried'], feature=feature,
-                                       feature_norm=feature_norm, dim=int(x_tr.shape[1]),
-                                       n_train=len(y_tr), n_val=len(y_val), n_test=len(y_test))
-        table += [('linear probe', 'top-1', 100 * lp['top1']),
-                  ('linear probe', 'mean per class', 100 * lp['mean_per_class']),
-                  ('linear probe', f"lambda (of {lp['lambdas_tried']} tried)", lp['lambda_'])]
+        results['linear_probes'] = {}
+        for name, norm in probes:
+            t1 = time.time()
+            x_train, x_test = features_of(train_dir)[name], features_of(test_dir)[name]
+            if val_dir:
+                x_tr, x_val = x_train, features_of(val_dir)[name]
+            else:
+                x_tr, x_val = x_train[tr], x_train[va]
+            x_tr, x_val, x_test = normalise(norm, x_tr, x_val, x_test)
+            print(f'linear probe: {len(y_tr)} train / {len(y_val)} val / {len(y_test)} test, '
+                  f'{x_tr.shape[1]}-d {name} features ({norm}), {num_classes} classes')
+            lp = linear_probe(x_tr, y_tr, x_val, y_val, x_test, y_test, num_classes, max_iter,
+                              getattr(torch, probe_dtype), probe_tol, probe_threads, device)
+            r = dict(top1=lp['top1'], mean_per_class=lp['mean_per_class'], val_top1=lp['val_top1'],
+                     l2_lambda=lp['lambda_'], lambdas_tried=lp['lambdas_tried'], feature=name,
+                     feature_norm=norm, dim=int(x_tr.shape[1]), n_train=len(y_tr), n_val=len(y_val),
+                     n_test=len(y_test), seconds=round(time.time() - t1, 1))
+            results['linear_probes'][f'{name}:{norm}'] = r
+            results.setdefault('linear_probe', r)  # the first: what single-probe readers use
+            ev = 'linear probe' + (f' {name}:{norm}' if len(probes) > 1 else '')
+            table += [(ev, 'top-1', 100 * lp['top1']),
+                      (ev, 'mean per class', 100 * lp['mean_per_class']),
+                      (ev, f"lambda (of {lp['lambdas_tried']} tried)", lp['lambda_'])]
 
     # (2) zero-shot -------------------------------------------------------------
     if zero_shot and test_dir:
@@ -419,7 +618,7 @@ if __name__ == '__main__':
             else:
                 tpl = CLIP_TEMPLATES
             cls = zero_shot_weights(text_encoder(text, batch_size, device), classnames, tpl)
-            img = F.normalize(torch.as_tensor(features(test_dir, 'test features')[1]), dim=-1)
+            img = F.normalize(torch.as_tensor(features_of(test_dir)['embed']), dim=-1)
             logits = img @ cls.T
             zs = dict(top1=topk_accuracy(logits, y_test, 1), top5=topk_accuracy(logits, y_test, 5),
                       templates=len(tpl), classes=len(classnames), n=len(y_test))
@@ -434,7 +633,7 @@ if __name__ == '__main__':
             print(f'retrieval skipped: {why}')
             results['retrieval'] = dict(skipped=why)
         else:
-            img = F.normalize(torch.as_tensor(features(retrieval_dir, 'retrieval features')[1]), dim=-1)
+            img = F.normalize(torch.as_tensor(features_of(retrieval_dir)['embed']), dim=-1)
             txt = []
             with torch.no_grad():
                 for s in range(0, len(ds), batch_size):
@@ -446,9 +645,10 @@ if __name__ == '__main__':
             table += [('retrieval', k, 100 * v) for k, v in rt.items()]
 
     results['seconds'] = round(time.time() - t0, 1)
-    print(f"\n{'evaluation':<14} {'metric':<24} {'value':>10}")
+    w = max([14] + [len(ev) for ev, _, _ in table])
+    print(f"\n{'evaluation':<{w}} {'metric':<24} {'value':>10}")
     for ev, metric, v in table:
-        print(f'{ev:<14} {metric:<24} {v:>10.4g}')
+        print(f'{ev:<{w}} {metric:<24} {v:>10.4g}')
     with open(os.path.join(out_dir, 'probe.json'), 'w') as f:
         json.dump(results, f)
     print(json.dumps(results))

@@ -49,13 +49,77 @@ def test_fit_logreg_reaches_the_optimum():
     # dW = X^T (softmax(XW + b) - onehot) / n + lam/n W = 0, db = mean(softmax - onehot) = 0
     x, y = blobs(200, 8, 3, 1.5, seed=1)
     lam = 3.0
-    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, tol=1e-10)
+    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
     X = torch.tensor(x, dtype=torch.float64)
     P = torch.softmax(X @ W + b, 1) - F.one_hot(torch.tensor(y), 3).double()
     gW = X.T @ P / len(y) + lam / len(y) * W
     gb = P.mean(0)
     assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
     assert W.abs().max() > 0.1  # and it moved away from the zero start
+
+
+def objective_grad(x, y, lam, W, b):
+    """Gradient of  mean CE + lam/(2n) ||W||^2  by autograd through F.cross_entropy, float64."""
+    X, Y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    W, b = W.double().clone().requires_grad_(True), b.double().clone().requires_grad_(True)
+    (F.cross_entropy(X @ W + b, Y) + lam / (2 * len(Y)) * W.pow(2).sum()).backward()
+    return W.grad, b.grad
+
+
+def test_fit_logreg_optimum_on_every_path():
+    # features far from zero mean (the fit centres them: the optimum must be the uncentred
+    # objective's), unequal scales, overlapping classes; three lambdas
+    x, y = blobs(300, 6, 4, 1.0, seed=2)
+    x = x * np.linspace(0.5, 3, 6, dtype=np.float32) + 5
+    for lam in (1e-3, 1.0, 30.0):
+        W, b = probe.fit_logreg(x, y, 4, lam, dtype=torch.float64, tol=1e-10)
+        gW, gb = objective_grad(x, y, lam, W, b)
+        assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+        # the path features take on a GPU: float32 tensors on the device, default tolerance
+        W32, b32 = probe.fit_logreg(torch.tensor(x), torch.tensor(y), 4, lam)
+        assert W32.dtype == torch.float32 and W32.device == torch.tensor(x).device
+        assert torch.allclose(W32.double(), W, rtol=0, atol=2e-3 * W.abs().max())
+        assert torch.allclose(b32.double(), b, rtol=0, atol=2e-3 * b.abs().max())
+        agree = probe.logits_of(W32, b32, x).argmax(1) == probe.logits_of(W, b, x).argmax(1)
+        assert agree.double().mean() >= 0.99
+
+
+def test_warm_start_reaches_the_cold_optimum():
+    x, y = blobs(400, 8, 5, 1.5, seed=4)
+    x = x + 3  # off-centre, so that the start's bias conversion matters
+    for lam, start_lam in ((0.1, 100.0), (10.0, 0.01), (1.0, 1.3)):
+        cold_info, warm_info = {}, {}
+        cold = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, info=cold_info)
+        init = probe.fit_logreg(x, y, 5, start_lam, dtype=torch.float64)
+        warm = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, init=init, info=warm_info)
+        for a, c in zip(warm, cold):
+            assert torch.allclose(a, c, rtol=0, atol=1e-6 * cold[0].abs().max())
+        if start_lam == 1.3:  # a neighbouring lambda is a good start
+            assert warm_info['iterations'] < cold_info['iterations']
+    # from the optimum itself (the start converted to centred, preconditioned variables and
+    # back): nothing left to do, the same weights
+    info = {}
+    again = probe.fit_logreg(x, y, 5, 1.0, dtype=torch.float64, init=cold, info=info)
+    assert info['iterations'] == 0
+    assert torch.allclose(again[0], cold[0], rtol=0, atol=1e-12) and torch.allclose(again[1], cold[1], rtol=0, atol=1e-12)
+    # a warm-started search scores every lambda like the cold (pure) one, up to the tolerance
+    score = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5, fitted={})
+    pure = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5)
+    for lam in probe.lambda_grid(-4, 4, 2)[::-1]:
+        (acc_w, nll_w), (acc_c, nll_c) = score(lam), pure(lam)
+        # (at the default tolerance, so a boundary point may flip: 1 of 200)
+        assert round(200 * abs(acc_w - acc_c)) <= 2 and abs(nll_w - nll_c) < 2e-3
+
+
+def test_linear_probe_same_result_from_tensors_and_arrays():
+    # the script moves the features to `device` as tensors; numpy in gives the same answer
+    x, y = blobs(300, 10, 3, 2.0, seed=3)
+    parts = (x[:150], y[:150], x[150:220], y[150:220], x[220:], y[220:])
+    a = probe.linear_probe(*parts, 3, log=lambda s: None)
+    b = probe.linear_probe(*(torch.tensor(p) for p in parts), 3, log=lambda s: None, device='cpu')
+    assert (a['lambda_'], a['top1'], a['mean_per_class']) == (b['lambda_'], b['top1'], b['mean_per_class'])
+    c = probe.linear_probe(*parts, 3, dtype=torch.float64, log=lambda s: None)
+    assert abs(c['top1'] - a['top1']) <= 1 / 80 and np.isclose(np.log10(c['lambda_']), np.log10(a['lambda_']), atol=0.26)
 
 
 def test_lambda_search_matches_brute_force_grid():
@@ -169,10 +233,12 @@ def sets(tmp_path_factory):
     return d
 
 
-def run_probe(d, out, *args):
-    cmd = [sys.executable, 'probe.py', f'--out_dir={d / out}', '--cache_features=True', '--device=cpu', *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
-                       text=True, timeout=300)
+def run_probe(d, out, *args, nproc=1):
+    launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone',
+                                  f'--nproc_per_node={nproc}'] if nproc > 1 else [])
+    cmd = launch + ['probe.py', f'--out_dir={d / out}', '--cache_features=True', '--device=cpu', *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES=''),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result == json.load(open(d / out / 'probe.json'))
@@ -235,3 +301,68 @@ def test_probe_script_zero_shot_and_retrieval(sets):
     for k in (1, 5, 10):
         assert r['retrieval'][f'i2t_R@{k}'] == float((i2t < k).double().mean())
         assert r['retrieval'][f't2i_R@{k}'] == float((t2i < k).double().mean())
+
+
+@pytest.fixture(scope='module')
+def odd(sets):
+    """101 images: 2 ranks embed uneven slices (51 + 50); batch_size=17 puts the batch edges of
+    one process and of two at the same places (17 divides 51)."""
+    import data
+    data.build('synthetic', str(sets / 'odd'), image_size=32, count=101, seed=2, workers=1, progress=False)
+    return sets / 'odd'
+
+
+def several(sets, odd):
+    return [f'--checkpoint={sets / "both.pt"}', f'--train_dir={odd}', f'--test_dir={odd}',
+            f'--retrieval_dir={odd}', f'--templates={sets / "templates.txt"}', '--batch_size=17',
+            '--features=pooled,cls:standardize,embed:l2']
+
+
+def test_probe_script_several_features(sets, odd):
+    import model
+    r = run_probe(sets, 'several', *several(sets, odd))
+    lps = r['linear_probes']
+    assert list(lps) == ['pooled:none', 'cls:standardize', 'embed:l2']
+    assert r['linear_probe'] == lps['pooled:none']  # what single-probe readers take
+    assert [(p['feature'], p['feature_norm'], p['dim']) for p in lps.values()] == \
+        [('pooled', 'none', 192), ('cls', 'standardize', 192), ('embed', 'l2', 128)]
+    # the three features, extracted once: the tower run directly on the stored images
+    (feats,) = cached(sets, 'several')
+    vision, _ = model.from_pretrained(str(sets / 'both.pt'))
+    x, y = pixels(odd)
+    with torch.no_grad():
+        images = torch.tensor(x, dtype=torch.float32).view(-1, 3, 32, 32)
+        cls = vision.forward_tokens(images)[:, 0]
+        expect = dict(cls=cls, pooled=vision.ln_post(cls), embed=vision(images))
+    for k, v in expect.items():
+        assert np.allclose(feats[k], v.numpy(), atol=1e-4), k
+    # every probe: the script's split, the normalisation written out here, CLIP's protocol
+    tr, va = probe.split_train_val(len(y), 0.2, 0)
+    for key, res in lps.items():
+        name, norm = key.split(':')
+        a = feats[name]
+        if norm == 'standardize':  # training part's statistics
+            a = (a - a[tr].mean(0)) / (a[tr].std(0) + 1e-6)
+        elif norm == 'l2':
+            a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        out = probe.linear_probe(a[tr], y[tr], a[va], y[va], a, y, int(y.max()) + 1, log=lambda s: None)
+        assert (out['lambda_'], out['top1'], out['mean_per_class']) == \
+            (res['l2_lambda'], res['top1'], res['mean_per_class']), key
+
+
+def test_probe_script_two_ranks_equal_one(sets, odd):
+    # torchrun, 2 CPU ranks (gloo): each embeds its slice, rank 0 gathers and evaluates
+    one = run_probe(sets, 'one_rank', *several(sets, odd))
+    two = run_probe(sets, 'two_ranks', *several(sets, odd), nproc=2)
+    (a,), (b,) = cached(sets, 'one_rank'), cached(sets, 'two_ranks')
+    assert sorted(a.files) == sorted(b.files) == ['cls', 'embed', 'pooled']
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
+
+    def timeless(r):
+        r = {k: v for k, v in r.items() if k != 'seconds'}
+        r['linear_probes'] = {k: {**v, 'seconds': 0} for k, v in r['linear_probes'].items()}
+        r['linear_probe'] = {**r['linear_probe'], 'seconds': 0}
+        return r
+    assert timeless(one) == timeless(two)
+    assert 'zero_shot' in two and 'i2t_R@1' in two['retrieval']  # rank 0 went on with the text tower
