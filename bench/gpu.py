@@ -2,7 +2,7 @@
 The GPU check: one command on one GPU that checks every CUDA path of the project against its CPU /
 float64 counterpart, times train.py's step at the paper's per-GPU shapes, and leaves a report.
 
-    python bench/gpu.py --out_dir=out/gpu            # one H100 / H200 / A100: under 8 minutes
+    python bench/gpu.py --out_dir=out/gpu            # one H100 / H200 / A100: a 7-minute budget
     python bench/gpu.py --device=cpu --out_dir=...   # the same code, tiny sizes (~1 min, in CI)
 
 It needs torch, numpy and pillow (data.py); faiss and flash-attn are used when they import. Each
