@@ -30,8 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-import faiss
 from tqdm import tqdm
+try:
+    import faiss
+except ImportError:  # search='torch' needs no faiss (e.g. a GPU machine without faiss-gpu)
+    faiss = None
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -53,7 +56,7 @@ kmeans_ckpt_interval = 5  # iterations between saves of kmeans_state.npz (where 
 seed = 0
 assign_batch = 65536  # rows per search (bounds RAM); the torch search also keeps rows x k scores <= 1 GiB
 search = 'auto'  # nearest-centre search: 'faiss' or 'torch' (matmul + top-k on device); auto: faiss,
-#                  torch on CUDA when faiss has no GPUs
+#                  torch on CUDA when faiss has no GPUs, or when faiss is not installed
 force = False  # redo every phase even if finished
 timeout_minutes = 30  # a collective that waits longer than this fails instead of hanging
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -74,7 +77,11 @@ else:
     rank, world = 0, 1
 master = rank == 0
 if search == 'auto':
-    search = 'torch' if device.startswith('cuda') and faiss.get_num_gpus() == 0 else 'faiss'
+    search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
+              else 'faiss')
+if search == 'faiss' and faiss is None:
+    raise SystemExit('cluster.py: search=faiss but faiss is not installed (pip install faiss-cpu); '
+                     'search=torch needs no faiss')
 use_gpu_faiss = search == 'faiss' and device.startswith('cuda') and faiss.get_num_gpus() > 0
 os.makedirs(out_dir, exist_ok=True)
 emb_path, cen_path, lab_path = (os.path.join(out_dir, f) for f in ('embeddings.npy', 'centroids.npy', 'labels.npy'))

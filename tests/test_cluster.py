@@ -302,3 +302,32 @@ def test_kill9_in_each_phase_resumes_to_the_same_files(tmp_path):
             assert not os.path.exists(out / 'kmeans_state.npz')
         for f in files:
             assert (out / f).read_bytes() == ref[f], (kill_at, f)
+
+
+def test_cluster_without_faiss(tmp_path):
+    # a GPU machine without faiss: search='auto' falls back to the torch search (same labels as
+    # faiss on these blobs), and search='faiss' says what is missing
+    x, _, _ = blobs(2000, 16, 20, 0.1, 0)
+    np.save(tmp_path / 'emb.npy', x)
+    fake = tmp_path / 'nofaiss'
+    fake.mkdir()
+    (fake / 'faiss.py').write_text("raise ImportError('no faiss here')\n")
+
+    def cluster(out, search, hide):
+        path = [str(fake)] * hide + [ROOT]
+        env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',
+                   PYTHONPATH=os.pathsep.join(path))
+        return subprocess.run([sys.executable, 'cluster.py', f'--embeddings_path={tmp_path / "emb.npy"}',
+                               f'--out_dir={tmp_path / out}', '--num_classes=20', '--num_positives=3',
+                               '--niter=5', f'--search={search}', '--device=cpu'],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = cluster('auto', 'auto', True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.load(open(tmp_path / 'auto' / 'cluster.json'))['search'] == 'torch'
+    p = cluster('faiss', 'faiss', False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for f in ('labels.npy', 'centroids.npy'):
+        a, b = np.load(tmp_path / 'auto' / f), np.load(tmp_path / 'faiss' / f)
+        assert (a == b).all() if f == 'labels.npy' else np.abs(a - b).max() < 1e-6
+    p = cluster('missing', 'faiss', True)
+    assert p.returncode != 0 and 'faiss is not installed' in p.stderr
