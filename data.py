@@ -18,7 +18,6 @@ import glob
 import gzip
 import heapq
 import html
-import importlib.util
 import io
 import json
 import math
@@ -45,10 +44,10 @@ IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
 # -----------------------------------------------------------------------------
 # CLIP tokenizer: byte-level BPE, vocabulary 49408 = 256 bytes + 256 bytes</w> + 48894 merges + 2
-# special tokens. The merges file is the one OpenAI released; it ships inside the open_clip_torch
-# wheel, so `pip install --no-deps open_clip_torch` gives it to a machine without internet.
+# special tokens. The merges file is the one OpenAI released with CLIP (MIT licence), kept in assets/.
 
 SOT, EOT = 49406, 49407  # <start_of_text>, <end_of_text>
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'bpe_simple_vocab_16e6.txt.gz')
 
 
 def _bytes_to_unicode():
@@ -73,13 +72,10 @@ def _char_class(codepoints):
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer():
-    spec = importlib.util.find_spec('open_clip')  # finds the package without importing it
-    path = None
-    if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], 'bpe_simple_vocab_16e6.txt.gz')
-    if path is None or not os.path.exists(path):
-        raise ImportError('the CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) comes from the '
-                          'open_clip_torch package: pip install --no-deps open_clip_torch')
+    path = BPE_PATH
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path}: the CLIP BPE vocabulary is missing (it is part of this '
+                                'repository: restore it with git checkout assets/)')
     merges = gzip.open(path).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     byte_enc = _bytes_to_unicode()

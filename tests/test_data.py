@@ -117,12 +117,23 @@ def test_tokenizer_character_classes_match_regex_module():
         assert pat.findall(s) == ref.findall(s), sep
 
 
-def test_tokenizer_missing_vocabulary_says_how_to_install(monkeypatch):
+def test_vocabulary_is_the_one_open_clip_ships():
+    # the reference copy: the file inside the open_clip_torch wheel (a dev requirement), found
+    # without importing open_clip (its dependencies are not installed)
+    import hashlib
     import importlib.util
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+    spec = importlib.util.find_spec('open_clip')
+    assert spec is not None, 'tests need open_clip_torch: pip install --no-deps open_clip_torch==3.3.0'
+    ref = os.path.join(list(spec.submodule_search_locations)[0], 'bpe_simple_vocab_16e6.txt.gz')
+    digest = lambda p: hashlib.sha256(open(p, 'rb').read()).hexdigest()  # noqa: E731
+    assert digest(data.BPE_PATH) == digest(ref)
+
+
+def test_tokenizer_missing_vocabulary_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, 'BPE_PATH', str(tmp_path / 'nope.txt.gz'))
     data._tokenizer.cache_clear()
     try:
-        with pytest.raises(ImportError, match='pip install --no-deps open_clip_torch'):
+        with pytest.raises(FileNotFoundError, match='nope.txt.gz: the CLIP BPE vocabulary is missing'):
             data.tokenize(['hello'])
     finally:
         monkeypatch.undo()
