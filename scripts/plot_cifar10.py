@@ -1,94 +1,159 @@
 """
-Figure and table of scripts/reproduce_cifar10.sh: linear-probe top-1 of every variant (bars) and
-the mean positive / sampled-negative cosine over training (the paper's Fig. 3), drawn with PIL.
-    python scripts/plot_cifar10.py out/cifar10     # -> out/cifar10/results.png, results.md
+Tables and figure of scripts/reproduce_cifar10.py: linear-probe top-1 of every variant, mean
+and standard deviation over its seeds, the r and l sweeps (paper Table 5b / 5c), and the mean
+positive / sampled-negative cosine over training (paper Fig. 3). Drawn with PIL.
+    python scripts/plot_cifar10.py out/cifar10   # -> results.json, results.md, results.png there
 """
+import glob
 import json
 import os
 import sys
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-VARIANTS = [  # directory, label
-    ('a_mlcd', 'a) MLCD l=8 r=0.1'), ('b_mlc', 'b) MLC l=8 (Eq. 4)'),
-    ('c_single', 'c) single label l=1'), ('d_mlcd_r1', 'd) MLCD l=8 r=1.0'),
-    ('a2_mlcd_round2', 'a2) MLCD, round-2 labels'), ('e_random', 'e) random-init ViT'),
-    ('f_pixels', 'f) raw pixels'), ('g_supervised', 'g) true labels'),
+VARIANTS = [  # run name (before _s<seed>), label
+    ('mlcd', 'MLCD l=8 r=0.1 (Eq. 5)'), ('mlc', 'MLC l=8 (Eq. 4)'),
+    ('unicom', 'single label l=1 (UNICOM)'), ('mlcd_r1', 'MLCD l=8 r=1.0'),
+    ('simclr', 'SimCLR, 2 views (instance)'), ('uniclip', 'UniCLIP image-image, 2 views (instance)'),
+    ('random', 'random-init ViT'), ('pixels', 'raw pixels'), ('supervised', 'true labels (reference)'),
 ]
-COLOUR = dict(zip([d for d, _ in VARIANTS], ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd',
-                                                '#8c564b', '#7f7f7f', '#17becf']))
+COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#8c564b', '#7f7f7f',
+           '#17becf']
 
 
 def load(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def probes(root, name):
+    """{feature: [top-1 of each seed]} of a variant's runs, and their train.json / lit.json."""
+    dirs = sorted(glob.glob(os.path.join(root, f'{name}_s*'))) or [os.path.join(root, name)]
+    acc, trains = {}, []
+    for d in dirs:
+        p = load(os.path.join(d, 'probe.json'))
+        if not p or 'linear_probes' not in p:
+            continue
+        for feat, lp in p['linear_probes'].items():
+            acc.setdefault(feat, []).append(100 * lp['top1'])
+        trains.append(load(os.path.join(d, 'train.json')) or load(os.path.join(d, 'lit.json')) or {})
+    return acc, trains
+
+
+def fmt(xs):
+    if not xs:
+        return '-'
+    return f'{np.mean(xs):.2f}' if len(xs) == 1 else f'{np.mean(xs):.2f} ± {np.std(xs, ddof=1):.2f}'
+
+
 def curves(root, name):
-    path = os.path.join(root, name, 'log.jsonl')
+    path = os.path.join(root, f'{name}_s0', 'log.jsonl')
     if not os.path.exists(path):
         return []
     return [r for r in map(json.loads, open(path)) if 'pos_cos' in r]
 
 
 def main(root):
-    rows = []
-    for d, label in VARIANTS:
-        p, t = load(os.path.join(root, d, 'probe.json')), load(os.path.join(root, d, 'train.json'))
-        if p and 'linear_probe' in p:
-            lp = p['linear_probe']
-            rows.append((d, label, 100 * lp['top1'], 100 * lp['mean_per_class'],
-                         t and t.get('step'), t and t.get('time_s'), t and t.get('knn_acc')))
+    rows, results = [], {}
+    for name, label in VARIANTS:
+        acc, trains = probes(root, name)
+        if not acc:
+            continue
+        feats = list(acc)
+        rows.append((name, label, acc, trains))
+        results[name] = {'label': label, 'top1': acc, 'seeds': len(acc[feats[0]]),
+                         'steps': trains[0].get('step') if trains else None,
+                         'train_s': [t.get('time_s') for t in trains if t.get('time_s')]}
     if not rows:
         raise SystemExit(f'plot_cifar10.py: no probe.json under {root}')
-    with open(os.path.join(root, 'results.md'), 'w') as f:
-        f.write('| variant | linear probe top-1 % | mean per class % | steps | train s | kNN top-1 % |\n')
-        f.write('|---|---|---|---|---|---|\n')
-        for d, label, top1, mpc, steps, secs, knn in rows:
-            f.write(f"| {label} | {top1:.2f} | {mpc:.2f} | {steps or '-'} | "
-                    f"{f'{secs:.0f}' if secs else '-'} | {f'{100 * knn:.2f}' if knn is not None else '-'} |\n")
-    print(open(os.path.join(root, 'results.md')).read())
+    feats = list(rows[0][2])
+    sweeps = {}
+    for key, values, base in (('r', ('0.01', '0.1', '0.5', '1.0'), {'0.1': 'mlcd', '1.0': 'mlcd_r1'}),
+                              ('l', ('1', '2', '4', '8', '16'), {'8': 'mlcd'})):
+        pts = []
+        for v in values:
+            d = os.path.join(root, f'{base[v]}_s0' if v in base else f'sweep_{key}{v}')
+            p = load(os.path.join(d, 'probe.json'))
+            if p and 'linear_probes' in p:
+                pts.append((v, {f: 100 * lp['top1'] for f, lp in p['linear_probes'].items()}))
+        if pts:
+            sweeps[key] = pts
+    results['sweeps'] = sweeps
+    with open(os.path.join(root, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
 
-    W, H = 1200, 505
+    md = ['| variant | ' + ' | '.join(f'top-1 % ({f})' for f in feats) + ' | seeds | steps | train s |',
+          '|---' * (len(feats) + 4) + '|']
+    for name, label, acc, trains in rows:
+        secs = [t.get('time_s') for t in trains if t.get('time_s')]
+        md.append(f'| {label} | ' + ' | '.join(fmt(acc.get(f, [])) for f in feats) +
+                  f" | {len(acc[feats[0]])} | {(trains[0].get('step') if trains else None) or '-'} | "
+                  f"{f'{np.median(secs):.0f}' if secs else '-'} |")
+    for key, pts in sweeps.items():
+        md += ['', f'| {key} (MLCD, seed 0) | ' + ' | '.join(v for v, _ in pts) + ' |',
+               '|---' * (len(pts) + 1) + '|']
+        md += [f'| top-1 % ({f}) | ' + ' | '.join(f'{a[f]:.2f}' for _, a in pts) + ' |' for f in feats]
+    open(os.path.join(root, 'results.md'), 'w').write('\n'.join(md) + '\n')
+    print('\n'.join(md))
+    draw(root, rows, sweeps, feats[0])
+
+
+def draw(root, rows, sweeps, feat):
+    W, H = 1500, 520
     img = Image.new('RGB', (W, H), 'white')
     g = ImageDraw.Draw(img)
-    # left: bars of linear-probe top-1
-    x0, y0, bw, top = 30, 440, 64, max(r[2] for r in rows)
-    g.text((x0, 10), 'CIFAR-10 linear probe top-1 (%)', fill='black')
-    for i, (d, label, top1, *_) in enumerate(rows):
-        h = 380 * top1 / max(top, 1e-9)
-        x = x0 + i * (bw + 8)
-        g.rectangle([x, y0 - h, x + bw, y0], fill=COLOUR[d])
-        g.text((x + 4, y0 - h - 14), f'{top1:.1f}', fill='black')
-        g.text((x + 2, y0 + 6), label.split(')')[0] + ')', fill='black')
-    for i, (d, label, *_) in enumerate(rows):  # legend, two rows of four
-        x, y = x0 + (i % 4) * 290, 462 + (i // 4) * 18
-        g.rectangle([x, y + 2, x + 10, y + 12], fill=COLOUR[d])
-        g.text((x + 14, y), label, fill='black')
-    # right: mean positive (solid) and negative (thin) cosine over training steps
-    px0, px1, py0, py1 = 680, 1180, 40, 440
-    g.text((px0, 10), 'mean cosine over training: positives (upper), sampled negatives (lower)',
-           fill='black')
+    # 1. bars: mean top-1 of every variant with its seeds' spread
+    x0, y0, bw = 30, 400, 44
+    vals = [np.mean(acc[feat]) for _, _, acc, _ in rows]
+    lo, hi = 10 * (min(vals) // 10) - 10, 10 * (max(vals) // 10 + 1)
+    Y = lambda v: y0 - 340 * (v - lo) / (hi - lo)
+    g.text((x0, 8), f'CIFAR-10 linear probe top-1 % ({feat}), mean and range of seeds', fill='black')
+    for i, (name, label, acc, _) in enumerate(rows):
+        x, col = x0 + i * (bw + 8), COLOURS[[n for n, _ in VARIANTS].index(name)]
+        g.rectangle([x, Y(np.mean(acc[feat])), x + bw, y0], fill=col)
+        if len(acc[feat]) > 1:
+            g.line([x + bw / 2, Y(max(acc[feat])), x + bw / 2, Y(min(acc[feat]))], fill='black', width=2)
+        g.text((x + 2, Y(np.mean(acc[feat])) - 14), f'{np.mean(acc[feat]):.1f}', fill='black')
+        g.text((x0, 420 + i * 11), f'{i + 1}. {label}', fill=col)
+        g.text((x + bw / 2 - 3, y0 + 4), str(i + 1), fill='black')
+    g.text((x0, y0 - 340 - 12), f'{hi:.0f}', fill='#999999')
+    g.text((x0, y0 + 4 - 14), f'{lo:.0f}', fill='#999999')
+    # 2. sweeps of r and l (seed 0)
+    for j, (key, pts) in enumerate(sweeps.items()):
+        px0, py0, px1, py1 = 540 + j * 250, 40, 740 + j * 250, 400
+        g.text((px0, 8), f'MLCD top-1 % vs {key} (seed 0)', fill='black')
+        g.rectangle([px0, py0, px1, py1], outline='#999999')
+        ys = [a[feat] for _, a in pts]
+        a, b = min(ys) - 1, max(ys) + 1
+        P = [(px0 + 20 + (px1 - px0 - 40) * i / max(1, len(pts) - 1), py1 - (py1 - py0) * (y - a) / (b - a))
+             for i, y in enumerate(ys)]
+        g.line(P, fill='#1f77b4', width=2)
+        for (v, acc), (x, y) in zip(pts, P):
+            g.ellipse([x - 3, y - 3, x + 3, y + 3], fill='#1f77b4')
+            g.text((x - 10, y - 16), f'{acc[feat]:.1f}', fill='black')
+            g.text((x - 8, py1 + 4), v, fill='black')
+    # 3. mean positive (thick) and sampled-negative (thin) cosine during training, seed 0
+    px0, py0, px1, py1 = 1060, 40, 1480, 400
+    g.text((px0, 8), 'cosine during training: positives (thick), negatives (thin)', fill='black')
     g.rectangle([px0, py0, px1, py1], outline='#999999')
-    series = [(d, curves(root, d)) for d, _ in VARIANTS]
-    series = [(d, c) for d, c in series if c]
+    series = [(n, curves(root, n)) for n, *_ in rows]
+    series = [(n, c) for n, c in series if c]
     if series:
         smax = max(r['step'] for _, c in series for r in c)
-        lo = min(min(r['neg_cos'] for r in c) for _, c in series)
-        hi = max(max(r['pos_cos'] for r in c) for _, c in series)
-        lo, hi = min(lo, 0.0), max(hi, 0.1)
+        lo = min(0.0, min(r['neg_cos'] for _, c in series for r in c))
+        hi = max(0.1, max(r['pos_cos'] for _, c in series for r in c))
         X = lambda s: px0 + (px1 - px0) * s / max(smax, 1)
-        Y = lambda v: py1 - (py1 - py0) * (v - lo) / (hi - lo)
-        g.line([px0, Y(0), px1, Y(0)], fill='#dddddd')
-        g.text((px0 + 4, Y(0) - 12), '0', fill='#999999')
+        Yc = lambda v: py1 - (py1 - py0) * (v - lo) / (hi - lo)
+        g.line([px0, Yc(0), px1, Yc(0)], fill='#dddddd')
         g.text((px0 + 4, py0 + 2), f'{hi:.2f}', fill='#999999')
         g.text((px0 + 4, py1 - 12), f'{lo:.2f}', fill='#999999')
-        g.text((px1 - 60, py1 + 6), f'step {smax}', fill='#999999')
-        for d, c in series:
-            col = COLOUR[d]
-            g.line([(X(r['step']), Y(r['pos_cos'])) for r in c], fill=col, width=3)
-            g.line([(X(r['step']), Y(r['neg_cos'])) for r in c], fill=col, width=1)
+        g.text((px1 - 60, py1 + 4), f'step {smax}', fill='#999999')
+        for n, c in series:
+            col = COLOURS[[v for v, _ in VARIANTS].index(n)]
+            g.line([(X(r['step']), Yc(r['pos_cos'])) for r in c], fill=col, width=3)
+            g.line([(X(r['step']), Yc(r['neg_cos'])) for r in c], fill=col, width=1)
     img.save(os.path.join(root, 'results.png'))
-    print(f"wrote {os.path.join(root, 'results.png')} and results.md")
+    print(f"wrote {os.path.join(root, 'results.json')}, results.md and results.png")
 
 
 if __name__ == '__main__':

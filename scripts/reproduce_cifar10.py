@@ -1,0 +1,228 @@
+"""
+Small-scale reproduction of the paper's ablations on real images: CIFAR-10 at 32 px on a CPU.
+The 50K training images are clustered with the pixels teacher (their classes are never used
+before the probe), the same tiny ViT is pre-trained from the same seeds as every variant below,
+and each tower is linear-probed on the 10K test images with CLIP's protocol.
+
+    python scripts/reproduce_cifar10.py                 # the table in README (hours on 2 cores)
+    python scripts/reproduce_cifar10.py --jobs=2        # two runs at a time, one thread each
+    python scripts/reproduce_cifar10.py --split=val     # train on 40K training images, probe on
+                                                        # the other 10K: how the settings were chosen
+    python scripts/reproduce_cifar10.py --quick=True    # every stage on 2K images in minutes (CI)
+
+Input: `cifar` is a .tar.gz of CIFAR-10 as image folders, cifar10/{train,test}/<class>/*.jpg
+(any image format data.py reads; see README for making one from the standard download).
+Output in `out`: data/, clusters, one folder per run (train.py / lit.py / probe.py outputs and
+their console logs), results.json, results.md and results.png. Finished runs are skipped and an
+interrupted training resumes, so the script can be stopped and started again at any time.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# -----------------------------------------------------------------------------
+# settings (override with --key=value)
+cifar = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')  # the image folders
+out = 'out/cifar10'
+split = 'test'  # 'test': the table; 'val': a held-out 10K of the training images (for tuning)
+quick = False  # 200 + 50 images per class, a few steps: checks every stage end to end
+seeds = 3  # seeds of every variant in the main table (the sweeps use seed 0)
+sweeps = True  # Table 5b / 5c at one seed: r in 0.01 0.1 0.5 1.0, l in 1 2 4 8 16
+steps = 1400  # optimizer steps of every pre-training run (same images seen by every variant)
+batch = 256
+model = 'ViT-T/8'  # 32 px, 17 tokens, 0.8M parameters
+k = 1000  # clusters of the pixels teacher
+jobs = 1  # runs at a time (2 on a 2-core machine; several share one GPU well: the tower is tiny)
+threads = 1  # CPU threads per run
+device = 'cpu'  # 'cuda': every stage on the GPU (bf16 autocast in training)
+probe_iters = 1000  # L-BFGS iterations per probe fit (CLIP's 1,000)
+exec(open(os.path.join(ROOT, 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+if split not in ('test', 'val'):
+    raise SystemExit(f"config error: split must be 'test' or 'val', got {split!r}")
+if quick:
+    steps, batch, k, probe_iters = 30, 64, 50, 100
+D, T = os.path.join(out, 'data', 'train'), os.path.join(out, 'data', split)
+LABELS, TRUE = os.path.join(out, 'cluster_pixels'), os.path.join(out, 'true_labels')
+# pre-training recipe shared by every MLCD variant (chosen on the val split, see README)
+COMMON = [f'--model={model}', f'--max_steps={steps}', f'--global_batch_size={batch}',
+          f'--threads={threads}', f'--device={device}']
+TRAIN = ['config/cifar10.py', f'--micro_batch_size={batch}'] + COMMON
+# instance discrimination at the same budget (steps x batch images, two views of each): lit.py
+# with the image tower unlocked and no captions
+INSTANCE = [('simclr', ['config/simclr_cifar10.py', '--image_size=32'] + COMMON),
+            ('uniclip', ['config/uniclip_cifar10.py', '--image_size=32'] + COMMON)]
+FEATURES = 'pooled:standardize,cls:standardize,embed:standardize'
+
+
+def run(cmd, log=None):
+    """Run a command from the repository root on `threads` threads; its output to `log` (or ours)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    print('+ ' + ' '.join(cmd), flush=True)
+    with open(log, 'a') if log else open(os.devnull, 'w') as f:
+        p = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=env,
+                           stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
+    if p.returncode:
+        raise SystemExit(f'reproduce_cifar10.py: failed (exit {p.returncode}): {" ".join(cmd)}'
+                         + (f'; see {log}' if log else ''))
+
+
+# -----------------------------------------------------------------------------
+# the runs: (name, stage script, arguments, seed); the tower each leaves is probed
+
+
+def variants():
+    main = [  # name, labels, extra train.py arguments
+        ('mlcd', LABELS, ['--loss_type=mlcd', '--num_positives=8', '--sample_ratio=0.1']),
+        ('mlc', LABELS, ['--loss_type=mlc', '--num_positives=8', '--sample_ratio=0.1']),
+        ('unicom', LABELS, ['--loss_type=mlc', '--num_positives=1', '--sample_ratio=0.1']),
+        ('mlcd_r1', LABELS, ['--loss_type=mlcd', '--num_positives=8', '--sample_ratio=1.0']),
+        # the true labels as a 10-way normalised softmax, without the margin (10 classes)
+        ('supervised', TRUE, ['--loss_type=mlc', '--num_positives=1', '--sample_ratio=1.0',
+                              '--num_classes=10', '--margin=0.0']),
+    ]
+    runs = [(f'{n}_s{s}', 'train.py', [f'--labels_dir={lab}', f'--seed={s}'] + a, s)
+            for n, lab, a in main for s in range(seeds)]
+    runs += [(f'{n}_s{s}', 'lit.py', a + [f'--seed={s}'], s) for n, a in INSTANCE for s in range(seeds)]
+    if sweeps:
+        for r in (0.01, 0.5):
+            runs.append((f'sweep_r{r}', 'train.py', [f'--labels_dir={LABELS}', '--seed=0',
+                         '--loss_type=mlcd', '--num_positives=8', f'--sample_ratio={r}'], 0))
+        for l in (1, 2, 4, 16):
+            runs.append((f'sweep_l{l}', 'train.py', [f'--labels_dir={LABELS}', '--seed=0',
+                         '--loss_type=mlcd', f'--num_positives={l}', '--sample_ratio=0.1'], 0))
+    return runs
+
+
+
+def train(name, script, args, seed):
+    d = os.path.join(out, name)
+    result = os.path.join(d, 'train.json' if script == 'train.py' else 'lit.json')
+    if os.path.exists(result):
+        return
+    os.makedirs(d, exist_ok=True)
+    resume = ['--init_from=resume'] if os.path.exists(os.path.join(d, 'ckpt.pt')) else []
+    cfg = TRAIN if script == 'train.py' else []  # lit.py runs name their config in args
+    t0 = time.time()
+    run([script] + cfg + args + [f'--data_dir={D}', f'--out_dir={d}'] + resume,
+        os.path.join(d, 'stdout.log'))
+    print(f'done {name} in {time.time() - t0:.0f} s', flush=True)
+
+
+def probe(name, checkpoint):
+    d = os.path.join(out, name)
+    if os.path.exists(os.path.join(d, 'probe.json')):
+        return
+    os.makedirs(d, exist_ok=True)
+    run(['probe.py', f'--checkpoint={checkpoint}', f'--train_dir={D}', f'--test_dir={T}',
+         f'--out_dir={d}', '--zero_shot=False', f'--max_iter={probe_iters}', f'--features={FEATURES}',
+         f'--device={device}'],
+        os.path.join(d, 'stdout.log'))
+
+
+def pool(fn, items):
+    """fn(*item) for every item, `jobs` at a time. A failure is reported and the others go on
+    (their results are kept: a rerun does only what is missing); returns the failures."""
+    failed = []
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        for it, f in [(it, ex.submit(fn, *it)) for it in items]:
+            try:
+                f.result()
+            except (Exception, SystemExit) as e:
+                print(f'FAILED {it[0]}: {e}', flush=True)
+                failed.append(it[0])
+    return failed
+
+
+# -----------------------------------------------------------------------------
+# 1. data: unpack (members checked: no absolute paths or '..'), split, build uint8 shards
+if not os.path.exists(os.path.join(T, 'meta.json')):
+    if not os.path.exists(cifar):
+        raise SystemExit(f'reproduce_cifar10.py: cifar={cifar} not found (a .tar.gz of '
+                         'cifar10/{train,test}/<class>/ images; see README)')
+    src = os.path.join(out, 'src')
+    with tarfile.open(cifar) as tf:
+        tf.extractall(src, filter='data')
+    # the images each set is built from, as folders of links: quick keeps the first images of
+    # every class; val splits the training images 40K / 10K with a fixed seed
+    pick = os.path.join(out, 'pick')
+    for part in ('train', 'test'):
+        for c in sorted(os.listdir(os.path.join(src, 'cifar10', part))):
+            files = sorted(os.listdir(os.path.join(src, 'cifar10', part, c)))
+            if quick:
+                files = files[:200 if part == 'train' else 50]
+            sets = {part: files}
+            if split == 'val' and part == 'train':
+                order = np.random.default_rng(0).permutation(len(files))
+                n_val = len(files) // 5
+                sets = {'val': [files[i] for i in sorted(order[:n_val])],
+                        'train': [files[i] for i in sorted(order[n_val:])]}
+            for s, fs in sets.items():
+                os.makedirs(os.path.join(pick, s, c), exist_ok=True)
+                for f in fs:
+                    os.symlink(os.path.abspath(os.path.join(src, 'cifar10', part, c, f)),
+                               os.path.join(pick, s, c, f))
+    for s in ('train', split):
+        run(['data.py', f'--src={os.path.join(pick, s)}', f'--out={os.path.join(out, "data", s)}',
+             '--image_size=32', '--overwrite=True'])
+    subprocess.run(['rm', '-rf', src, pick], check=True)
+
+# 2. labels: the pixels teacher's k clusters (l = 16 kept: the l sweep reads the first l), and
+#    the true classes as a 'clustering' for the supervised reference
+if not os.path.exists(os.path.join(LABELS, 'labels.npy')):
+    run(['cluster.py', f'--data_dir={D}', f'--out_dir={LABELS}', '--teacher=pixels',
+         f'--num_classes={k}', '--num_positives=16', f'--device={device}'])
+if not os.path.exists(os.path.join(TRUE, 'labels.npy')):
+    os.makedirs(TRUE, exist_ok=True)
+    classes = np.load(os.path.join(D, 'classes.npy'))
+    np.save(os.path.join(TRUE, 'labels.npy'), classes[:, None].astype(np.int32))
+
+# 3. the plan: each run is pre-trained, then probed (so that a run cut short leaves whole
+#    results); what is nearest to done first: the untrained baselines, probes of trained runs,
+#    then training, seed 0 of every variant before the other seeds
+trained = lambda r: any(os.path.exists(os.path.join(out, r[0], f))  # noqa: E731
+                        for f in ('train.json', 'lit.json'))
+RUNS = sorted(variants(), key=lambda r: (not trained(r), r[3]))
+todo = [r for r in RUNS if not trained(r)]
+print(f'{len(RUNS)} pre-training runs of {steps} steps x {batch} images ({len(todo)} to do), '
+      f'{jobs} at a time, each probed, after {seeds + 1} probes of random-init towers and pixels. '
+      f'At ~500 images/s per job (one core of an idle machine) that is about '
+      f'{len(todo) * steps * batch / 500 / 3600 / max(1, jobs):.1f} h of training on a CPU.', flush=True)
+
+
+def train_and_probe(name, script, args, seed):
+    train(name, script, args, seed)
+    probe(name, os.path.join(out, name, 'ckpt.pt'))
+
+
+def random_init(name, seed):
+    """The architecture of every run with no training (its seed's initial weights), probed."""
+    ck = os.path.join(out, name, 'ckpt.pt')
+    if not os.path.exists(ck):
+        os.makedirs(os.path.dirname(ck), exist_ok=True)
+        run(['-c', 'import sys, torch, model; torch.manual_seed(int(sys.argv[2])); '
+             'v, _ = model.create(sys.argv[3]); '
+             "torch.save({'vision_config': v.config, 'vision': v.state_dict()}, sys.argv[1])",
+             ck, str(seed), model])
+    probe(name, ck)
+
+
+failed = pool(random_init, [(f'random_s{s}', s) for s in range(seeds)])
+failed += pool(probe, [('pixels', 'pixels')])
+failed += pool(train_and_probe, RUNS)
+
+# 5. the tables
+subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'plot_cifar10.py'), out], check=True)
+if failed:
+    raise SystemExit(f'reproduce_cifar10.py: {len(failed)} run(s) failed: {" ".join(failed)} '
+                     '(their logs: <out>/<run>/stdout.log); run the script again to retry them')
