@@ -83,7 +83,6 @@ if search == 'faiss' and faiss is None:
     raise SystemExit('cluster.py: search=faiss but faiss is not installed (pip install faiss-cpu); '
                      'search=torch needs no faiss')
 use_gpu_faiss = search == 'faiss' and device.startswith('cuda') and faiss.get_num_gpus() > 0
-os.makedirs(out_dir, exist_ok=True)
 emb_path, cen_path, lab_path = (os.path.join(out_dir, f) for f in ('embeddings.npy', 'centroids.npy', 'labels.npy'))
 kms_path = os.path.join(out_dir, 'kmeans_state.npz')
 SAMPLE_BLOCK = 1 << 16  # rows per block of the k-means sample draw (fixed: the sample must not depend
@@ -219,6 +218,8 @@ if classes_path and not os.path.exists(classes_path):
     fail(f'classes_path {classes_path} does not exist')
 if cls_path and os.path.exists(cls_path) and np.load(cls_path, mmap_mode='r').shape != (N,):
     fail(f'{cls_path} has {np.load(cls_path, mmap_mode="r").shape} entries but there are N={N} images')
+
+os.makedirs(out_dir, exist_ok=True)  # only now: a run refused above leaves no empty folder
 
 # -----------------------------------------------------------------------------
 # which phases run: a phase runs if forced, unfinished, or anything before it ran in this run

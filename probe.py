@@ -485,7 +485,6 @@ if __name__ == '__main__':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
         rank, world = dist.get_rank(), dist.get_world_size()
-    os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     if not checkpoint:
         raise SystemExit('probe.py: set --checkpoint=<path> (or --checkpoint=pixels)')
@@ -516,6 +515,7 @@ if __name__ == '__main__':
         if text is not None:
             text.to(device).eval().requires_grad_(False)
         size = vision.image_size
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run refused above leaves no empty folder
 
     memo = {}
 

@@ -214,6 +214,7 @@ def test_pixels_teacher_dims_and_two_ranks_identical(tmp_path):
     assert 'pca_dim=16 (now 32)' in msg
     assert 'pca_dim=800' in run(*args, f'--out_dir={tmp_path}/three', '--pca_dim=800', ok=False).stderr
     assert 'nope.pt does not exist' in run(*args, f'--out_dir={tmp_path}/three', '--teacher=nope.pt', ok=False).stderr
+    assert not (tmp_path / 'three').exists()  # a refused run leaves no empty out_dir
 
 
 def test_hf_clip_teacher_matches_transformers(tmp_path):

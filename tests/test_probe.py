@@ -365,3 +365,17 @@ def test_probe_script_two_ranks_equal_one(sets, odd):
         return r
     assert timeless(one) == timeless(two)
     assert 'zero_shot' in two and 'i2t_R@1' in two['retrieval']  # rank 0 went on with the text tower
+
+
+def test_refused_runs_say_which_setting_and_leave_no_folder(tmp_path):
+    cases = [(['--checkpoint=nope.pt'], 'probe.py: checkpoint nope.pt does not exist'),
+             (['--checkpoint=pixels', f'--train_dir={tmp_path}/none', f'--test_dir={tmp_path}/none'],
+              f'probe.py: train_dir={tmp_path}/none has no meta.json'),
+             (['--checkpoint=pixels', '--features=pooled:l3'], 'probe.py: features:')]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f'out{i}'
+        p = subprocess.run([sys.executable, 'probe.py', f'--out_dir={out}', '--device=cpu', *args], cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(message), p.stderr
+        assert not out.exists()
