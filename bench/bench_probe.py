@@ -2,7 +2,7 @@
 Linear-probe speed against scikit-learn, on the same CIFAR-like features and lambdas.
 
 Features: CIFAR-10 (../shared/datasets/cifar10.tar.gz) through a random-init ViT-T/4 at 16 px
-(torch seed 0; the 128-d projected output, like variant e of scripts/reproduce_cifar10.sh);
+(torch seed 0; the 128-d projected output, a random-init tower of scripts/reproduce_cifar10.py);
 the 50K training images split 40K train / 10K val as probe.py splits them (seed 0), the 10K
 test images for the test accuracy.
   ours:        probe.py's fit (float32, probe_threads=1; features rotated onto their principal

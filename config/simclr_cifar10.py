@@ -1,5 +1,6 @@
 # SimCLR (NT-Xent over 2 augmented views) on CIFAR-10's training images, no captions and no labels:
-# an instance discrimination row beside MLCD, with config/cifar10.py's tower, batch, lr and steps.
+# an instance discrimination row beside MLCD, with config/cifar10.py's tower, batch and steps (SimCLR's own lr,
+# weight decay and augmentation).
 #   mkdir -p data && tar xzf ../shared/datasets/cifar10.tar.gz -C data
 #   python data.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
 #   python data.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
@@ -8,10 +9,10 @@
 out_dir = 'out/simclr_cifar10'
 data_dir = 'data/cifar10-train'  # an image-only dataset: no text tower is built
 loss = 'simclr'
-model = 'ViT-T/4'
-image_size = 32  # --image_size=16 for scripts/reproduce_cifar10.sh's default IMG
-global_batch_size = 128
-max_steps = 100
+model = 'ViT-T/8'
+image_size = 32
+global_batch_size = 256
+max_steps = 1400
 learning_rate = 1e-3
 warmup_steps = 10
 weight_decay = 0.2

@@ -6,12 +6,12 @@
 out_dir = 'out/uniclip_cifar10'
 data_dir = 'data/cifar10-train'
 loss = 'uniclip'
-model = 'ViT-T/4'
+model = 'ViT-T/8'
 image_size = 32
 views = 2
 aug_embed = True
-global_batch_size = 128
-max_steps = 100
+global_batch_size = 256
+max_steps = 1400
 learning_rate = 1e-3
 warmup_steps = 10
 weight_decay = 0.2

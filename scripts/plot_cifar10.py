@@ -16,10 +16,10 @@ VARIANTS = [  # run name (before _s<seed>), label
     ('mlcd', 'MLCD l=8 r=0.1 (Eq. 5)'), ('mlc', 'MLC l=8 (Eq. 4)'),
     ('unicom', 'single label l=1 (UNICOM)'), ('mlcd_r1', 'MLCD l=8 r=1.0'),
     ('simclr', 'SimCLR, 2 views (instance)'), ('uniclip', 'UniCLIP image-image, 2 views (instance)'),
-    ('random', 'random-init ViT'), ('pixels', 'raw pixels'), ('supervised', 'true labels (reference)'),
+    ('mlcd_t', 'MLCD l=8 r=0.1, SimCLR-tower teacher'), ('random', 'random-init ViT'), ('pixels', 'raw pixels'), ('supervised', 'true labels (reference)'),
 ]
-COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#8c564b', '#7f7f7f',
-           '#17becf']
+COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#bcbd22', '#8c564b',
+           '#7f7f7f', '#17becf']
 
 
 def load(path):
@@ -53,6 +53,13 @@ def curves(root, name):
     return [r for r in map(json.loads, open(path)) if 'pos_cos' in r]
 
 
+def train_seconds(t):
+    """Wall seconds of a pre-training run: train.json's time_s, or lit.json's steps / rate."""
+    if t.get('time_s'):
+        return t['time_s']
+    return t['step'] / t['steps_per_s'] if t.get('steps_per_s') else None
+
+
 def main(root):
     rows, results = [], {}
     for name, label in VARIANTS:
@@ -63,7 +70,7 @@ def main(root):
         rows.append((name, label, acc, trains))
         results[name] = {'label': label, 'top1': acc, 'seeds': len(acc[feats[0]]),
                          'steps': trains[0].get('step') if trains else None,
-                         'train_s': [t.get('time_s') for t in trains if t.get('time_s')]}
+                         'train_s': [train_seconds(t) for t in trains if train_seconds(t)]}
     if not rows:
         raise SystemExit(f'plot_cifar10.py: no probe.json under {root}')
     feats = list(rows[0][2])

@@ -37,6 +37,8 @@ split = 'test'  # 'test': the table; 'val': a held-out 10K of the training image
 quick = False  # 200 + 50 images per class, a few steps: checks every stage end to end
 seeds = 3  # seeds of every variant in the main table (the sweeps use seed 0)
 sweeps = True  # Table 5b / 5c at one seed: r in 0.01 0.1 0.5 1.0, l in 1 2 4 8 16
+teacher = True  # also MLCD on clusters of the SimCLR tower (seed 0): a learned teacher, as the paper's
+only = ''  # comma-separated run names (e.g. 'mlcd_s2,pixels'): do just these; '' does all
 steps = 1400  # optimizer steps of every pre-training run (same images seen by every variant)
 batch = 256
 model = 'ViT-T/8'  # 32 px, 17 tokens, 0.8M parameters
@@ -130,17 +132,17 @@ def probe(name, checkpoint):
         os.path.join(d, 'stdout.log'))
 
 
-def pool(fn, items):
-    """fn(*item) for every item, `jobs` at a time. A failure is reported and the others go on
-    (their results are kept: a rerun does only what is missing); returns the failures."""
+def pool(tasks):
+    """fn(*args) for every (fn, args) task, `jobs` at a time. A failure is reported and the others
+    go on (their results are kept: a rerun does only what is missing); returns the failures."""
     failed = []
     with ThreadPoolExecutor(max(1, jobs)) as ex:
-        for it, f in [(it, ex.submit(fn, *it)) for it in items]:
+        for (fn, args), f in [(t, ex.submit(t[0], *t[1])) for t in tasks]:
             try:
                 f.result()
             except (Exception, SystemExit) as e:
-                print(f'FAILED {it[0]}: {e}', flush=True)
-                failed.append(it[0])
+                print(f'FAILED {args[0]}: {e}', flush=True)
+                failed.append(args[0])
     return failed
 
 
@@ -192,8 +194,9 @@ if not os.path.exists(os.path.join(TRUE, 'labels.npy')):
 #    then training, seed 0 of every variant before the other seeds
 trained = lambda r: any(os.path.exists(os.path.join(out, r[0], f))  # noqa: E731
                         for f in ('train.json', 'lit.json'))
+wanted = lambda name: not only or name in only.split(',')  # noqa: E731
 RUNS = sorted(variants(), key=lambda r: (not trained(r), r[3]))
-todo = [r for r in RUNS if not trained(r)]
+todo = [r for r in RUNS if not trained(r) and wanted(r[0])]
 print(f'{len(RUNS)} pre-training runs of {steps} steps x {batch} images ({len(todo)} to do), '
       f'{jobs} at a time, each probed, after {seeds + 1} probes of random-init towers and pixels. '
       f'At ~500 images/s per job (one core of an idle machine) that is about '
@@ -217,9 +220,24 @@ def random_init(name, seed):
     probe(name, ck)
 
 
-failed = pool(random_init, [(f'random_s{s}', s) for s in range(seeds)])
-failed += pool(probe, [('pixels', 'pixels')])
-failed += pool(train_and_probe, RUNS)
+tasks = [(random_init, (f'random_s{s}', s)) for s in range(seeds)] + [(probe, ('pixels', 'pixels'))]
+tasks += [(train_and_probe, r) for r in RUNS]
+failed = pool([t for t in tasks if wanted(t[1][0])])
+
+# 4. a learned teacher: the paper clusters with a CLIP tower and its MLCD tower surpasses that
+#    teacher. Here the teacher is the SimCLR tower of seed 0 (its projected embedding)
+TEACHER = os.path.join(out, 'cluster_simclr')
+teacher_runs = [(f'mlcd_t_s{s}', 'train.py', [f'--labels_dir={TEACHER}', f'--seed={s}', '--loss_type=mlcd',
+                 '--num_positives=8', '--sample_ratio=0.1'], s) for s in range(seeds)]
+teacher_runs = [r for r in teacher_runs if wanted(r[0])] if teacher else []
+if teacher_runs and os.path.exists(os.path.join(out, 'simclr_s0', 'lit.json')):
+    if not os.path.exists(os.path.join(TEACHER, 'labels.npy')):
+        run(['cluster.py', f'--data_dir={D}', f'--out_dir={TEACHER}',
+             f'--teacher={os.path.join(out, "simclr_s0", "ckpt.pt")}', f'--num_classes={k}',
+             '--num_positives=8', f'--device={device}'], os.path.join(out, 'cluster_simclr.log'))
+    failed += pool([(train_and_probe, r) for r in teacher_runs])
+elif teacher_runs:
+    failed.append('cluster_simclr (simclr_s0 is not trained)')
 
 # 5. the tables
 subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'plot_cifar10.py'), out], check=True)

@@ -1,0 +1,87 @@
+"""
+train.py's throughput against a bare training loop, side by side, on CIFAR-10 at 32 px with
+config/cifar10.py's tower and recipe (ViT-T/8, batch 256, l = 8, r = 0.1, pad-and-crop + flip):
+  ours: train.py itself (a subprocess): data.Loader over the uint8 shards, PartialFC, AdamW for
+        the tower and the centres, logging, the packed host read; img/s from its log.jsonl
+        (the median over log intervals, the first one left out)
+  bare: the same tower, loss and optimizer in a plain loop over the images held in memory as one
+        uint8 tensor, the same augmentation written inline; median step after 5 warm-up steps
+Both on `threads` threads, one after the other, `runs` times; the medians are reported.
+
+    python bench/bench_train.py --data_dir=out/cifar10/data/train --labels_dir=out/cifar10/cluster_pixels
+
+(the data and labels scripts/reproduce_cifar10.py builds). Prints one JSON line.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import model  # noqa: E402
+from loss import PartialFC  # noqa: E402
+
+data_dir = 'out/cifar10/data/train'
+labels_dir = 'out/cifar10/cluster_pixels'
+threads = 2
+steps = 60  # per run of each
+runs = 3
+exec(open(os.path.join(ROOT, 'configurator.py')).read())
+torch.set_num_threads(threads)
+B, L, R, K = 256, 8, 0.1, 1000  # config/cifar10.py
+
+
+def ours():
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, 'train.py', 'config/cifar10.py', f'--data_dir={data_dir}',
+               f'--labels_dir={labels_dir}', f'--out_dir={out}', f'--max_steps={steps}',
+               '--log_interval=10', f'--ckpt_interval={10 * steps}', f'--threads={threads}']
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+        return float(np.median([r['images_per_s'] for r in log if 'images_per_s' in r][1:]))
+
+
+def bare():
+    torch.manual_seed(0)
+    ds = data.Dataset(data_dir)
+    X = torch.from_numpy(ds.images(np.arange(len(ds)))).permute(0, 3, 1, 2).contiguous()
+    Y = torch.from_numpy(np.load(os.path.join(labels_dir, 'labels.npy'))[:, :L].astype(np.int64))
+    vision, _ = model.create('ViT-T/8')
+    pfc = PartialFC(vision.embed_dim, K, sample_ratio=R, scale=32, margin=0.3)
+    opt = torch.optim.AdamW(list(vision.parameters()) + list(pfc.parameters()), lr=5e-4, weight_decay=0.05)
+    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1) * 255
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(X), (B,))
+        x = F.pad(X[idx].float(), (4, 4, 4, 4), mode='reflect')  # pad 4, random 32 x 32 crop, flip
+        i, j = torch.randint(0, 9, (2,)).tolist()
+        x = x[:, :, i:i + 32, j:j + 32]
+        x = torch.where((torch.rand(B) < 0.5)[:, None, None, None], x.flip(3), x)
+        loss = pfc((vision((x - mean) / std)), Y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return B / float(np.median(times[5:]))
+
+
+res = {'ours': [], 'bare': []}
+for _ in range(runs):
+    res['ours'].append(ours())
+    res['bare'].append(bare())
+med = {k: float(np.median(v)) for k, v in res.items()}
+print(json.dumps({'threads': threads, 'steps': steps, 'runs': runs, 'ours_img_s': med['ours'],
+                  'bare_img_s': med['bare'], 'ours_over_bare': med['ours'] / med['bare'],
+                  'all': res}))

@@ -1,0 +1,62 @@
+"""End to end: scripts/reproduce_cifar10.py in its quick mode on the real CIFAR-10 images (200
+training and 50 test images per class, 30 steps): every variant, both sweeps, the learned-teacher
+stage, the tables; a second run does nothing; `only` redoes just the runs it names."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
+
+
+def reproduce(out, *args):
+    cmd = [sys.executable, 'scripts/reproduce_cifar10.py', '--quick=True', f'--out={out}', '--seeds=2',
+           '--jobs=2', f'--cifar={CIFAR}', *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR), reason=f'{CIFAR} (CIFAR-10 as image folders) is absent')
+def test_quick_reproduction(tmp_path):
+    out = tmp_path / 'c10'
+    reproduce(out)
+    R = json.load(open(out / 'results.json'))
+    for name in ('mlcd', 'mlc', 'unicom', 'mlcd_r1', 'simclr', 'uniclip', 'supervised', 'mlcd_t', 'random'):
+        assert R[name]['seeds'] == 2, name
+        for top1 in R[name]['top1'].values():
+            assert len(top1) == 2 and all(0 <= a <= 100 for a in top1)
+    assert R['pixels']['seeds'] == 1 and R['mlcd']['steps'] == 30 and len(R['mlcd']['train_s']) == 2
+    assert len(R['simclr']['train_s']) == 2  # lit.py's runs report their time too
+    assert [v for v, _ in R['sweeps']['r']] == ['0.01', '0.1', '0.5', '1.0']
+    assert [v for v, _ in R['sweeps']['l']] == ['1', '2', '4', '8', '16']
+    for f in ('results.md', 'results.png'):
+        assert (out / f).stat().st_size > 0
+    # the runs asked for: k = 50 pixel clusters with 16 labels kept, the SimCLR tower as a teacher,
+    # every probe on the 500 test images with the three features
+    c = json.load(open(out / 'cluster_pixels' / 'cluster.json'))
+    assert (c['N'], c['k'], c['l'], c['teacher']) == (2000, 50, 16, 'pixels')
+    t = json.load(open(out / 'cluster_simclr' / 'cluster.json'))
+    assert (t['k'], t['l']) == (50, 8) and t['teacher'].endswith(os.path.join('simclr_s0', 'ckpt.pt'))
+    p = json.load(open(out / 'sweep_l2' / 'probe.json'))
+    assert set(p['linear_probes']) == {'pooled:standardize', 'cls:standardize', 'embed:standardize'}
+    assert p['linear_probe']['n_test'] == 500
+    assert json.load(open(out / 'sweep_l2' / 'train.json'))['step'] == 30
+
+    # a second run finds everything done: it runs no stage and changes no result
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pt', '.json', '.npy')
+              and p.name != 'results.json'}
+    log = reproduce(out)
+    assert not [line for line in log.splitlines() if line.startswith('+ ')]  # only the table is redrawn
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # `only` redoes what it names and nothing else
+    os.remove(out / 'mlc_s1' / 'probe.json')
+    log = reproduce(out, '--only=mlc_s1')
+    assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == ['probe.py']
+    assert (out / 'mlc_s1' / 'probe.json').exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if 'mlc_s1' not in str(p))
