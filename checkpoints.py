@@ -49,7 +49,8 @@ def from_pretrained(path, image_size=None, act=None):
                 path = os.path.join(path, name)
                 break
         else:
-            raise ValueError(f'{path}: directory has neither config.json (Hugging Face) nor open_clip weights')
+            raise ValueError(f'{path}: directory has neither config.json (Hugging Face) nor '
+                             'open_clip weights')
     if not os.path.isfile(path):
         raise ValueError(f'{path}: no such checkpoint file')
     oc = os.path.join(os.path.dirname(path), 'open_clip_config.json')
@@ -65,17 +66,19 @@ def from_pretrained(path, image_size=None, act=None):
             if key not in ckpt:
                 raise ValueError(f'{path}: checkpoint has {key}_config but no {key!r} key')
         vision = _build(VisionTransformer, ckpt['vision_config'], ckpt['vision'], path, image_size)
-        text = _build(TextTransformer, ckpt['text_config'], ckpt['text'], path) if 'text_config' in ckpt else None
+        text = (_build(TextTransformer, ckpt['text_config'], ckpt['text'], path)
+                if 'text_config' in ckpt else None)
         return vision, text
 
     sd = ckpt.get('state_dict', ckpt)  # open_clip training checkpoints wrap the weights
     sd = {re.sub(r'^module\.', '', k): v for k, v in sd.items() if torch.is_tensor(v)}
     if 'visual.conv1.weight' not in sd:
-        raise ValueError(f'{source}: not a CLIP checkpoint we know (no visual.conv1.weight, vision_config '
-                         f'or config.json); its keys: [{_names(sd)}]')
+        raise ValueError(f'{source}: not a CLIP checkpoint we know (no visual.conv1.weight, '
+                         f'vision_config or config.json); its keys: [{_names(sd)}]')
     towers, unexpected = _rename(sd, OPENAI_RULES, OPENAI_BLOCK, OPENAI_TRANSPOSED)
     if unexpected:
-        raise ValueError(f'{source}: unexpected keys for an OpenAI/open_clip CLIP: [{_names(unexpected)}]')
+        raise ValueError(f'{source}: unexpected keys for an OpenAI/open_clip CLIP: '
+                         f'[{_names(unexpected)}]')
     head_width, text_heads = 64, None
     if oc_config is not None:  # open_clip's config knows what the weights do not
         act = act or ('quick_gelu' if oc_config.get('quick_gelu') else 'gelu')
@@ -221,8 +224,9 @@ def export_hf(vision, directory):
         arch = ['CLIPVisionModelWithProjection' if c['proj'] else 'CLIPVisionModel']
         extra = dict(model_type='clip_vision_model')
     config = dict(architectures=arch, **extra, hidden_size=c['width'],
-                  intermediate_size=round(c['width'] * c['mlp_ratio']), num_hidden_layers=c['layers'],
-                  num_attention_heads=c['heads'], image_size=c['image_size'], patch_size=c['patch_size'],
+                  intermediate_size=round(c['width'] * c['mlp_ratio']),
+                  num_hidden_layers=c['layers'], num_attention_heads=c['heads'],
+                  image_size=c['image_size'], patch_size=c['patch_size'],
                   hidden_act=c['act'], layer_norm_eps=c['ln_eps'], num_channels=3,
                   projection_dim=vision.embed_dim, attention_dropout=0.0, initializer_factor=1.0,
                   initializer_range=0.02, torch_dtype=dtype)
@@ -285,7 +289,8 @@ HF_BLOCK = {'layer_norm1': 'ln_1', 'self_attn.q_proj': 'attn.q', 'self_attn.k_pr
 
 def _names(keys, limit=12):
     keys = sorted(keys)
-    return ', '.join(keys[:limit]) + (f' ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+    more = f' ... ({len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
 
 
 def _rename(sd, rules, block_table, transposed=()):
@@ -347,7 +352,8 @@ def _vision_config(sd, source, head_width=64, image_size=None):
 
 
 def _text_config(sd, source, heads=None):
-    s = _shapes(sd, ['token_embed.weight', 'pos_embed', 'proj.weight', 'blocks.0.mlp.fc.weight'], source)
+    s = _shapes(sd, ['token_embed.weight', 'pos_embed', 'proj.weight', 'blocks.0.mlp.fc.weight'],
+                source)
     vocab, width = s['token_embed.weight']
     return dict(context_length=s['pos_embed'][0], vocab_size=vocab, width=width,
                 layers=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
@@ -370,7 +376,8 @@ def _build(cls, cfg, sd, source, image_size=None):
              if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(f'{source}: weights do not fit {cls.__name__}({cfg}): '
-                         f'missing keys [{_names(missing)}]; unexpected keys [{_names(unexpected)}]; '
+                         f'missing keys [{_names(missing)}]; '
+                         f'unexpected keys [{_names(unexpected)}]; '
                          f'wrong shapes [{_names(wrong)}]')
     model.load_state_dict(sd)
     return model
@@ -385,7 +392,8 @@ def resize_pos_embed(pos_embed, grid):
         raise ValueError(f'position embedding of {n} rows is not 1 + a square grid')
     if g == grid:
         return pos_embed
-    patches = pos_embed[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()  # rows are (h, w) row-major
+    # rows are (h, w) row-major
+    patches = pos_embed[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
     patches = F.interpolate(patches, size=(grid, grid), mode='bicubic', align_corners=False,
                             antialias=True)  # Keys' a=-0.5 cubic, as open_clip and timm resize
     patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, D).to(pos_embed.dtype)

@@ -123,7 +123,8 @@ def block_flops(tokens, width, hidden):
 
 def init_weights(model, width, layers):
     # OpenAI CLIP's initialisation: residual branch outputs are scaled down with depth
-    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    attn_std, fc_std = width ** -0.5, (2 * width) ** -0.5
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
     for block in model.blocks:
         nn.init.normal_(block.attn.qkv.weight, std=attn_std)
         nn.init.normal_(block.attn.proj.weight, std=proj_std)
@@ -145,7 +146,8 @@ class VisionTransformer(nn.Module):
                  rope_theta=10000.0):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}')
+            raise ValueError(f'image_size {image_size} is not a multiple of patch_size '
+                             f'{patch_size}')
         if act not in ACTS:
             raise ValueError(f'act must be one of {sorted(ACTS)}, got {act!r}')
         if position not in ('learned', 'rope2d'):
@@ -267,7 +269,8 @@ class TextTransformer(nn.Module):
 # CPU ones
 
 
-def _preset(image_size, patch, width, layers, heads, embed, t_width, t_layers, t_heads, act='quick_gelu'):
+def _preset(image_size, patch, width, layers, heads, embed, t_width, t_layers, t_heads,
+            act='quick_gelu'):
     vision = dict(image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads,
                   embed_dim=embed, act=act)
     text = dict(context_length=77, vocab_size=49408, width=t_width, layers=t_layers, heads=t_heads,
@@ -324,7 +327,8 @@ class AugAwareVision(nn.Module):
             raise ValueError(f'identity has {len(identity)} values, aug_dim is {aug_dim}')
         self.register_buffer('identity', torch.tensor(identity, dtype=torch.float32))
         hidden = hidden or vision.width
-        self.mlp = nn.Sequential(nn.Linear(aug_dim, hidden), nn.GELU(), nn.Linear(hidden, vision.width))
+        self.mlp = nn.Sequential(nn.Linear(aug_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, vision.width))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
