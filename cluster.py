@@ -42,7 +42,7 @@ data_dir = 'data/synthetic'  # a data.py dataset (meta.json + shards)
 out_dir = 'out/cluster'
 embeddings_path = ''  # precomputed features .npy [N, d] (any float dtype): replaces the teacher
 classes_path = ''  # ground truth int [N] for the report; default data_dir/classes.npy if present
-teacher = 'pixels'  # 'pixels' or a checkpoint model.from_pretrained loads (paper: CLIP ViT-L/14)
+teacher = 'pixels'  # 'pixels' or anything checkpoints.from_pretrained loads (paper: CLIP ViT-L/14)
 teacher_text = False  # average with the caption embedding: the authors' (image + text) / 2
 pixels_size = 16  # 'pixels' teacher: images area-downsampled to pixels_size^2 x 3 ...
 pca_dim = 64  # ... then projected on the top pca_dim principal components
@@ -323,9 +323,9 @@ if todo['embed']:
             npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
             kill_point('embed')
     else:
-        import model
+        import checkpoints
         try:
-            vision, text = model.from_pretrained(teacher)
+            vision, text = checkpoints.from_pretrained(teacher)
         except ValueError as e:
             fail(f'teacher {teacher} cannot be loaded: {e}')
         vision = vision.to(device).eval()

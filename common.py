@@ -1,6 +1,7 @@
 """
 What the training stages (train.py, lit.py) share: threads, the process group, the batch plan,
-the lr schedule, weight-decay groups, signals, checkpoint files, log.jsonl and one-line stops.
+the lr schedule, weight-decay groups, signals, checkpoint files, RNG state, log.jsonl and
+one-line stops.
 Plain functions; each script still reads top to bottom and calls them where it needs them.
 
 Import this module before torch: OMP_WAIT_POLICY is read once, when torch loads its OpenMP
@@ -16,16 +17,16 @@ import datetime  # noqa: E402 (after the environment is set)
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import random  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
-from model import atomic_save  # noqa: E402
 
 
 def set_threads(threads):
@@ -205,8 +206,18 @@ def load(path, what, mmap=False):
         stop(f'{what}: {path} is truncated or not a checkpoint ({str(e).splitlines()[0][:120]})')
 
 
+def atomic_save(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save(obj, path):
-    """The checkpoint commit: write to a temporary name, fsync, rename (model.atomic_save); a
+    """The checkpoint commit: write to a temporary name, fsync, rename (atomic_save); a
     failed write (a full disk) leaves the previous file in place and stops with one line."""
     try:
         atomic_save(obj, path)
@@ -217,6 +228,23 @@ def save(obj, path):
         if not isinstance(cause, OSError):
             raise
         stop(f'{path}: write failed ({cause.strerror}); the previous checkpoint is unchanged')
+
+
+def rng_state(device):
+    """Every RNG a training step draws from, as plain types and tensors (weights_only loads it)."""
+    s, py = np.random.get_state(), random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None,
+            'numpy': [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])],
+            'python': [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    if torch.device(device).type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
+    np.random.set_state((state['numpy'][0], np.array(state['numpy'][1], dtype=np.uint32), *state['numpy'][2:]))
+    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
 
 
 def open_dataset(key, path):

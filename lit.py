@@ -1,10 +1,10 @@
 """
 Stage 3: the contrastive stage. By default locked-image text tuning (LiT): the image tower of a
-train.py checkpoint (or of anything model.from_pretrained reads) is frozen and a CLIP text tower
-is trained from scratch against it with the symmetric contrastive loss and a learnable temperature
-capped at 100 (paper Table 10), with train.py's optimiser, schedule, DDP, logging, checkpoint and
-exact-resume rules. The same loop trains the instance discrimination baselines that MLCD is
-compared with (README: "Instance discrimination baselines"):
+train.py checkpoint (or of anything checkpoints.from_pretrained reads) is frozen and a CLIP text
+tower is trained from scratch against it with the symmetric contrastive loss and a learnable
+temperature capped at 100 (paper Table 10), with train.py's optimiser, schedule, DDP, logging,
+checkpoint and exact-resume rules. The same loop trains the instance discrimination baselines
+that MLCD is compared with (README: "Instance discrimination baselines"):
   loss='clip', lock_image=False: CLIP from scratch, both towers trained with the same loss;
   loss='uniclip': UniCLIP (Lee et al., NeurIPS 2022) as we read it: MP-NCE over `views` augmented
       views and the caption of each image, domain dependent similarity, augmentation-aware image
@@ -22,7 +22,7 @@ precompute_features=True (LiT only) embeds every image once (eval transform, no 
 and trains the text tower from those features: the frozen tower then costs one forward pass per
 image in total instead of one per image per epoch. Full mode with augment=False sees exactly the
 same inputs. The features live in out_dir/image_features.npy (a memory map; reused on resume).
-The result, out_dir/ckpt.pt, holds the towers: model.from_pretrained returns (vision, text or
+The result, out_dir/ckpt.pt, holds the towers: checkpoints.from_pretrained returns (vision, text or
 None); with the augmentation-aware embedding, 'vision' is the plain tower of the unaugmented
 embedding (AugAwareVision.folded()) and 'aug_vision' what a resume needs.
 It stops with one line as train.py does (bad input, a non-finite value, a rank that stops
@@ -43,11 +43,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import stop
+from checkpoints import from_pretrained
+from common import rng_state, set_rng_state, stop
 from data import Loader, eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, shard_range, simclr_loss
-from model import (PRESETS, AugAwareVision, TextTransformer, VisionTransformer, from_pretrained,
-                   rng_state, set_rng_state)
+from model import PRESETS, AugAwareVision, TextTransformer, VisionTransformer
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them

@@ -5,11 +5,10 @@ Losses of MLCD (Multi-Label Cluster Discrimination, An et al., ECCV 2024):
 - clip_loss: the symmetric InfoNCE loss used to train a text tower against a locked image tower.
 Works on one process and under torch.distributed (one process per GPU, or gloo on CPU).
 
-Gradient convention under torch.distributed (both losses): the returned value is the mean over
-the GLOBAL batch and is the same on every rank; the gradient that reaches a rank's input rows is
-world_size * d(loss)/d(rows), so DDP's averaging (a division by world_size) of the backbone
-gradient gives exactly the single-process gradient of the same global batch. Parameters that
-live inside the loss and are not DDP-wrapped (the centres) get their exact gradient.
+Under torch.distributed every loss returns the GLOBAL-batch mean, the same on every rank, and
+hands a rank's input rows world_size * d(loss)/d(rows), so that DDP's averaging gives exactly the
+single-process gradient (README, "Distributed PartialFC"). The centres, not DDP-wrapped, get
+their exact gradient.
 """
 import math
 
@@ -26,7 +25,7 @@ def _world():
 
 
 def shard_range(num_classes, rank, world_size):
-    """Contiguous class range [start, start + n) held by `rank` (DESIGN §4)."""
+    """(start, n): `rank` holds classes [start, start + n), the first k % world ranks one more."""
     base, extra = divmod(num_classes, world_size)
     return rank * base + min(rank, extra), base + (rank < extra)
 
@@ -47,9 +46,8 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank used the gathered rows in its own loss, so the gradient of a local row is the
-        # SUM over ranks of their gradients for it: a reduce-scatter on NCCL; other backends
-        # all-reduce and keep their slice (same result, twice the traffic).
+        # every rank used the gathered rows: a local row's gradient is the sum over ranks
+        # (reduce-scatter on NCCL; elsewhere all-reduce and keep our slice)
         grad = grad.contiguous()
         if dist.get_backend() == 'nccl':
             out = torch.empty((ctx.b,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
@@ -68,9 +66,8 @@ def all_gather_with_grad(x):
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward is the identity: every rank evaluates the SAME loss from the
-    reduced value, so d(loss)/d(local term) = d(loss)/d(sum), which each rank already holds.
-    (Summing in backward too would count that one loss world_size times.)"""
+    """Sum over ranks whose backward is the identity: every rank computes the same loss from the
+    sum, so d(loss)/d(local term) = d(loss)/d(sum) (summing again would count it world times)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -116,11 +113,8 @@ class PartialFC(nn.Module):
     positive is a negative only if the draw picked it, and |negatives| ~ r (k - l) whatever the
     batch (the paper's Omega'_n, Sec. 3). Returns the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged
     over the global batch. Every shape is fixed by the settings, not by the data: no host syncs.
-
-    batch_positives_as_negatives=True is insightface's PartialFC instead, kept for comparison:
-    every local positive of the global batch is scored, filled up to ceil(r n_r) with random
-    centres, and each scored centre is a negative for every row that does not own it, so the
-    batch's positives crowd out the random negatives and r depends on the batch size."""
+    batch_positives_as_negatives=True is insightface's PartialFC sampling, kept for comparison
+    (README, "Distributed PartialFC")."""
 
     def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
                  loss_type='mlcd', batch_positives_as_negatives=False):
@@ -226,10 +220,7 @@ class PartialFC(nn.Module):
         dev, n = self.weight.device, self.num_local
         dt = torch.promote_types(self.weight.dtype, torch.float32)  # loss math: fp32 (fp64 in tests)
 
-        # Gather the global batch. Each rank backpropagates only its own centres' share of
-        # dL/dx; _AllGather's backward sums the shares into the exact dL/dx of the local rows.
-        # DDP then DIVIDES the backbone gradient by world_size, although the true gradient of the
-        # global mean is the SUM of the ranks' contributions: so scale the gradient by world_size.
+        # the global batch; x's gradient times world_size undoes DDP's averaging (module docstring)
         x = embeddings.to(dev)
         if world > 1:
             x = _ScaleGrad.apply(all_gather_with_grad(x), float(world))
@@ -273,16 +264,10 @@ class PartialFC(nn.Module):
         own_col = torch.where(is_local, col_of[local_lab], N)  # [B, l]
         own = torch.zeros(B, N + 1, dtype=torch.bool, device=dev).scatter_(1, own_col, True)[:, :N]
 
-        # positives: s_i = scale * cos(theta_i + m) (ArcFace), computed as
-        # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), sin(theta) = sqrt(1 - cos^2) >= 0,
-        # which equals the acos form without its infinite gradient at cos = +-1 (the clamp of
-        # 1 - cos^2 only acts where cos is exactly +-1).
-        # Where theta + m > pi (cos < -cos m), cos(theta + m) would turn back up. Saturating it at
-        # cos(pi) = -1 instead is flat there, and that flat region is a trap: sending every
-        # embedding to the antipode of every centre gives s_i = s_j = -scale and a loss of
-        # log(1 + (k - 1)), below the loss at initialisation. Training on 10 true classes fell
-        # into it within 100 steps (pos and neg cosine -> -1). So, as insightface's ArcFace does,
-        # continue with cos(theta) - m sin(m) there: still decreasing in theta, still a gradient.
+        # positives: s_i = scale * cos(theta_i + m) (ArcFace margin, paper appendix) by the
+        # angle-sum identity (acos has an infinite gradient at +-1); past theta + m = pi it goes
+        # on as cos(theta) - m sin(m), as insightface does, so it keeps falling (README, "Paper
+        # -> code": a flat tail there is a trap training fell into)
         sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
         cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
         s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m,
@@ -301,9 +286,8 @@ class PartialFC(nn.Module):
         if valid is not None:
             s_neg.masked_fill_(~valid, float('-inf'))
 
-        # Per-sample log-sum-exp of -s_i (positives) and s_j (negatives) over ALL ranks,
-        # max-stabilised: m = max over ranks of the local maxima, then sum over ranks of
-        # sum exp(z - m). m is a constant for autograd (log-sum-exp does not depend on it).
+        # per-sample log-sum-exp of -s_i and s_j over ALL ranks, stabilised by the global max m
+        # (a constant for autograd: log-sum-exp does not depend on it)
         z_pos = (-s_pos).masked_fill(~is_local, float('-inf'))
         m = torch.stack([z_pos.detach().amax(1), s_neg.detach().amax(1)], 1)  # [B, 2]
         if world > 1:
@@ -344,9 +328,7 @@ def clip_loss(image_emb, text_emb, logit_scale):
     dt = torch.promote_types(image_emb.dtype, torch.float32)  # fp32 (fp64 in tests)
     img = F.normalize(image_emb.to(dt), dim=-1)
     txt = F.normalize(text_emb.to(dt), dim=-1)
-    # Rank r's loss_r is the mean over its rows; the global mean is (1/W) sum_r loss_r. The
-    # gather's backward sums every rank's gradient for a row, so a row receives
-    # sum_r d loss_r/d row = W * d(global mean)/d row, and DDP's division by W makes it exact.
+    # the gather's backward sums the ranks' gradients: a row gets W * d(global mean)/d(row)
     img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)
     target = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
     loss = (F.cross_entropy(logit_scale * img @ txt_all.t(), target) +
@@ -361,16 +343,9 @@ def clip_loss(image_emb, text_emb, logit_scale):
 # -----------------------------------------------------------------------------
 # Instance discrimination baselines: UniCLIP's MP-NCE and SimCLR's NT-Xent
 #
-# UniCLIP (Lee et al., NeurIPS 2022) has no public code; this is our reading of the paper's
-# description, and where it is a choice of ours the docstrings say so. Its three parts are three
-# switches: MP-NCE alone (DomainSimilarity(per_domain=False, offsets=False)), + the domain
-# dependent similarity (per_domain=True, offsets optional), + the augmentation-aware embedding
-# (model.AugAwareVision with aug_dim > 0). Choices of ours that the paper may make otherwise:
-# negatives are every other image and text of the global batch (all domains); a loss is the mean
-# over positives, then over anchors (equal to the mean over (anchor, positive) pairs when every
-# sample has the same number of views and captions, as the loader gives); offsets are added to
-# the logit and are a switch; the augmentation code is a small MLP of the raw parameters added to
-# the pooled image feature, and evaluation uses the embedding of the unaugmented image.
+# UniCLIP (Lee et al., NeurIPS 2022) has no public code: this is our reading of the paper, its
+# three parts three switches (MP-NCE, + DomainSimilarity, + model.AugAwareVision); our choices
+# are listed in README, "Instance discrimination baselines".
 
 IMAGE, TEXT = 0, 1  # domain ids of mp_nce_loss rows
 
@@ -429,11 +404,9 @@ def mp_nce_loss(emb, domain, owner, scale, offset=None, pairs=None):
     OTHER positives are not in its denominator (this is what sets MP-NCE apart from SupCon):
         l_a = 1/|P(a)| sum_{p in P(a)} -log( e^{s_ap} / (e^{s_ap} + sum_{n in N(a)} e^{s_an}) )
     Returns the mean of l_a over the anchors of the global batch with |P(a)| > 0 (the others are
-    skipped; if there are none the loss is 0), the same value on every rank.
-    Gradients: each rank's rows get W * d(loss)/d(rows) (the gather's backward sums the ranks'
-    shares) so DDP's averaging gives the exact gradient; scale and offset get W times the
-    gradient of this rank's share of the loss, so the caller all-reduces their gradients and
-    divides by W (the world size), as lit.py does for clip_loss's logit scale."""
+    skipped; if there are none the loss is 0), the same value on every rank. Rows get
+    W * d(loss)/d(rows), as in clip_loss; scale and offset get W times this rank's share, so the
+    caller all-reduces their gradients and divides by W, as lit.py does for the logit scale."""
     if emb.dim() != 2 or domain.shape != emb.shape[:1] or owner.shape != emb.shape[:1]:
         raise ValueError(f'emb must be [n, d] and domain, owner [n]; got {tuple(emb.shape)}, '
                          f'{tuple(domain.shape)}, {tuple(owner.shape)}')

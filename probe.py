@@ -13,8 +13,8 @@ Stage 4: evaluate a frozen image tower three ways.
     python probe.py --checkpoint=pixels --train_dir=... --test_dir=...   # raw-pixel baseline
     torchrun --nproc_per_node=8 probe.py ...   # features on 8 GPUs, rank 0 fits and writes
 
-The checkpoint is anything model.from_pretrained reads (ours, OpenAI CLIP, open_clip, Hugging
-Face CLIP directories), or 'pixels': the flattened, CLIP-normalised pixels are the features.
+The checkpoint is anything checkpoints.from_pretrained reads (ours, OpenAI CLIP, open_clip,
+Hugging Face CLIP directories), or 'pixels': the flattened, CLIP-normalised pixels are the features.
 
 Features for the probe are used raw by default (feature_norm='none'), as CLIP did with scikit-learn:
 the lambda search absorbs the overall feature scale, and a probe result then says something about
@@ -445,7 +445,7 @@ def text_encoder(text, batch_size, device):
 if __name__ == '__main__':
     # defaults as plain globals (python probe.py [config/x.py] [--key=value ...])
     out_dir = 'out/probe'
-    checkpoint = ''        # anything model.from_pretrained reads, or 'pixels' (raw-pixel features)
+    checkpoint = ''        # anything checkpoints.from_pretrained reads, or 'pixels' (raw pixels)
     image_size = 0         # 0: the tower's own resolution (for 'pixels': the dataset's)
     act = ''               # '' (the checkpoint's; OpenAI: quick_gelu) or 'gelu' for open_clip GELU weights
     train_dir = ''         # linear probe: training shards (with classes.npy); '' skips the probe
@@ -472,7 +472,7 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
     import hashlib
-    import model
+    import checkpoints
     import data
 
     # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes
@@ -508,7 +508,8 @@ if __name__ == '__main__':
         if not os.path.exists(checkpoint):
             raise SystemExit(f'probe.py: checkpoint {checkpoint} does not exist')
         try:
-            vision, text = model.from_pretrained(checkpoint, image_size=image_size or None, act=act or None)
+            vision, text = checkpoints.from_pretrained(checkpoint, image_size=image_size or None,
+                                                       act=act or None)
         except ValueError as e:
             raise SystemExit(f'probe.py: checkpoint: {e}')
         vision.to(device).eval().requires_grad_(False)

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import stop
+from checkpoints import from_pretrained
+from common import rng_state, set_rng_state, stop
 from data import Dataset, Loader, eval_batches
 from loss import PartialFC, shard_range
-from model import PRESETS, VisionTransformer, from_pretrained, rng_state, set_rng_state
+from model import PRESETS, VisionTransformer
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them

@@ -5,7 +5,7 @@
 #   python probe.py --checkpoint=out/lit_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic
 out_dir = 'out/lit_tiny'
 data_dir = 'data/synthetic'
-vision_checkpoint = 'out/tiny/ckpt.pt'  # any image tower model.from_pretrained reads
+vision_checkpoint = 'out/tiny/ckpt.pt'  # any image tower checkpoints.from_pretrained reads
 global_batch_size = 128
 epochs = 2
 learning_rate = 1e-3

@@ -8,8 +8,8 @@ images. Pillow only.
         --data_dir=out/cifar10/data/test --image_size=32 --labels=MLCD,random --out=docs/pca.png
     python scripts/visualize.py --checkpoint=path/to/mlcd-vit-bigG-patch14-448 --images=a.jpg,b.jpg
 
---checkpoint: comma-separated, each anything model.from_pretrained reads, or init:<preset> for a
-tower of that model.py preset at its random initialisation (seed). Images: num_images of a
+--checkpoint: comma-separated, each anything checkpoints.from_pretrained reads, or init:<preset>
+for a tower of that model.py preset at its random initialisation (seed). Images: num_images of a
 data.py dataset, spread evenly over it (or the given indices), or image files. Patch grids are
 upsampled with nearest so that small images (CIFAR's 32 px) stay readable.
 """
@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 
@@ -40,7 +41,7 @@ def load_tower(spec, image_size, seed):
         cfg['image_size'] = image_size or cfg['image_size']
         return model.VisionTransformer(**cfg)
     try:
-        return model.from_pretrained(spec, image_size=image_size or None)[0]
+        return checkpoints.from_pretrained(spec, image_size=image_size or None)[0]
     except ValueError as e:
         raise SystemExit(f'visualize.py: {e}')
 

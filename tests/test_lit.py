@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import checkpoints
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def test_lit_lowers_the_loss_and_keeps_the_image_tower(setup, full_run):
     assert set(src) == set(ck['vision']) and all(torch.equal(src[k], ck['vision'][k]) for k in src)
     assert 0 < float(ck['logit_scale']) <= np.log(100) + 1e-6
     # from_pretrained returns both towers, the text one sized to the image embedding
-    vision, text = model.from_pretrained(str(setup / 'full' / 'ckpt.pt'))
+    vision, text = checkpoints.from_pretrained(str(setup / 'full' / 'ckpt.pt'))
     assert text is not None and text.embed_dim == vision.embed_dim == 128
     assert text.config['width'] == 64 and text.config['layers'] == 1
 

@@ -2,7 +2,7 @@
 (lock_image=False) trains both towers, UniCLIP (loss='uniclip') and SimCLR (loss='simclr') train
 on a dataset without captions, every mode resumes bit for bit, UniCLIP on 2 gloo ranks equals one
 process, UniCLIP reduced to one scale and no augmentation embedding equals SimCLR, and every
-checkpoint loads with model.from_pretrained, exports and runs through probe.py."""
+checkpoint loads with checkpoints.from_pretrained, exports and runs through probe.py."""
 import json
 import os
 import socket
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import checkpoints
 import model
 from loss import simclr_loss
 
@@ -127,14 +128,14 @@ def view_loss(vision, data_dir):
 
 
 def test_uniclip_and_simclr_train_without_captions(setup):
-    start, _ = model.from_pretrained(str(setup / 'vision.pt'), image_size=16)
+    start, _ = checkpoints.from_pretrained(str(setup / 'vision.pt'), image_size=16)
     before = view_loss(start, str(setup / 'img'))
     for name, args in (('uni_img', UNICLIP), ('sim_img', ['--loss=simclr', '--color_jitter=0.5'])):
         result, log = lit(setup, name, *args, '--max_steps=10', '--image_size=16', data_dir='img')
         assert result['setup']['text'] is False and result['views'] == 2 and len(log) == 10
         ck = ckpt(setup, name)
         assert 'text' not in ck and ck['vision_config']['image_size'] == 16
-        vision, text = model.from_pretrained(str(setup / name / 'ckpt.pt'))
+        vision, text = checkpoints.from_pretrained(str(setup / name / 'ckpt.pt'))
         assert text is None and vision.image_size == 16
         # the loss of single batches jumps with their augmentations: measure on fixed ones
         after = view_loss(vision, str(setup / 'img'))
@@ -212,7 +213,7 @@ def test_uniclip_two_ranks_match_one_process(setup):
 def test_checkpoints_load_export_and_probe(setup, clip_run, tmp_path):
     lit(setup, 'uni_probe', *UNICLIP, '--max_steps=3')
     ck = ckpt(setup, 'uni_probe')
-    vision, text = model.from_pretrained(str(setup / 'uni_probe' / 'ckpt.pt'))
+    vision, text = checkpoints.from_pretrained(str(setup / 'uni_probe' / 'ckpt.pt'))
     # 'vision' is the tower of the unaugmented embedding: the trained augmentation-aware tower with
     # the loader's parameters of a view left as it is (whole image, no flip, colour factors 1)
     aware = model.AugAwareVision(model.VisionTransformer(**ck['vision_config']), 10,
@@ -224,8 +225,8 @@ def test_checkpoints_load_export_and_probe(setup, clip_run, tmp_path):
     with torch.no_grad():
         assert torch.allclose(vision(x), aware(x, ident), atol=1e-5)
         assert not torch.allclose(vision(x), aware.vision(x), atol=1e-3)  # the fold matters
-        model.export_hf(vision, str(tmp_path / 'hf'))
-        again, _ = model.from_pretrained(str(tmp_path / 'hf'))
+        checkpoints.export_hf(vision, str(tmp_path / 'hf'))
+        again, _ = checkpoints.from_pretrained(str(tmp_path / 'hf'))
         assert torch.allclose(again(x), vision(x), atol=1e-5)
     for name in ('uni_probe', 'clip', 'uni_img'):
         d = 'img' if name == 'uni_img' else 'syn'
@@ -295,7 +296,7 @@ def test_configs_run(setup, name):
     d = 'img' if 'cifar' in name else 'syn'
     result, log = lit(setup, f'cfg_{name}', f'config/{name}.py', '--max_steps=2', '--log_interval=1',
                       '--global_batch_size=32', data_dir=d)
-    vision, text = model.from_pretrained(str(setup / f'cfg_{name}' / 'ckpt.pt'))
+    vision, text = checkpoints.from_pretrained(str(setup / f'cfg_{name}' / 'ckpt.pt'))
     assert vision.config['layers'] == (4 if 'cifar' in name else 6)
     assert vision.image_size == (32 if 'cifar' in name else 16)
     assert (text is None) == ('cifar' in name) and len(log) == 2

@@ -1,4 +1,4 @@
-"""model.py against independent references: transformers' CLIP (which defines the Hugging Face
+"""model.py and checkpoints.py against independent references: transformers' CLIP (which defines the Hugging Face
 format), the same weights rewritten in OpenAI / open_clip layout, a float64 attention formula, and
 the ViT FLOP formula."""
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import model
 import transformers  # the reference for the Hugging Face format (requirements-dev.txt)
 
@@ -59,7 +60,7 @@ def reference(m, x, ids):
 
 
 def ours(path, x, ids, **kw):
-    vision, text = model.from_pretrained(str(path), **kw)
+    vision, text = checkpoints.from_pretrained(str(path), **kw)
     with torch.no_grad():
         return vision(x), (text(ids) if text is not None else None), vision, text
 
@@ -184,7 +185,7 @@ def test_export_hf_roundtrip(tmp_path, proj):
     torch.manual_seed(0)
     vision = model.VisionTransformer(image_size=32, patch_size=8, width=WIDTH, layers=2, heads=2,
                                      embed_dim=EMBED, act='gelu', proj=proj).eval()
-    model.export_hf(vision, tmp_path / 'hf')
+    checkpoints.export_hf(vision, tmp_path / 'hf')
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours_out = vision(x)
@@ -194,7 +195,7 @@ def test_export_hf_roundtrip(tmp_path, proj):
         if proj:
             hp = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / 'hf').eval()
             torch.testing.assert_close(hp(pixel_values=x).image_embeds, ours_out, atol=1e-5, rtol=1e-5)
-        back, text = model.from_pretrained(str(tmp_path / 'hf'))  # and back into ours
+        back, text = checkpoints.from_pretrained(str(tmp_path / 'hf'))  # and back into ours
         assert text is None and back.config == vision.config
         torch.testing.assert_close(back(x), ours_out, atol=0, rtol=0)
 
@@ -207,12 +208,12 @@ def test_our_checkpoint_and_create(tmp_path):
     torch.save({'vision_config': vision.config, 'vision': vision.state_dict(), 'text_config': text.config,
                 'text': text.state_dict(), 'logit_scale': torch.tensor(4.6), 'step': 7}, tmp_path / 'ckpt.pt')
     x, ids = inputs()
-    v2, t2 = model.from_pretrained(str(tmp_path / 'ckpt.pt'))
+    v2, t2 = checkpoints.from_pretrained(str(tmp_path / 'ckpt.pt'))
     with torch.no_grad():
         torch.testing.assert_close(v2(x), vision(x), atol=0, rtol=0)
         torch.testing.assert_close(t2(ids), text(ids), atol=0, rtol=0)
     # a larger image size: same weights except the interpolated position embeddings
-    v3, _ = model.from_pretrained(str(tmp_path / 'ckpt.pt'), image_size=48)
+    v3, _ = checkpoints.from_pretrained(str(tmp_path / 'ckpt.pt'), image_size=48)
     assert v3.image_size == 48 and v3.pos_embed.shape == (1 + 12 * 12, 192)
     assert v3(torch.randn(1, 3, 48, 48)).shape == (1, 128)
     with pytest.raises(ValueError, match='unknown model'):
@@ -226,21 +227,21 @@ def test_mismatched_checkpoints_name_the_keys(clip, tmp_path):
     del sd['ln_final.bias']
     torch.save(sd, tmp_path / 'bad.pt')
     with pytest.raises(ValueError, match=r'resblocks\.0\.ls_1\.gamma'):
-        model.from_pretrained(str(tmp_path / 'bad.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'bad.pt'))
     del sd['visual.transformer.resblocks.0.ls_1.gamma']
     torch.save(sd, tmp_path / 'bad.pt')
     with pytest.raises(ValueError, match=r'missing keys \[ln_final\.bias\]'):
-        model.from_pretrained(str(tmp_path / 'bad.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'bad.pt'))
     # our own format with a config that does not fit the weights
     vision = model.VisionTransformer(image_size=32, patch_size=8, width=64, layers=1, heads=1, embed_dim=16)
     sd = vision.state_dict()
     sd['extra.weight'] = torch.zeros(1)
     torch.save({'vision_config': {**vision.config, 'layers': 2}, 'vision': sd}, tmp_path / 'ours.pt')
     with pytest.raises(ValueError, match=r'blocks\.1\.attn\.qkv\.weight.*extra\.weight'):
-        model.from_pretrained(str(tmp_path / 'ours.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'ours.pt'))
     torch.save({'fc.weight': torch.zeros(2, 2)}, tmp_path / 'other.pt')
     with pytest.raises(ValueError, match=r'fc\.weight'):
-        model.from_pretrained(str(tmp_path / 'other.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'other.pt'))
 
 
 @pytest.mark.parametrize('causal', [False, True])
@@ -263,11 +264,11 @@ def test_attention_matches_float64_formula(causal):
 def test_pos_embed_interpolation():
     torch.manual_seed(0)
     pe = torch.randn(1 + 7 * 7, 5)
-    assert model.resize_pos_embed(pe, 7) is pe  # exact identity at the same size
+    assert checkpoints.resize_pos_embed(pe, 7) is pe  # exact identity at the same size
     g, n = 7, 24  # 224/32 -> 336/14 style grid change
     rows = torch.arange(g, dtype=torch.float32).repeat_interleave(g)  # value = row index: a ramp
     ramp = torch.cat([torch.tensor([[-5.0, 3.0]]), torch.stack([rows, 2 * rows + 1], 1)])
-    out = model.resize_pos_embed(ramp, n)
+    out = checkpoints.resize_pos_embed(ramp, n)
     assert out.shape == (1 + n * n, 2)
     assert torch.equal(out[0], ramp[0])  # class token untouched
     grid = out[1:, 0].reshape(n, n)
@@ -280,9 +281,9 @@ def test_pos_embed_interpolation():
     torch.testing.assert_close(out[1:, 1], 2 * out[1:, 0] + 1, atol=1e-5, rtol=0)  # linear in values
     # a ViT-L/14 tower moved from 224 to 336 through from_pretrained's code path
     vision = model.VisionTransformer(image_size=224, patch_size=14, width=64, layers=1, heads=1, embed_dim=8)
-    big = model._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=336)
+    big = checkpoints._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=336)
     assert big.pos_embed.shape == (1 + 24 * 24, 64) and big.image_size == 336
-    same = model._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=224)
+    same = checkpoints._build(model.VisionTransformer, vision.config, vision.state_dict(), 'test', image_size=224)
     assert torch.equal(same.pos_embed, vision.pos_embed)
 
 
@@ -316,13 +317,13 @@ def test_without_safetensors(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 16, 16)
     with monkeypatch.context() as mp:
         mp.setitem(sys.modules, 'safetensors.torch', None)  # makes `import safetensors.torch` fail
-        model.export_hf(vision, tmp_path / 'bin')
+        checkpoints.export_hf(vision, tmp_path / 'bin')
         assert sorted(os.listdir(tmp_path / 'bin')) == ['config.json', 'pytorch_model.bin']
-        back, _ = model.from_pretrained(str(tmp_path / 'bin'))
-        model.export_hf(vision, tmp_path / 'st')  # fallback again, then give it a safetensors name
+        back, _ = checkpoints.from_pretrained(str(tmp_path / 'bin'))
+        checkpoints.export_hf(vision, tmp_path / 'st')  # fallback again, then give it a safetensors name
         os.rename(tmp_path / 'st' / 'pytorch_model.bin', tmp_path / 'st' / 'model.safetensors')
         with pytest.raises(ValueError, match='needs the safetensors package'):
-            model.from_pretrained(str(tmp_path / 'st'))
+            checkpoints.from_pretrained(str(tmp_path / 'st'))
     with torch.no_grad():
         torch.testing.assert_close(back(x), vision(x), atol=0, rtol=0)
         hp = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / 'bin').eval()
@@ -387,7 +388,7 @@ def test_hf_mlcd_vision_model(tmp_path, layout):
                 save_file({k: sd[k] for k in keys}, path / f, metadata={'format': 'pt'})
             with open(path / 'model.safetensors.index.json', 'w') as f:
                 json.dump({'weight_map': {k: f for f, keys in shards.items() for k in keys}}, f)
-    vision, text = model.from_pretrained(str(path))
+    vision, text = checkpoints.from_pretrained(str(path))
     assert text is None and vision.pos_embed is None and 'pos_embed' not in vision.state_dict()
     assert vision.config['position'] == 'rope2d' and vision.config['proj'] is False
     assert vision.config['rope_theta'] == m.config.rope_parameters['rope_theta']
@@ -397,7 +398,7 @@ def test_hf_mlcd_vision_model(tmp_path, layout):
         x = torch.randn(2, 3, 40, 40)
         torch.testing.assert_close(vision(x), m(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-5)
     # image_size only sets the size the tower reports: the same weights, nothing interpolated
-    big, _ = model.from_pretrained(str(path), image_size=64)
+    big, _ = checkpoints.from_pretrained(str(path), image_size=64)
     assert big.image_size == 64
     for k, v in vision.state_dict().items():
         assert torch.equal(big.state_dict()[k], v), k
@@ -405,7 +406,7 @@ def test_hf_mlcd_vision_model(tmp_path, layout):
     conf = json.load(open(path / 'config.json'))
     json.dump({**conf, 'num_attention_heads': 4}, open(path / 'config.json', 'w'))
     with pytest.raises(ValueError, match='num_attention_heads 4 does not fit class_pos_emb of 32'):
-        model.from_pretrained(str(path))
+        checkpoints.from_pretrained(str(path))
 
 
 @pytest.mark.parametrize('proj', [True, False])
@@ -418,11 +419,11 @@ def test_export_mlcd_roundtrip(tmp_path, proj):
         for name, p in vision.named_parameters():
             if name.endswith('bias') or 'ln' in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model.export_hf(vision, tmp_path / 'hf')
+    checkpoints.export_hf(vision, tmp_path / 'hf')
     assert json.load(open(tmp_path / 'hf' / 'config.json'))['architectures'] == ['MLCDVisionModel']
     hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / 'hf').eval()
     assert_same_as_hf(vision, hf)
-    back, text = model.from_pretrained(str(tmp_path / 'hf'))
+    back, text = checkpoints.from_pretrained(str(tmp_path / 'hf'))
     assert text is None and back.config == vision.config
     x = torch.randn(2, 3, 48, 24)
     with torch.no_grad():
@@ -505,7 +506,7 @@ def test_torchscript_code_never_runs(tmp_path):
     m = hf_clip('quick_gelu', seed=2)
     torch.jit.save(scripted(to_openai(m), evil=Overwriter(str(victim))), tmp_path / 'evil.pt')
     with pytest.raises(ValueError) as err:  # refused (loading code it must not run) ...
-        model.from_pretrained(str(tmp_path / 'evil.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'evil.pt'))
     assert victim.read_bytes() == b'original'  # ... and the file is untouched
     assert re.search(r'evil\.pt.*Overwriter.*custom state', str(err.value)), err.value
     # the same file as pytorch_model.bin of a Hugging Face directory
@@ -513,7 +514,7 @@ def test_torchscript_code_never_runs(tmp_path):
     os.rename(tmp_path / 'evil.pt', tmp_path / 'hf' / 'pytorch_model.bin')
     m.config.save_pretrained(tmp_path / 'hf')
     with pytest.raises(ValueError) as err:
-        model.from_pretrained(str(tmp_path / 'hf'))
+        checkpoints.from_pretrained(str(tmp_path / 'hf'))
     assert victim.read_bytes() == b'original'
     assert 'custom state' in str(err.value)
     # what torch.jit.load would have done: the archive is a real attack
@@ -533,7 +534,7 @@ def test_torchscript_reader_matches_jit_load(tmp_path):
                'bf': torch.randn(2, 2, generator=g).bfloat16(), 'empty': torch.zeros(0, 4)}
     torch.jit.save(scripted(tensors), tmp_path / 'ok.pt')
     ref = torch.jit.load(tmp_path / 'ok.pt').state_dict()
-    got = model._load_weights(str(tmp_path / 'ok.pt'))
+    got = checkpoints._load_weights(str(tmp_path / 'ok.pt'))
     assert sorted(got) == sorted(ref) == sorted(tensors)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
@@ -547,7 +548,7 @@ def test_torchscript_reader_matches_jit_load(tmp_path):
                 data = b'\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueR.'  # os.system('true')
             out.writestr(item, data)
     with pytest.raises(ValueError, match=r'bad\.pt.*os\.system is not allowed'):
-        model.from_pretrained(str(tmp_path / 'bad.pt'))
+        checkpoints.from_pretrained(str(tmp_path / 'bad.pt'))
 
 
 def test_rope_preset_trains_resumes_and_loads(tmp_path):
@@ -591,14 +592,14 @@ def test_rope_preset_trains_resumes_and_loads(tmp_path):
 
     ref = model.VisionTransformer(**a['vision_config']).eval()
     ref.load_state_dict(a['vision'])
-    vision, _ = model.from_pretrained(os.path.join(full, 'ckpt.pt'))
+    vision, _ = checkpoints.from_pretrained(os.path.join(full, 'ckpt.pt'))
     vision.eval()
     assert vision.config == ref.config
     with torch.no_grad():
         for size in (16, 32):
             x = torch.randn(2, 3, size, size)
             torch.testing.assert_close(vision(x), ref(x), atol=0, rtol=0)
-        model.export_hf(vision, tmp_path / 'hf')
+        checkpoints.export_hf(vision, tmp_path / 'hf')
         hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / 'hf').eval()
         x = torch.randn(2, 3, 16, 16)
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, vision.forward_tokens(x),

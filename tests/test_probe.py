@@ -275,11 +275,11 @@ def test_probe_script_raw_pixels(sets):
 
 
 def test_probe_script_zero_shot_and_retrieval(sets):
+    import checkpoints
     import data
-    import model
     r = run_probe(sets, 'ck', f'--checkpoint={sets / "both.pt"}', f'--test_dir={sets / "test"}',
                   f'--retrieval_dir={sets / "test"}', f'--templates={sets / "templates.txt"}')
-    vision, text = model.from_pretrained(str(sets / 'both.pt'))
+    vision, text = checkpoints.from_pretrained(str(sets / 'both.pt'))
     x, y = pixels(sets / 'test')
     with torch.no_grad():
         img = vision(torch.tensor(x, dtype=torch.float32).view(-1, 3, 32, 32))
@@ -318,7 +318,7 @@ def several(sets, odd):
 
 
 def test_probe_script_several_features(sets, odd):
-    import model
+    import checkpoints
     r = run_probe(sets, 'several', *several(sets, odd))
     lps = r['linear_probes']
     assert list(lps) == ['pooled:none', 'cls:standardize', 'embed:l2']
@@ -327,7 +327,7 @@ def test_probe_script_several_features(sets, odd):
         [('pooled', 'none', 192), ('cls', 'standardize', 192), ('embed', 'l2', 128)]
     # the three features, extracted once: the tower run directly on the stored images
     (feats,) = cached(sets, 'several')
-    vision, _ = model.from_pretrained(str(sets / 'both.pt'))
+    vision, _ = checkpoints.from_pretrained(str(sets / 'both.pt'))
     x, y = pixels(odd)
     with torch.no_grad():
         images = torch.tensor(x, dtype=torch.float32).view(-1, 3, 32, 32)

@@ -76,8 +76,9 @@ def test_learns_and_checkpoint_loads(data):
     assert np.mean([x[2] for x in last]) > np.mean([x[2] for x in first]) + 0.05  # Fig. 3
     knn = [json.loads(x)['knn_acc'] for x in open(os.path.join(out, 'log.jsonl')) if 'knn_acc' in x]
     assert len(knn) == 2 and result['knn_acc'] == knn[-1] and 0 <= knn[-1] <= 1
-    # ckpt.pt is a tower checkpoint model.from_pretrained reads
-    from model import VisionTransformer, from_pretrained
+    # ckpt.pt is a tower checkpoint checkpoints.from_pretrained reads
+    from checkpoints import from_pretrained
+    from model import VisionTransformer
     ck = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
     ref = VisionTransformer(**ck['vision_config'])
     ref.load_state_dict(ck['vision'])
