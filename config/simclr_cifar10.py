@@ -1,8 +1,8 @@
 # SimCLR (NT-Xent over 2 augmented views) on CIFAR-10's training images, no captions and no labels:
 # an instance discrimination row beside MLCD, with config/cifar10.py's tower, batch, lr and steps.
 #   mkdir -p data && tar xzf ../shared/datasets/cifar10.tar.gz -C data
-#   python data.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
-#   python data.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
+#   python prepare.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
+#   python prepare.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
 #   python lit.py config/simclr_cifar10.py
 #   python probe.py --checkpoint=out/simclr_cifar10/ckpt.pt --train_dir=data/cifar10-train --test_dir=data/cifar10-test
 out_dir = 'out/simclr_cifar10'

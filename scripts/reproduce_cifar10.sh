@@ -24,8 +24,8 @@ run() { echo "+ $*" >&2; "$@"; }
 if [ ! -f "$OUT/data/test/meta.json" ]; then
     [ -f "$CIFAR" ] || { echo "reproduce_cifar10.sh: $CIFAR not found (set CIFAR=...)" >&2; exit 1; }
     run python -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$CIFAR" "$OUT/src"
-    run python data.py --src="$OUT/src/cifar10/train" --out="$OUT/data/train" --image_size=32 --overwrite=True
-    run python data.py --src="$OUT/src/cifar10/test" --out="$OUT/data/test" --image_size=32 --overwrite=True
+    run python prepare.py --src="$OUT/src/cifar10/train" --out="$OUT/data/train" --image_size=32 --overwrite=True
+    run python prepare.py --src="$OUT/src/cifar10/test" --out="$OUT/data/test" --image_size=32 --overwrite=True
     rm -rf "$OUT/src"
 fi
 D="$OUT/data/train"; T="$OUT/data/test"
