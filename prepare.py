@@ -196,6 +196,10 @@ def _open_source(src):
 _worker = {}
 
 
+class WorkerError(Exception):
+    """An unexpected error on one item (a bug, out of memory; not bad input): the build stops."""
+
+
 def _init_worker(image_size, max_pixels, seed, has_text, pool=True):
     _worker.update(image_size=image_size, max_pixels=max_pixels, seed=seed, has_text=has_text)
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -226,6 +230,8 @@ def _process(item):
         return i, key, img, tokens, cls, None
     except Skip as e:
         return i, key, None, None, cls, str(e)
+    except Exception as e:  # one line naming the item, instead of a remote traceback
+        raise WorkerError(f'{key}: {type(e).__name__}: {e}'.replace('\n', ' ')) from None
 
 # -----------------------------------------------------------------------------
 # shard writer
@@ -329,11 +335,13 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
 
     # ordered results, with at most `bound` items in flight, so that memory stays bounded even
     # when the source streams bytes out of tar files faster than the workers decode them
-    bound = threading.BoundedSemaphore(workers * 64)
+    bound, stop = threading.BoundedSemaphore(workers * 64), threading.Event()
 
-    def bounded(it):
+    def bounded(it):  # runs in the pool's task thread: it must end once the build stops
         for x in it:
-            bound.acquire()
+            while not bound.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
             yield x
 
     t0, n_new = time.time(), 0
@@ -373,6 +381,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
             finish(*cur)
         bar.close()
     finally:
+        stop.set()
         if pool:
             pool.terminate()
             pool.join()
@@ -429,7 +438,7 @@ if __name__ == '__main__':
     try:
         meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
                      workers=workers or None, overwrite=overwrite, max_pixels=max_pixels)
-    except ValueError as e:
+    except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
     result = dict(out=out, count=meta['count'], shards=len(meta['shards']),
                   image_size=meta['image_size'], has_text=meta['has_text'],

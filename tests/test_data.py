@@ -371,6 +371,33 @@ def test_cli(tmp_path):
     r = subprocess.run(cmd[:2] + ['--src=/nonexistent/dir', f'--out={tmp_path}/x'], capture_output=True, text=True)
     assert r.returncode != 0 and '/nonexistent/dir' in r.stderr and 'Traceback' not in r.stderr
 
+
+def test_worker_error_ends_the_build(tmp_path):
+    # an unexpected error in a worker (not a skipped input) must stop the build with one line
+    # naming the item, also with more items queued than the pool takes (it used to hang)
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import prepare\n"
+            "real = prepare.synthetic_one\n"
+            "def boom(i, *a):\n"
+            "    if i == 5:\n"
+            "        raise ZeroDivisionError('boom')\n"
+            "    return real(i, *a)\n"
+            "prepare.synthetic_one = boom\n"
+            "try:\n"
+            f"    prepare.build('synthetic', {str(tmp_path / 'out')!r}, image_size=8, count=3000,\n"
+            "                  workers=2, progress=False)\n"
+            "except prepare.WorkerError as e:\n"
+            "    sys.exit(str(e))\n")
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        p.communicate()
+        pytest.fail('the build hung after a worker error')
+    assert p.returncode == 1 and err.strip() == '5: ZeroDivisionError: boom', err
+    assert not os.path.exists(tmp_path / 'out' / 'meta.json')
+
 # ----------------------------------------------------------------------------- synthetic
 
 
