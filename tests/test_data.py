@@ -365,7 +365,8 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res['count'] == 40 and res == json.load(open(os.path.join(out, 'data.json')))
-    assert np.array_equal(data.Dataset(out).images(range(40)), synthetic.synthetic(40, 16, 0)['images'])
+    want = synthetic.synthetic(40, 16, 0)['images']
+    assert np.array_equal(data.Dataset(out).images(range(40)), want)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode != 0 and 'overwrite' in r.stderr and 'Traceback' not in r.stderr
     r = subprocess.run(cmd[:2] + ['--src=/nonexistent/dir', f'--out={tmp_path}/x'], capture_output=True, text=True)
@@ -416,7 +417,8 @@ def test_synthetic():
         objects = re.findall(obj, cap.rsplit(' on ', 1)[0])
         counts.add(len(objects))
         colour, shape = objects[0]
-        assert shape in synthetic.SHAPES and colour in synthetic.COLOURS and m.group(7) in synthetic.BACKGROUNDS
+        assert shape in synthetic.SHAPES and colour in synthetic.COLOURS
+        assert m.group(7) in synthetic.BACKGROUNDS
         assert d['classnames'][c] == shape  # the class is the largest (first named) shape
         near = (np.abs(im.astype(int) - synthetic.COLOURS[colour]).max(-1) <= 20).sum()
         assert near >= 20, cap  # it is drawn on top, in its colour
@@ -477,12 +479,13 @@ def test_loader_batch_is_a_pure_function_of_seed_epoch_step_rank(syn):
 def test_crop_and_flip_geometry():
     x = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 16).expand(1, 3, 16, 16).clone()  # horizontal gradient
     ident = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
-    assert torch.allclose(transforms.resized_crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
-    assert torch.allclose(transforms.resized_crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
+    crop = transforms.resized_crop
+    assert torch.allclose(crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
+    assert torch.allclose(crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
     # crop: output pixel j samples input position p = cx*W + (j + 0.5 - size/2) * w*W/size - 0.5 (pixel
     # centres), clamped to the box's outer pixel centres [x0, x0 + w*W - 1], as resizing the cut-out box does
     for cx, w, size, flip in [(0.25, 0.5, 16, False), (0.6, 0.3, 8, False), (0.5, 0.8, 20, True), (0.5, 1.0, 7, False)]:
-        y = transforms.resized_crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
+        y = crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
         j = torch.arange(size, dtype=torch.float32)
         p = cx * 16 + (j + 0.5 - size / 2) * w * 16 / size - 0.5
         x0 = (cx - w / 2) * 16

@@ -257,8 +257,8 @@ def test_cut_captions_give_the_same_text_embeddings():
     # make the padding behind it irrelevant
     torch.manual_seed(0)
     text = model.TextTransformer(width=64, layers=2, heads=2, embed_dim=32)
-    ids = torch.from_numpy(tokenizer.tokenize(['a red circle', 'a blue square and a green star on a '
-                                           'white background', 'x']).astype(np.int64))
+    ids = torch.from_numpy(tokenizer.tokenize(['a red circle', 'a blue square and a green star '
+                                                'on a white background', 'x']).astype(np.int64))
     n = int(ids.argmax(1).max()) + 1
     assert n < 20
     with torch.no_grad():

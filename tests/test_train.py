@@ -42,8 +42,9 @@ def losses(out_dir):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    """The synthetic set (prepare.py, 16 px) clustered by cluster.py's pixel teacher into 32 centres,
-    4 labels per image: the real stage-1 output, and labels a tiny tower can learn quickly."""
+    """The synthetic set (prepare.py, 16 px) clustered by cluster.py's pixel teacher into 32
+    centres, 4 labels per image: the real stage-1 output, and labels a tiny tower can learn
+    quickly."""
     root = tmp_path_factory.mktemp('train')
     data_dir, labels_dir = str(root / 'syn'), str(root / 'cluster')
     env = dict(os.environ, OMP_NUM_THREADS='1')
