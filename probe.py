@@ -429,13 +429,14 @@ def normalise(how, x_tr, *others):
 
 @torch.no_grad()
 def text_encoder(text, batch_size, device):
-    """list of str -> [n, embed_dim] float32 (CPU) through the text tower, CLIP BPE via data.tokenize."""
-    import data
+    """list of str -> [n, embed_dim] float32 (CPU) through the text tower, CLIP BPE via
+    tokenizer.tokenize."""
+    from tokenizer import tokenize
 
     def encode(strings):
         out = []
         for s in range(0, len(strings), batch_size):
-            ids = torch.as_tensor(data.tokenize(strings[s:s + batch_size], text.context_length), device=device)
+            ids = torch.as_tensor(tokenize(strings[s:s + batch_size], text.context_length), device=device)
             out.append(text(ids).float().cpu())
         return torch.cat(out)
     return encode
@@ -497,7 +498,7 @@ if __name__ == '__main__':
     for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test_dir),
                    ('retrieval_dir', retrieval_dir)):
         if d and not os.path.exists(os.path.join(d, 'meta.json')):
-            raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with data.py)')
+            raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with prepare.py)')
     if train_dir and not test_dir:
         raise SystemExit('probe.py: the linear probe needs --test_dir as well as --train_dir')
 

@@ -1,6 +1,6 @@
 # MLCD pre-training of ViT-B/32, the paper's recipe (An et al., ECCV 2024, Tables 9-10).
 #   torchrun --nproc_per_node=8 train.py config/vitb32.py
-# Data: LAION-400M written by data.py; labels: cluster.py on it with k = 1M, l = 8.
+# Data: LAION-400M written by prepare.py; labels: cluster.py on it with k = 1M, l = 8.
 out_dir = 'out/mlcd-vitb32'
 data_dir = 'data/laion400m'
 labels_dir = 'out/cluster-laion400m-k1m'
