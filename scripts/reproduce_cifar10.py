@@ -16,7 +16,6 @@ Output in `out`: data/, clusters, one folder per run (train.py / lit.py / probe.
 their console logs), results.json, results.md and results.png. Finished runs are skipped and an
 interrupted training resumes, so the script can be stopped and started again at any time.
 """
-import json
 import os
 import subprocess
 import sys
