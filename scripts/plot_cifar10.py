@@ -76,10 +76,12 @@ def main(root):
     feats = list(rows[0][2])
     sweeps = {}
     for key, values, base in (('r', ('0.01', '0.1', '0.5', '1.0'), {'0.1': 'mlcd', '1.0': 'mlcd_r1'}),
-                              ('l', ('1', '2', '4', '8', '16'), {'8': 'mlcd'})):
+                              ('l', ('1', '2', '4', '8', '16'), {'8': 'mlcd'}),
+                              ('r, 10 k clusters', ('0.1', '1.0'), {})):
         pts = []
         for v in values:
-            d = os.path.join(root, f'{base[v]}_s0' if v in base else f'sweep_{key}{v}')
+            run = f'sweep_k10x_r{v}' if key.startswith('r,') else f'sweep_{key}{v}'
+            d = os.path.join(root, f'{base[v]}_s0' if v in base else run)
             p = load(os.path.join(d, 'probe.json'))
             if p and 'linear_probes' in p:
                 pts.append((v, {f: 100 * lp['top1'] for f, lp in p['linear_probes'].items()}))
@@ -92,7 +94,7 @@ def main(root):
     md = ['| variant | ' + ' | '.join(f'top-1 % ({f})' for f in feats) + ' | seeds | steps | train s |',
           '|---' * (len(feats) + 4) + '|']
     for name, label, acc, trains in rows:
-        secs = [t.get('time_s') for t in trains if t.get('time_s')]
+        secs = [train_seconds(t) for t in trains if train_seconds(t)]
         md.append(f'| {label} | ' + ' | '.join(fmt(acc.get(f, [])) for f in feats) +
                   f" | {len(acc[feats[0]])} | {(trains[0].get('step') if trains else None) or '-'} | "
                   f"{f'{np.median(secs):.0f}' if secs else '-'} |")
@@ -106,7 +108,7 @@ def main(root):
 
 
 def draw(root, rows, sweeps, feat):
-    W, H = 1500, 520
+    W, H = 1900, 560
     img = Image.new('RGB', (W, H), 'white')
     g = ImageDraw.Draw(img)
     # 1. bars: mean top-1 of every variant with its seeds' spread
@@ -127,7 +129,7 @@ def draw(root, rows, sweeps, feat):
     g.text((x0, y0 + 4 - 14), f'{lo:.0f}', fill='#999999')
     # 2. sweeps of r and l (seed 0)
     for j, (key, pts) in enumerate(sweeps.items()):
-        px0, py0, px1, py1 = 540 + j * 250, 40, 740 + j * 250, 400
+        px0, py0, px1, py1 = 590 + j * 250, 40, 790 + j * 250, 400
         g.text((px0, 8), f'MLCD top-1 % vs {key} (seed 0)', fill='black')
         g.rectangle([px0, py0, px1, py1], outline='#999999')
         ys = [a[feat] for _, a in pts]
@@ -140,7 +142,7 @@ def draw(root, rows, sweeps, feat):
             g.text((x - 10, y - 16), f'{acc[feat]:.1f}', fill='black')
             g.text((x - 8, py1 + 4), v, fill='black')
     # 3. mean positive (thick) and sampled-negative (thin) cosine during training, seed 0
-    px0, py0, px1, py1 = 1060, 40, 1480, 400
+    px0, py0, px1, py1 = 1360, 40, 1880, 400
     g.text((px0, 8), 'cosine during training: positives (thick), negatives (thin)', fill='black')
     g.rectangle([px0, py0, px1, py1], outline='#999999')
     series = [(n, curves(root, n)) for n, *_ in rows]

@@ -35,7 +35,7 @@ out = 'out/cifar10'
 split = 'test'  # 'test': the table; 'val': a held-out 10K of the training images (for tuning)
 quick = False  # 200 + 50 images per class, a few steps: checks every stage end to end
 seeds = 3  # seeds of every variant in the main table (the sweeps use seed 0)
-sweeps = True  # Table 5b / 5c at one seed: r in 0.01 0.1 0.5 1.0, l in 1 2 4 8 16
+sweeps = True  # Table 5b / 5c at one seed: r in 0.01 0.1 0.5 1.0, l in 1 2 4 8 16; r in 0.1 1.0 at 10 k
 teacher = True  # also MLCD on clusters of the SimCLR tower (seed 0): a learned teacher, as the paper's
 only = ''  # comma-separated run names (e.g. 'mlcd_s2,pixels'): do just these; '' does all
 steps = 1400  # optimizer steps of every pre-training run (same images seen by every variant)
@@ -55,6 +55,7 @@ if quick:
     steps, batch, k, probe_iters = 30, 64, 50, 100
 D, T = os.path.join(out, 'data', 'train'), os.path.join(out, 'data', split)
 LABELS, TRUE = os.path.join(out, 'cluster_pixels'), os.path.join(out, 'true_labels')
+LABELS_10K = os.path.join(out, 'cluster_pixels_k10x')  # 10 k clusters: the r sweep's second row
 # pre-training recipe shared by every MLCD variant (chosen on the val split, see README)
 COMMON = [f'--model={model}', f'--max_steps={steps}', f'--global_batch_size={batch}',
           f'--threads={threads}', f'--device={device}']
@@ -102,6 +103,9 @@ def variants():
         for l in (1, 2, 4, 16):
             runs.append((f'sweep_l{l}', 'train.py', [f'--labels_dir={LABELS}', '--seed=0',
                          '--loss_type=mlcd', f'--num_positives={l}', '--sample_ratio=0.1'], 0))
+        for r in (0.1, 1.0):  # r with 10 k clusters: many near-duplicate centres, as at 1M
+            runs.append((f'sweep_k10x_r{r}', 'train.py', [f'--labels_dir={LABELS_10K}', '--seed=0',
+                         '--loss_type=mlcd', '--num_positives=8', f'--sample_ratio={r}'], 0))
     return runs
 
 
@@ -178,11 +182,15 @@ if not os.path.exists(os.path.join(T, 'meta.json')):
              '--image_size=32', '--overwrite=True'])
     subprocess.run(['rm', '-rf', src, pick], check=True)
 
-# 2. labels: the pixels teacher's k clusters (l = 16 kept: the l sweep reads the first l), and
-#    the true classes as a 'clustering' for the supervised reference
+# 2. labels: the pixels teacher's k clusters (l = 16 kept: the l sweep reads the first l), 10 k
+#    clusters for the r sweep's second row, and the true classes as a 'clustering' for the
+#    supervised reference
 if not os.path.exists(os.path.join(LABELS, 'labels.npy')):
     run(['cluster.py', f'--data_dir={D}', f'--out_dir={LABELS}', '--teacher=pixels',
          f'--num_classes={k}', '--num_positives=16', f'--device={device}'])
+if sweeps and not os.path.exists(os.path.join(LABELS_10K, 'labels.npy')):
+    run(['cluster.py', f'--data_dir={D}', f'--out_dir={LABELS_10K}', '--teacher=pixels',
+         f'--num_classes={10 * k}', '--num_positives=8', f'--device={device}'])
 if not os.path.exists(os.path.join(TRUE, 'labels.npy')):
     os.makedirs(TRUE, exist_ok=True)
     classes = np.load(os.path.join(D, 'classes.npy'))
