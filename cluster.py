@@ -178,7 +178,8 @@ if embeddings_path:
 else:
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(meta_path):
-        fail(f'no dataset at data_dir={data_dir}: {meta_path} is missing (write one with data.py)')
+        fail(f'no dataset at data_dir={data_dir}: {meta_path} is missing '
+             '(write one with prepare.py)')
     meta = json.load(open(meta_path))
     for s in meta.get('shards', []):
         for key in ('images', 'texts') if teacher_text else ('images',):

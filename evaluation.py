@@ -415,13 +415,13 @@ def normalise(how, x_tr, *others):
 
 @torch.no_grad()
 def text_encoder(text, batch_size, device):
-    """list of str -> [n, embed_dim] float32 (CPU) through the text tower (data.tokenize)."""
-    import data
+    """list of str -> [n, embed_dim] float32 (CPU) through the text tower (CLIP BPE)."""
+    from tokenizer import tokenize
 
     def encode(strings):
         out = []
         for s in range(0, len(strings), batch_size):
-            ids = data.tokenize(strings[s:s + batch_size], text.context_length)
+            ids = tokenize(strings[s:s + batch_size], text.context_length)
             ids = torch.as_tensor(ids, device=device)
             out.append(text(ids).float().cpu())
         return torch.cat(out)

@@ -91,7 +91,7 @@ if probe_dtype not in ('float32', 'float64'):
 for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test_dir),
                ('retrieval_dir', retrieval_dir)):
     if d and not os.path.exists(os.path.join(d, 'meta.json')):
-        raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with data.py)')
+        raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with prepare.py)')
 if train_dir and not test_dir:
     raise SystemExit('probe.py: the linear probe needs --test_dir as well as --train_dir')
 

@@ -37,6 +37,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import prepare  # noqa: E402
+import synthetic  # noqa: E402
+import transforms  # noqa: E402
 
 n_images = 768
 batch_size = 64
@@ -48,8 +51,8 @@ jpeg_quality = 90
 out_dir = 'out/bench_loader'
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configurator.py')).read())
 
-MEAN = torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
-STD = torch.tensor(data.CLIP_STD).view(3, 1, 1)
+MEAN = torch.tensor(transforms.CLIP_MEAN).view(3, 1, 1)
+STD = torch.tensor(transforms.CLIP_STD).view(3, 1, 1)
 
 
 def random_resized_crop_params(W, H, rng, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -127,7 +130,7 @@ def bench(source_size):
     tmp = tempfile.mkdtemp(prefix='bench_loader_')
     try:
         # the images: synthetic scenes at source_size, written as JPEG files in class folders
-        syn = data.synthetic(n_images, source_size, seed=0)
+        syn = synthetic.synthetic(n_images, source_size, seed=0)
         paths = []
         for k, (im, c) in enumerate(zip(syn['images'], syn['classes'])):
             p = os.path.join(tmp, 'jpeg', syn['classnames'][c], f'{k:06d}.jpg')
@@ -138,7 +141,7 @@ def bench(source_size):
         # shard build, JPEG folder -> 224 shards
         build_rates = []
         for r in range(runs):
-            meta = data.build(os.path.join(tmp, 'jpeg'), os.path.join(tmp, 'shards'), image_size=image_size,
+            meta = prepare.build(os.path.join(tmp, 'jpeg'), os.path.join(tmp, 'shards'), image_size=image_size,
                               workers=workers, overwrite=True, progress=False)
             build_rates.append(meta['build']['images_per_s'])
         loader = data.Loader(os.path.join(tmp, 'shards'), batch_size, image_size, seed=0, augment=True)

@@ -73,8 +73,9 @@ def features():
     res = {}
     for split in ('train', 'test'):
         d = os.path.join(out, split)
-        subprocess.run([sys.executable, 'data.py', f'--src={os.path.join(out, "folders", split)}',
-                        f'--out={d}', '--image_size=32', '--overwrite=True'], cwd=ROOT, check=True)
+        src = os.path.join(out, 'folders', split)
+        subprocess.run([sys.executable, 'prepare.py', f'--src={src}', f'--out={d}',
+                        '--image_size=32', '--overwrite=True'], cwd=ROOT, check=True)
         t0 = time.time()
         res[f'{split}_x'] = evaluation.extract(vision, d, 256, 16, 'cpu', desc=split)['embed']
         res[f'{split}_y'] = np.asarray(data.Dataset(d).classes, np.int64)

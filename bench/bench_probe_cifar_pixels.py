@@ -8,7 +8,7 @@ CIFAR-10 pixels is known to land near 39-41% top-1; this checks that our probe d
 
 Needs ../shared/datasets/cifar10.tar.gz (relative to the project root). The JPEGs are read from the
 tar in memory and written under data/ by paths built here (split/class/number.jpg, class checked
-against the ten CIFAR-10 names), never by the member names; then data.py turns them into shards.
+against the ten CIFAR-10 names), never by the member names; then prepare.py turns them into shards.
 Prints probe.py's table and one JSON line.
 """
 import io
@@ -58,7 +58,7 @@ def unpack():
 def shards(split):
     d = os.path.join(out, split)
     if not os.path.exists(os.path.join(d, 'meta.json')):
-        subprocess.run([sys.executable, 'data.py', f'--src={os.path.join(out, "folders", split)}', f'--out={d}',
+        subprocess.run([sys.executable, 'prepare.py', f'--src={os.path.join(out, "folders", split)}', f'--out={d}',
                         '--image_size=32', '--overwrite=True'], cwd=ROOT, check=True)
     return d
 

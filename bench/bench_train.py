@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
+import transforms  # noqa: E402
 from loss import PartialFC  # noqa: E402
 
 data_dir = 'out/cifar10/data/train'
@@ -59,8 +60,8 @@ def bare():
     vision, _ = model.create('ViT-T/8')
     pfc = PartialFC(vision.embed_dim, K, sample_ratio=R, scale=32, margin=0.3)
     opt = torch.optim.AdamW(list(vision.parameters()) + list(pfc.parameters()), lr=5e-4, weight_decay=0.05)
-    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(transforms.CLIP_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(transforms.CLIP_STD).view(1, 3, 1, 1) * 255
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ float64 counterpart, times train.py's step at the paper's per-GPU shapes, and le
     python bench/gpu.py --out_dir=out/gpu            # one H100 / H200 / A100: a 7-minute budget
     python bench/gpu.py --device=cpu --out_dir=...   # the same code, tiny sizes (~1 min, in CI)
 
-It needs torch, numpy and pillow (data.py); faiss and flash-attn are used when they import. Each
+It needs torch, numpy and pillow (prepare.py); faiss and flash-attn are used when they import. Each
 section runs in try/except: an error is recorded in the report and the run goes on. A time budget
 (budget_s) skips what no longer fits, small work first; torch.compile runs in a child process
 with its own timeout. out_dir/gpu_report.json and gpu_report.md are rewritten after every
@@ -67,6 +67,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
+import prepare  # noqa: E402
+import transforms  # noqa: E402
 import model  # noqa: E402
 from loss import PartialFC  # noqa: E402
 from model import PRESETS, TextTransformer, VisionTransformer  # noqa: E402
@@ -147,8 +149,8 @@ def peak_flops(device):
 
 def unnorm(x):
     """CLIP-normalised float [..., 3, H, W] -> 0..255 levels, float64 on the CPU."""
-    mean = torch.tensor(data.CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)
-    std = torch.tensor(data.CLIP_STD, dtype=torch.float64).view(3, 1, 1)
+    mean = torch.tensor(transforms.CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(transforms.CLIP_STD, dtype=torch.float64).view(3, 1, 1)
     return (x.detach().double().cpu() * std + mean) * 255
 
 
@@ -414,24 +416,24 @@ def make_dataset(path, count, size, seed=0):
         shutil.rmtree(path)
     os.makedirs(path)
     rng = np.random.default_rng(seed)
-    arr = np.lib.format.open_memmap(os.path.join(path, 'images_00000.npy'), mode='w+',
+    arr = np.lib.format.open_memmap(os.path.join(path, data.shard_file('images', 0)), mode='w+',
                                     dtype=np.uint8, shape=(count, size, size, 3))
     for i in range(0, count, 256):
         arr[i:i + 256] = rng.integers(0, 256, arr[i:i + 256].shape, dtype=np.uint8)
     arr.flush()
     del arr
     meta = dict(count=count, image_size=size, has_text=False, classnames=None, source='random',
-                shards=[dict(images='images_00000.npy', texts=None, count=count)])
+                shards=[dict(images=data.shard_file('images', 0), texts=None, count=count)])
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return path
 
 
 def synthetic_set(tmp):
-    """The built-in synthetic scenes (data.py), 96 images at 32 px, and random labels."""
+    """The built-in synthetic scenes (prepare.py), 96 images at 32 px, and random labels."""
     path = os.path.join(tmp, 'synthetic32')
     if not os.path.exists(os.path.join(path, 'meta.json')):
-        data.build('synthetic', path, image_size=32, count=96, workers=1, progress=False,
+        prepare.build('synthetic', path, image_size=32, count=96, workers=1, progress=False,
                    overwrite=True)
     labels = np.random.default_rng(0).integers(0, 1000, (96, 4)).astype(np.int32)
     return path, labels
@@ -465,7 +467,7 @@ def check_loader(device, tmp):
             grid_err = max(grid_err, float((a - b).abs().max()))
             if jitter == 0 and augment != 'none':
                 for i, box in enumerate(bg['aug'][0]):
-                    wh = data._pixel_boxes(box[None, :4], syn_size(syn), syn_size(syn))[0, 2:]
+                    wh = transforms._pixel_boxes(box[None, :4], syn_size(syn), syn_size(syn))[0, 2:]
                     if (wh <= size).all():  # enlarged or kept: bilinear on both paths
                         u8_err = max(u8_err, float((a[i] - c[i]).abs().max()))
                         compared += 1

@@ -1,8 +1,8 @@
 # MLCD on CIFAR-10 at 32 px on a CPU (scripts/reproduce_cifar10.py runs it for every variant),
 # labels from the pixels teacher's k = 1000 clusters. By hand:
 #   mkdir -p data && tar xzf ../shared/datasets/cifar10.tar.gz -C data
-#   python data.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
-#   python data.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
+#   python prepare.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
+#   python prepare.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
 #   python cluster.py --data_dir=data/cifar10-train --out_dir=out/cluster-cifar10 --num_classes=1000 --num_positives=8
 #   python train.py config/cifar10.py
 #   python probe.py --checkpoint=out/cifar10/ckpt.pt --train_dir=data/cifar10-train --test_dir=data/cifar10-test

@@ -1,6 +1,6 @@
 # CLIP from scratch: the tiny ViT-T/4 of config/tiny_synthetic.py (16 px, same batch, steps, lr and
 # augmentation) and a text tower, both trained with the contrastive loss, on the synthetic set:
-#   python data.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
+#   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
 #   python lit.py config/clip_tiny.py
 #   python probe.py --checkpoint=out/clip_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic
 out_dir = 'out/clip_tiny'

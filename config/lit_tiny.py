@@ -1,5 +1,5 @@
 # LiT on the built-in synthetic set with the tiny ViT-T/4 tower, a few minutes on a CPU:
-#   python data.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
+#   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
 #   python cluster.py ... && python train.py config/tiny_synthetic.py   # the image tower: out/tiny/ckpt.pt
 #   python lit.py config/lit_tiny.py [--precompute_features=True]
 #   python probe.py --checkpoint=out/lit_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic

@@ -1,6 +1,6 @@
 # MLCD pre-training on the paper's recipe (An et al., ECCV 2024, Tables 9-10): the settings that
 # config/vitb32.py, vitb16.py and vitl14.py share; each of them runs this file, then sets its model.
-# Data: LAION-400M written by data.py; labels: cluster.py on it with k = 1M, l = 8.
+# Data: LAION-400M written by prepare.py; labels: cluster.py on it with k = 1M, l = 8.
 data_dir = 'data/laion400m'
 labels_dir = 'out/cluster-laion400m-k1m'
 learning_rate = 5e-4  # Table 9 (ViT-B; ViT-L: 4e-4)

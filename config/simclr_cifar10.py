@@ -2,8 +2,8 @@
 # an instance discrimination row beside MLCD, with config/cifar10.py's tower, batch and steps (SimCLR's own lr,
 # weight decay and augmentation).
 #   mkdir -p data && tar xzf ../shared/datasets/cifar10.tar.gz -C data
-#   python data.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
-#   python data.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
+#   python prepare.py --src=data/cifar10/train --out=data/cifar10-train --image_size=32
+#   python prepare.py --src=data/cifar10/test --out=data/cifar10-test --image_size=32
 #   python lit.py config/simclr_cifar10.py
 #   python probe.py --checkpoint=out/simclr_cifar10/ckpt.pt --train_dir=data/cifar10-train --test_dir=data/cifar10-test
 out_dir = 'out/simclr_cifar10'

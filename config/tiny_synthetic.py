@@ -1,5 +1,5 @@
 # MLCD on the built-in synthetic set with the tiny ViT-T/4 tower: a few minutes on 2 CPU cores.
-#   python data.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
+#   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
 #   python cluster.py --data_dir=data/synthetic --out_dir=out/cluster --num_classes=1000 --num_positives=8
 #   python train.py config/tiny_synthetic.py      # -> out/tiny/ckpt.pt (config/lit_tiny.py reads it)
 out_dir = 'out/tiny'

@@ -1,7 +1,7 @@
 # UniCLIP (our reading, see README) on the synthetic set: 2 augmented views and the caption of each
 # image in one MP-NCE loss, per-domain-pair scales and offsets, augmentation-aware image embedding.
 # Same tower, batch, steps and lr as config/clip_tiny.py and config/tiny_synthetic.py:
-#   python data.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
+#   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
 #   python lit.py config/uniclip_tiny.py
 #   python lit.py config/uniclip_tiny.py --aug_embed=False --domain_similarity=False  # MP-NCE only
 #   python probe.py --checkpoint=out/uniclip_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic

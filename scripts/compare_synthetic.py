@@ -1,6 +1,6 @@
 """
 Cluster discrimination against instance discrimination at equal image-tower steps, on the
-quickstart's synthetic captioned set (data.py --src=synthetic). The same ViT-T/4 at 16 px, from
+quickstart's synthetic captioned set (prepare.py --src=synthetic). The same ViT-T/4 at 16 px, from
 the same seed, is trained for `steps` steps of `batch` images as
   MLCD + LiT    train.py on pixel-teacher clusters, then lit.py: a text tower on the frozen tower
   CLIP          lit.py lock_image=False: both towers from scratch, image-text InfoNCE
@@ -85,7 +85,7 @@ def probe(name, checkpoint, text=True):
 
 # data and the clustering MLCD trains on (the quickstart's settings)
 for name, d, count, seed in (('data_train', D, n_train, 0), ('data_test', T, n_test, 1)):
-    stage(name, f'{d}/meta.json', [py, 'data.py', '--src=synthetic', f'--count={count}',
+    stage(name, f'{d}/meta.json', [py, 'prepare.py', '--src=synthetic', f'--count={count}',
                                    f'--seed={seed}', '--image_size=32', f'--out={d}'])
 stage('cluster', f'{out}/cluster/cluster.json',
       [py, 'cluster.py', f'--data_dir={D}', f'--out_dir={out}/cluster', '--teacher=pixels',

@@ -23,8 +23,8 @@ finished() {  # finished <result file>: true, with a note, if that stage already
 resume() { [ -f "$1/ckpt.pt" ] && echo --init_from=resume || true; }  # an interrupted training
 
 # 1. data: synthetic images of 1-3 coloured shapes with captions and a shape class
-finished "$OUT/train/meta.json" || run python data.py --src=synthetic --count=$N --seed=0 --image_size=32 --out="$OUT/train"
-finished "$OUT/test/meta.json"  || run python data.py --src=synthetic --count=$NTEST --seed=1 --image_size=32 --out="$OUT/test"
+finished "$OUT/train/meta.json" || run python prepare.py --src=synthetic --count=$N --seed=0 --image_size=32 --out="$OUT/train"
+finished "$OUT/test/meta.json"  || run python prepare.py --src=synthetic --count=$NTEST --seed=1 --image_size=32 --out="$OUT/test"
 # 2. cluster with the pixels teacher (no checkpoint needed): k centres, l = 8 labels per image
 finished "$OUT/cluster/cluster.json" || run python cluster.py --data_dir="$OUT/train" --out_dir="$OUT/cluster" \
     --teacher=pixels --num_classes=$K --num_positives=8

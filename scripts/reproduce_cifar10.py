@@ -11,12 +11,11 @@ and each tower is linear-probed on the 10K test images with CLIP's protocol.
     python scripts/reproduce_cifar10.py --quick=True    # every stage on 2K images in minutes (CI)
 
 Input: `cifar` is a .tar.gz of CIFAR-10 as image folders, cifar10/{train,test}/<class>/*.jpg
-(any image format data.py reads; see README for making one from the standard download).
+(any image format prepare.py reads; see README for making one from the standard download).
 Output in `out`: data/, clusters, one folder per run (train.py / lit.py / probe.py outputs and
 their console logs), results.json, results.md and results.png. Finished runs are skipped and an
 interrupted training resumes, so the script can be stopped and started again at any time.
 """
-import json
 import os
 import subprocess
 import sys
@@ -175,7 +174,7 @@ if not os.path.exists(os.path.join(T, 'meta.json')):
                     os.symlink(os.path.abspath(os.path.join(src, 'cifar10', part, c, f)),
                                os.path.join(pick, s, c, f))
     for s in ('train', split):
-        run(['data.py', f'--src={os.path.join(pick, s)}', f'--out={os.path.join(out, "data", s)}',
+        run(['prepare.py', f'--src={os.path.join(pick, s)}', f'--out={os.path.join(out, "data", s)}',
              '--image_size=32', '--overwrite=True'])
     subprocess.run(['rm', '-rf', src, pick], check=True)
 

@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import data  # noqa: E402
+import prepare  # noqa: E402
+import transforms  # noqa: E402
 import model  # noqa: E402
 
 HEADER = 16  # pixels of the label row above the grid
@@ -59,8 +61,8 @@ def load_images(data_dir, images, num_images, indices, size):
         out = []
         for path in images.split(','):
             try:
-                out.append(data.decode(open(path, 'rb').read(), size))
-            except (OSError, data.Skip) as e:
+                out.append(prepare.decode(open(path, 'rb').read(), size))
+            except (OSError, prepare.Skip) as e:
                 raise SystemExit(f'visualize.py: {path}: {e}')
         return np.stack(out)
     try:
@@ -78,7 +80,7 @@ def load_images(data_dir, images, num_images, indices, size):
 def patch_features(vision, u8, device):
     """[n, gh, gw, width]: the last block's patch tokens through ln_post, at the tower's size."""
     S = vision.image_size
-    x = data.normalize(data.resize(data.to_float(u8, device, norm=False), S))
+    x = transforms.normalize(transforms.resize(transforms.to_float(u8, device, norm=False), S))
     tokens = vision.ln_post(vision.forward_tokens(x)[:, 1:])
     g = S // vision.patch_size
     return tokens.reshape(len(u8), g, g, -1).double().cpu()

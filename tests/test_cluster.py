@@ -46,7 +46,7 @@ def blobs(n, d, b, noise, seed):
 
 
 def make_dataset(path, count, image_size=32, seed=0):
-    cmd = [sys.executable, 'data.py', '--src=synthetic', f'--out={path}', f'--image_size={image_size}',
+    cmd = [sys.executable, 'prepare.py', '--src=synthetic', f'--out={path}', f'--image_size={image_size}',
            f'--count={count}', f'--seed={seed}']
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -219,6 +219,7 @@ def test_pixels_teacher_dims_and_two_ranks_identical(tmp_path):
 
 def test_hf_clip_teacher_matches_transformers(tmp_path):
     import data
+    import transforms
     from transformers import CLIPConfig, CLIPModel
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -235,7 +236,7 @@ def test_hf_clip_teacher_matches_transformers(tmp_path):
     assert r['d'] == 24
     d = data.Dataset(ds)
     pix = torch.from_numpy(d.images(np.arange(40))).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(np.asarray(v, np.float32)).view(1, 3, 1, 1) for v in (data.CLIP_MEAN, data.CLIP_STD))
+    mean, std = (torch.tensor(np.asarray(v, np.float32)).view(1, 3, 1, 1) for v in (transforms.CLIP_MEAN, transforms.CLIP_STD))
     with torch.no_grad():
         img = torch.nn.functional.normalize(hf.get_image_features(pixel_values=(pix - mean) / std).pooler_output, dim=-1)
     emb = np.load(tmp_path / 'img' / 'embeddings.npy')

@@ -60,7 +60,7 @@ def test_exec_from_a_script_edits_its_globals(tmp_path):
     script = tmp_path / 'stage.py'  # elsewhere than configurator.py, as bench/ scripts are
     script.write_text(
         "import os, json\nsteps = 10\nname = 'a'\ncompile = False  # shadows a builtin\n"
-        "def tokenize(s):  # a script's own function, as data.py's\n    return s.split()\n"
+        "def tokenize(s):  # a name of the script's own, as prepare.py's tokenize\n    return s.split()\n"
         f"exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
         "assert tokenize('a b') == ['a', 'b']  # not replaced by a module the configurator uses\n"
         "print(json.dumps(config))\n")

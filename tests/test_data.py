@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import prepare
+import synthetic
+import tokenizer
+import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
@@ -83,23 +87,23 @@ def test_tokenizer_matches_instant_clip_tokenizer():
     import instant_clip_tokenizer
     ref = instant_clip_tokenizer.Tokenizer()
     texts = tokenizer_corpus()
-    ours = data.tokenize(texts)
+    ours = tokenizer.tokenize(texts)
     assert ours.dtype == np.int64 and ours.shape == (len(texts), 77)
     # instant_clip_tokenizer only lowercases, so it is given the text after CLIP's cleaning step
-    theirs = ref.tokenize_batch([data.clean_text(t) for t in texts], 77).astype(np.int64)
+    theirs = ref.tokenize_batch([tokenizer.clean_text(t) for t in texts], 77).astype(np.int64)
     bad = [t for t, a, b in zip(texts, ours, theirs) if not np.array_equal(a, b)]
     assert not bad, f'{len(bad)} strings differ, e.g. {bad[:3]!r}'
-    assert sum(r[76] == data.EOT for r in ours) >= 3  # truncated rows exist, and end with <end_of_text>
+    assert sum(r[76] == tokenizer.EOT for r in ours) >= 3  # truncated rows exist, and end with <end_of_text>
 
 
 def test_tokenizer_specials_truncation_cleaning():
-    t = data.tokenize(['a photo of a cat', ' '.join(['dog'] * 200)])
+    t = tokenizer.tokenize(['a photo of a cat', ' '.join(['dog'] * 200)])
     assert t[0, 0] == 49406 and t[0, 6] == 49407 and (t[0, 7:] == 0).all()
     assert t[1, 0] == 49406 and t[1, 76] == 49407 and (t[1, 1:76] == t[1, 1]).all()
-    assert data.tokenize(['x'], context_length=5).shape == (1, 5)
+    assert tokenizer.tokenize(['x'], context_length=5).shape == (1, 5)
     # html unescape (twice), whitespace collapsed, lowercased: as CLIP's basic_clean/whitespace_clean
-    assert np.array_equal(data.tokenize(['Salt &amp;amp; PEPPER\n\t  on  toast']), data.tokenize(['salt & pepper on toast']))
-    max_id = max(int(data.tokenize(tokenizer_corpus()).max()), 0)
+    assert np.array_equal(tokenizer.tokenize(['Salt &amp;amp; PEPPER\n\t  on  toast']), tokenizer.tokenize(['salt & pepper on toast']))
+    max_id = max(int(tokenizer.tokenize(tokenizer_corpus()).max()), 0)
     assert max_id < 49408
 
 
@@ -109,7 +113,7 @@ def test_tokenizer_character_classes_match_regex_module():
     import regex
     ref = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                         regex.IGNORECASE)
-    pat = data._tokenizer()[3]
+    pat = tokenizer._tokenizer()[3]
     chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ('Cn', 'Cs', 'Co')
              and not chr(c).isspace()]
     for sep in ('a', '1', '.', "'", ' '):
@@ -126,18 +130,18 @@ def test_vocabulary_is_the_one_open_clip_ships():
     assert spec is not None, 'tests need open_clip_torch: pip install --no-deps open_clip_torch==3.3.0'
     ref = os.path.join(list(spec.submodule_search_locations)[0], 'bpe_simple_vocab_16e6.txt.gz')
     digest = lambda p: hashlib.sha256(open(p, 'rb').read()).hexdigest()  # noqa: E731
-    assert digest(data.BPE_PATH) == digest(ref)
+    assert digest(tokenizer.BPE_PATH) == digest(ref)
 
 
 def test_tokenizer_missing_vocabulary_names_the_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, 'BPE_PATH', str(tmp_path / 'nope.txt.gz'))
-    data._tokenizer.cache_clear()
+    monkeypatch.setattr(tokenizer, 'BPE_PATH', str(tmp_path / 'nope.txt.gz'))
+    tokenizer._tokenizer.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match='nope.txt.gz: the CLIP BPE vocabulary is missing'):
-            data.tokenize(['hello'])
+            tokenizer.tokenize(['hello'])
     finally:
         monkeypatch.undo()
-        data._tokenizer.cache_clear()
+        tokenizer._tokenizer.cache_clear()
 
 # ----------------------------------------------------------------------------- shard writer: folder
 
@@ -229,7 +233,7 @@ def check_pixels(key, got, want, tol):
 def test_folder_source_round_trip_and_bad_files(tmp_path):
     exp = make_folder(tmp_path / 'src')
     out = str(tmp_path / 'out')
-    meta = data.build(str(tmp_path / 'src'), out, image_size=S, shard_size=4, workers=2, max_pixels=5000, progress=False)
+    meta = prepare.build(str(tmp_path / 'src'), out, image_size=S, shard_size=4, workers=2, max_pixels=5000, progress=False)
     keys = sorted(exp)  # the folder order: sorted classes, sorted files
     kept = [k for k in keys if isinstance(exp[k], tuple)]
     meta2, ims, txt = stored(out)
@@ -282,18 +286,18 @@ def test_tar_source_webdataset_layout(tmp_path):
     put(f'{tmp_path}/tars/00000.tar', tar_bytes(a))
     put(f'{tmp_path}/tars/00001.tar', tar_bytes(b))
     out = str(tmp_path / 'out')
-    meta = data.build(f'{tmp_path}/tars/*.tar', out, image_size=S, shard_size=3, workers=2, progress=False)
+    meta = prepare.build(f'{tmp_path}/tars/*.tar', out, image_size=S, shard_size=3, workers=2, progress=False)
     _, got, txt = stored(out)
     keep = [('k0', 'A red CAR'), ('k4', 'ünïcode ✓ caption'), ('k6', 'fish &amp; chips'), ('evil', 'never written to disk')]
     assert meta['count'] == 4 and meta['has_text'] and meta['classnames'] is None and meta['source_type'] == 'tar'
     for (k, cap), im, t in zip(keep, got, txt):
         assert np.array_equal(im, ims[k]), k
-        assert t.dtype == np.uint16 and np.array_equal(t.astype(np.int64), data.tokenize([cap])[0]), k
+        assert t.dtype == np.uint16 and np.array_equal(t.astype(np.int64), tokenizer.tokenize([cap])[0]), k
     sk = {k.split(':')[-1]: r for k, r in meta['skipped']['items']}
     assert sk == {'000/k1': 'empty caption', '000/k2': 'missing', '000/k3': 'empty caption', 'k5': 'empty file'}
     assert all(k.startswith(f'{tmp_path}/tars/0000') for k, _ in meta['skipped']['items'])
     assert not os.path.exists(tmp_path.parent / 'evil.png') and not os.path.exists(tmp_path / 'evil.png')
-    assert np.array_equal(data.Dataset(out).texts([2, 0]), data.tokenize(['fish & chips', 'a red car']))
+    assert np.array_equal(data.Dataset(out).texts([2, 0]), tokenizer.tokenize(['fish & chips', 'a red car']))
 
 
 def test_list_source(tmp_path):
@@ -304,7 +308,7 @@ def test_list_source(tmp_path):
     lines = ['imgs/missing.png\ta file that is not there', '', 'imgs/b.jpg\t', 'imgs/a.png\tfirst caption',
              'imgs/c.png\tthird', f'{tmp_path}/imgs/a.png\tabsolute path, again']
     put(f'{tmp_path}/list.tsv', '\n'.join(lines).encode())
-    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, shard_size=2, workers=1, progress=False)
+    meta = prepare.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, shard_size=2, workers=1, progress=False)
     _, got, txt = stored(str(tmp_path / 'out'))
     assert meta['count'] == 3 and meta['source_type'] == 'list'
     # the first shard held only bad items: it is left out, and the reader still lines up
@@ -312,7 +316,7 @@ def test_list_source(tmp_path):
     assert not os.path.exists(tmp_path / 'out' / 'images_00000.npy')
     assert np.array_equal(data.Dataset(str(tmp_path / 'out')).images([2, 0]), np.stack([a, a]))
     assert np.array_equal(got, np.stack([a, b, a]))
-    assert np.array_equal(txt.astype(np.int64), data.tokenize(['first caption', 'third', 'absolute path, again']))
+    assert np.array_equal(txt.astype(np.int64), tokenizer.tokenize(['first caption', 'third', 'absolute path, again']))
     assert meta['skipped']['items'] == [['imgs/missing.png', 'missing'], ['imgs/b.jpg', 'empty caption']]
 
 # ----------------------------------------------------------------------------- overwrite, resume, CLI
@@ -321,27 +325,27 @@ def test_list_source(tmp_path):
 def test_refuse_overwrite_and_resume_after_interruption(tmp_path, monkeypatch):
     kw = dict(image_size=S, count=50, seed=3, shard_size=16, workers=1, progress=False)
     full = str(tmp_path / 'full')
-    data.build('synthetic', full, **kw)
+    prepare.build('synthetic', full, **kw)
     with pytest.raises(ValueError, match='overwrite'):
-        data.build('synthetic', full, **kw)
+        prepare.build('synthetic', full, **kw)
     # interrupt a build in the middle of its third shard
     part = str(tmp_path / 'part')
-    real = data._process
+    real = prepare._process
 
     def crash(item):
         if item[0] == 37:
             raise KeyboardInterrupt
         return real(item)
-    monkeypatch.setattr(data, '_process', crash)
+    monkeypatch.setattr(prepare, '_process', crash)
     with pytest.raises(KeyboardInterrupt):
-        data.build('synthetic', part, **kw)
-    monkeypatch.setattr(data, '_process', real)
+        prepare.build('synthetic', part, **kw)
+    monkeypatch.setattr(prepare, '_process', real)
     assert not os.path.exists(os.path.join(part, 'meta.json'))
     assert os.path.exists(os.path.join(part, 'images_00001.npy')) and not os.path.exists(os.path.join(part, 'images_00002.npy'))
     first = os.stat(os.path.join(part, 'images_00000.npy'))
     with pytest.raises(ValueError, match='other settings'):
-        data.build('synthetic', part, **dict(kw, seed=4))
-    data.build('synthetic', part, **kw)  # resumes
+        prepare.build('synthetic', part, **dict(kw, seed=4))
+    prepare.build('synthetic', part, **kw)  # resumes
     again = os.stat(os.path.join(part, 'images_00000.npy'))
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # finished shards kept
     (m1, i1, t1), (m2, i2, t2) = stored(full), stored(part)
@@ -349,33 +353,61 @@ def test_refuse_overwrite_and_resume_after_interruption(tmp_path, monkeypatch):
     assert np.array_equal(np.load(f'{full}/classes.npy'), np.load(f'{part}/classes.npy'))
     assert {k: v for k, v in m1.items() if k != 'build'} == {k: v for k, v in m2.items() if k != 'build'}
     assert sorted(os.listdir(part)) == sorted(os.listdir(full))  # no leftover temporary files
-    data.build('synthetic', full, **dict(kw, count=20, overwrite=True))
+    prepare.build('synthetic', full, **dict(kw, count=20, overwrite=True))
     assert stored(full)[0]['count'] == 20 and not os.path.exists(f'{full}/images_00002.npy')
 
 
 def test_cli(tmp_path):
     out = str(tmp_path / 'syn')
-    cmd = [sys.executable, os.path.join(ROOT, 'data.py'), '--src=synthetic', f'--out={out}', '--count=40',
+    cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), '--src=synthetic', f'--out={out}', '--count=40',
            '--image_size=16', '--workers=2']
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res['count'] == 40 and res == json.load(open(os.path.join(out, 'data.json')))
-    assert np.array_equal(data.Dataset(out).images(range(40)), data.synthetic(40, 16, 0)['images'])
+    want = synthetic.synthetic(40, 16, 0)['images']
+    assert np.array_equal(data.Dataset(out).images(range(40)), want)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode != 0 and 'overwrite' in r.stderr and 'Traceback' not in r.stderr
     r = subprocess.run(cmd[:2] + ['--src=/nonexistent/dir', f'--out={tmp_path}/x'], capture_output=True, text=True)
     assert r.returncode != 0 and '/nonexistent/dir' in r.stderr and 'Traceback' not in r.stderr
 
+
+def test_worker_error_ends_the_build(tmp_path):
+    # an unexpected error in a worker (not a skipped input) must stop the build with one line
+    # naming the item, also with more items queued than the pool takes (it used to hang)
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import prepare\n"
+            "real = prepare.synthetic_one\n"
+            "def boom(i, *a):\n"
+            "    if i == 5:\n"
+            "        raise ZeroDivisionError('boom')\n"
+            "    return real(i, *a)\n"
+            "prepare.synthetic_one = boom\n"
+            "try:\n"
+            f"    prepare.build('synthetic', {str(tmp_path / 'out')!r}, image_size=8, count=3000,\n"
+            "                  workers=2, progress=False)\n"
+            "except prepare.WorkerError as e:\n"
+            "    sys.exit(str(e))\n")
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        p.communicate()
+        pytest.fail('the build hung after a worker error')
+    assert p.returncode == 1 and err.strip() == '5: ZeroDivisionError: boom', err
+    assert not os.path.exists(tmp_path / 'out' / 'meta.json')
+
 # ----------------------------------------------------------------------------- synthetic
 
 
 def test_synthetic():
-    d = data.synthetic(60, 64, seed=3)
+    d = synthetic.synthetic(60, 64, seed=3)
     assert d['images'].shape == (60, 64, 64, 3) and d['images'].dtype == np.uint8
-    assert np.array_equal(d['images'], data.synthetic(60, 64, seed=3)['images'])
-    assert not np.array_equal(d['images'], data.synthetic(60, 64, seed=4)['images'])
-    tail = data.synthetic(10, 64, seed=3, start=50)
+    assert np.array_equal(d['images'], synthetic.synthetic(60, 64, seed=3)['images'])
+    assert not np.array_equal(d['images'], synthetic.synthetic(60, 64, seed=4)['images'])
+    tail = synthetic.synthetic(10, 64, seed=3, start=50)
     assert np.array_equal(tail['images'], d['images'][50:]) and tail['captions'] == d['captions'][50:]
     obj = r'an? (\w+) (\w+)'
     counts = set()
@@ -385,12 +417,13 @@ def test_synthetic():
         objects = re.findall(obj, cap.rsplit(' on ', 1)[0])
         counts.add(len(objects))
         colour, shape = objects[0]
-        assert shape in data.SHAPES and colour in data.COLOURS and m.group(7) in data.BACKGROUNDS
+        assert shape in synthetic.SHAPES and colour in synthetic.COLOURS
+        assert m.group(7) in synthetic.BACKGROUNDS
         assert d['classnames'][c] == shape  # the class is the largest (first named) shape
-        near = (np.abs(im.astype(int) - data.COLOURS[colour]).max(-1) <= 20).sum()
+        near = (np.abs(im.astype(int) - synthetic.COLOURS[colour]).max(-1) <= 20).sum()
         assert near >= 20, cap  # it is drawn on top, in its colour
-    assert counts == {1, 2, 3} and len(set(d['classes'].tolist())) == len(data.SHAPES)
-    assert data.synthetic(2, 7, 0)['images'].shape == (2, 7, 7, 3)
+    assert counts == {1, 2, 3} and len(set(d['classes'].tolist())) == len(synthetic.SHAPES)
+    assert synthetic.synthetic(2, 7, 0)['images'].shape == (2, 7, 7, 3)
 
 # ----------------------------------------------------------------------------- loader
 
@@ -398,7 +431,7 @@ def test_synthetic():
 @pytest.fixture(scope='module')
 def syn(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('syn') / 'd')
-    data.build('synthetic', out, image_size=S, count=100, seed=0, shard_size=30, workers=1, progress=False)
+    prepare.build('synthetic', out, image_size=S, count=100, seed=0, shard_size=30, workers=1, progress=False)
     return out
 
 
@@ -417,7 +450,7 @@ def test_loader_two_ranks_cover_each_index_once(syn):
                 i = b['index'].numpy()
                 assert b['images'].shape == (B, 3, S, S) and b['images'].dtype == torch.float32
                 raw = torch.tensor(ds.images(i)).permute(0, 3, 1, 2).float() / 255
-                want = (raw - torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+                want = (raw - torch.tensor(transforms.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(transforms.CLIP_STD).view(1, 3, 1, 1)
                 assert torch.allclose(b['images'], want, atol=1e-5)
                 assert b['labels'].dtype == torch.int64 and np.array_equal(b['labels'].numpy(), labels[i])
                 assert np.array_equal(b['texts'].numpy(), ds.texts(i))
@@ -446,12 +479,13 @@ def test_loader_batch_is_a_pure_function_of_seed_epoch_step_rank(syn):
 def test_crop_and_flip_geometry():
     x = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 16).expand(1, 3, 16, 16).clone()  # horizontal gradient
     ident = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
-    assert torch.allclose(data.resized_crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
-    assert torch.allclose(data.resized_crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
+    crop = transforms.resized_crop
+    assert torch.allclose(crop(x, ident, torch.tensor([False]), 16), x, atol=1e-5)
+    assert torch.allclose(crop(x, ident, torch.tensor([True]), 16), x.flip(-1), atol=1e-5)
     # crop: output pixel j samples input position p = cx*W + (j + 0.5 - size/2) * w*W/size - 0.5 (pixel
     # centres), clamped to the box's outer pixel centres [x0, x0 + w*W - 1], as resizing the cut-out box does
     for cx, w, size, flip in [(0.25, 0.5, 16, False), (0.6, 0.3, 8, False), (0.5, 0.8, 20, True), (0.5, 1.0, 7, False)]:
-        y = data.resized_crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
+        y = crop(x, torch.tensor([[cx, 0.5, w, 1.0]]), torch.tensor([flip]), size)
         j = torch.arange(size, dtype=torch.float32)
         p = cx * 16 + (j + 0.5 - size / 2) * w * 16 / size - 0.5
         x0 = (cx - w / 2) * 16
@@ -461,34 +495,34 @@ def test_crop_and_flip_geometry():
     # whole-pixel boxes: exactly torchvision's crop-then-resize (bilinear, align_corners=False)
     g = torch.Generator().manual_seed(3)
     img = torch.rand(6, 3, 20, 20, generator=g) * 255
-    boxes, flip = data.crop_params(6, g, size=20)
-    y = data.resized_crop(img, boxes, flip, 12)
-    for k, (x0, y0, w, h) in enumerate(data._pixel_boxes(boxes, 20, 20).tolist()):
+    boxes, flip = transforms.crop_params(6, g, size=20)
+    y = transforms.resized_crop(img, boxes, flip, 12)
+    for k, (x0, y0, w, h) in enumerate(transforms._pixel_boxes(boxes, 20, 20).tolist()):
         ref = F.interpolate(img[k:k + 1, :, y0:y0 + h, x0:x0 + w], size=(12, 12), mode='bilinear', align_corners=False)[0]
         assert torch.allclose(y[k], ref.flip(-1) if flip[k] else ref, atol=1e-3), k
     # away from the box edges the sampling grid is F.affine_grid's for
     # theta = [[w*(1-2*flip), 0, 2cx-1], [0, h, 2cy-1]] (the clamp only touches the outer half pixel)
-    boxes, flip = data.crop_params(6, g)
+    boxes, flip = transforms.crop_params(6, g)
     theta = torch.zeros(6, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = boxes[:, 2] * (1 - 2 * flip.float()), 2 * boxes[:, 0] - 1
     theta[:, 1, 1], theta[:, 1, 2] = boxes[:, 3], 2 * boxes[:, 1] - 1
     ref = F.grid_sample(img, F.affine_grid(theta, [6, 3, 12, 12], align_corners=False), mode='bilinear',
                         padding_mode='border', align_corners=False)
-    assert torch.allclose(data.resized_crop(img, boxes, flip, 12)[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-3)
+    assert torch.allclose(transforms.resized_crop(img, boxes, flip, 12)[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-3)
     # vertical geometry the same way
     xv = x.transpose(-1, -2)
-    y = data.resized_crop(xv, torch.tensor([[0.5, 0.25, 1.0, 0.5]]), torch.tensor([True]), 16)
+    y = transforms.resized_crop(xv, torch.tensor([[0.5, 0.25, 1.0, 0.5]]), torch.tensor([True]), 16)
     j = torch.arange(16, dtype=torch.float32)
     assert torch.allclose(y[0, 0, :, 0], (0.25 * 16 + (j + 0.5 - 8) * 0.5 - 0.5).clamp(0, 7), atol=1e-4)
     # a box leaving the image (pad_crop) reads numpy's 'reflect' padding
     shifted = torch.tensor([[0.5 - 3 / 16, 0.5 + 2 / 16, 1.0, 1.0]])
-    y = data.resized_crop(x, shifted, torch.tensor([False]), 16)
+    y = transforms.resized_crop(x, shifted, torch.tensor([False]), 16)
     assert torch.allclose(y[0, 0, 0], torch.tensor(np.pad(np.arange(16.0), 3, 'reflect')[:16], dtype=torch.float32), atol=1e-4)
 
 
 def test_crop_params_distribution():
     g = torch.Generator().manual_seed(0)
-    boxes, flip = data.crop_params(4000, g, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
+    boxes, flip = transforms.crop_params(4000, g, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3))
     cx, cy, w, h = boxes.unbind(1)
     area, aspect = w * h, w / h
     assert (area >= 0.4 - 1e-6).all() and (area <= 1 + 1e-6).all()
@@ -501,7 +535,7 @@ def test_crop_params_distribution():
     ok = (np.sqrt(s * r) <= 1) & (np.sqrt(s / r) <= 1)
     ref = np.where(ok.any(1), s[np.arange(100000), ok.argmax(1)], 1.0)
     assert abs(area.mean().item() - ref.mean()) < 0.01 and abs(flip.float().mean() - 0.5) < 0.05
-    b2, f2 = data.crop_params(4000, torch.Generator().manual_seed(0))
+    b2, f2 = transforms.crop_params(4000, torch.Generator().manual_seed(0))
     assert torch.equal(boxes, b2) and torch.equal(flip, f2)
 
 
@@ -533,8 +567,8 @@ def test_crop_params_on_whole_pixels_match_torchvision_statistics():
     # the loader's boxes lie on whole pixels (what the uint8 path can cut): compare their
     # distribution with torchvision's get_params at 32 px (the CIFAR case, where rounding matters most)
     S, n = 32, 20000
-    boxes, flip = data.crop_params(n, torch.Generator().manual_seed(0), size=S)
-    px = data._pixel_boxes(boxes, S, S).numpy()
+    boxes, flip = transforms.crop_params(n, torch.Generator().manual_seed(0), size=S)
+    px = transforms._pixel_boxes(boxes, S, S).numpy()
     assert np.allclose(px[:, 2:] / S, boxes[:, 2:].numpy(), atol=1e-6)  # exactly whole pixels
     assert np.allclose(px[:, :2] + px[:, 2:] / 2, boxes[:, :2].numpy() * S, atol=1e-4)
     assert (px[:, :2] >= 0).all() and (px[:, :2] + px[:, 2:] <= S).all()
@@ -551,7 +585,7 @@ def test_crop_params_on_whole_pixels_match_torchvision_statistics():
 
 def unnorm(x):
     """CLIP-normalised float -> 0..255 (channel axis -3)."""
-    std, mean = torch.tensor(data.CLIP_STD).view(3, 1, 1), torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
+    std, mean = torch.tensor(transforms.CLIP_STD).view(3, 1, 1), torch.tensor(transforms.CLIP_MEAN).view(3, 1, 1)
     return (x * std + mean) * 255
 
 
@@ -593,11 +627,11 @@ def test_augment_geometry_against_numpy_reference(syn, augment, size, capsys):
             got, dgot = unnorm(b['images'][k]), unnorm(d['images'][k])
             # uint8 path vs PIL: both round to integer levels with fixed-point weights: <= 1 level apart
             assert (got - ref).abs().max() <= 1.01, (augment, size, k, a)
-            box = data._pixel_boxes(a[None, :4], S, S)[0, 2:]
+            box = transforms._pixel_boxes(a[None, :4], S, S)[0, 2:]
             if (box <= size).all():  # enlarging or none: both paths are bilinear on the same grid
                 assert (dgot - ref).abs().max() <= 1.01, (augment, size, k)
             else:  # shrinking: grid_sample is plain bilinear, the uint8 path (and PIL) antialiased
-                x0, y0 = (data._pixel_boxes(a[None, :4], S, S)[0, :2]).tolist()
+                x0, y0 = (transforms._pixel_boxes(a[None, :4], S, S)[0, :2]).tolist()
                 crop = torch.tensor(ims[k]).permute(2, 0, 1)[None, :, y0:y0 + box[1], x0:x0 + box[0]].float()
                 plain = F.interpolate(crop, size=(size, size), mode='bilinear', align_corners=False)[0]
                 assert (dgot - (plain.flip(-1) if a[4] > 0.5 else plain)).abs().max() < 1e-2
@@ -657,7 +691,7 @@ def colour_reference(x, p):
 
 def test_color_jitter_against_reference():
     g = torch.Generator().manual_seed(0)
-    p = data.color_params(20000, g, 0.5)
+    p = transforms.color_params(20000, g, 0.5)
     on = (p[:, :4] != torch.tensor([1.0, 1, 1, 0])).any(1)
     assert abs(on.float().mean() - 0.8) < 0.012 and abs(p[:, 4].mean() - 0.2) < 0.012  # SimCLR's p = 0.8, 0.2
     assert (p[on, :3] >= 0.6).all() and (p[on, :3] <= 1.4).all() and (p[:, 3].abs() <= 0.1).all()
@@ -665,14 +699,14 @@ def test_color_jitter_against_reference():
     x = torch.rand(12, 3, 6, 7, generator=g) * 255
     x[0] = x[0, :1]  # a grey image: hue leaves it alone
     x[1, :, :2] = 0  # black pixels
-    params = torch.cat([data.color_params(8, g, 1.0), torch.tensor([[1.3, 0.6, 1.7, 0.4, 0], [1, 1, 1, -0.45, 0],
+    params = torch.cat([transforms.color_params(8, g, 1.0), torch.tensor([[1.3, 0.6, 1.7, 0.4, 0], [1, 1, 1, -0.45, 0],
                                                                     [0.5, 2.0, 0.0, 0.0, 0], [1, 1, 1, 0, 1]])])
-    y = data.color_jitter(x, params)
+    y = transforms.color_jitter(x, params)
     for k in range(12):
         ref = colour_reference(x[k].permute(1, 2, 0).double().numpy(), params[k])
         assert np.abs(y[k].permute(1, 2, 0).numpy() - ref).max() < 2e-3 * 255, k
     ident = torch.tensor([[1.0, 1, 1, 0, 0]]).repeat(12, 1)
-    assert torch.allclose(data.color_jitter(x, ident), x, atol=1e-3)
+    assert torch.allclose(transforms.color_jitter(x, ident), x, atol=1e-3)
 
 
 def test_views_are_independent_augmentations_with_their_parameters(syn):
@@ -698,8 +732,8 @@ def test_views_are_independent_augmentations_with_their_parameters(syn):
                     assert np.abs(got - ref).mean() < 1 and np.abs(got - ref).max() < 6, (grid, v, k, a)
                     # the colour part exactly: the reference colour on this path's own resampling
                     u8 = torch.tensor(ims[k:k + 1])
-                    geo = (data.resized_crop(data.to_float(u8, 'cpu', norm=False), a[None, :4], a[None, 4] > 0.5, S)[0]
-                           if grid else data.crop_resize_cpu(u8, a[None, :4], a[None, 4] > 0.5, S, norm=False)[0])
+                    geo = (transforms.resized_crop(transforms.to_float(u8, 'cpu', norm=False), a[None, :4], a[None, 4] > 0.5, S)[0]
+                           if grid else transforms.crop_resize_cpu(u8, a[None, :4], a[None, 4] > 0.5, S, norm=False)[0])
                     ref = colour_reference(geo.permute(1, 2, 0).double().numpy(), a[5:])
                     assert np.abs(got - ref).max() < 0.05, (grid, v, k, a)
             for v, w in ((0, 1), (0, 2), (1, 2)):  # independent draws: every pair of views differs
@@ -726,7 +760,7 @@ def test_eval_batches_contiguous_slices_and_resize(syn):
     assert got == list(range(100))
     # another size: antialiased bicubic, compared with PIL's
     i, x = next(iter(data.eval_batches(syn, 4, 8)))
-    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(transforms.CLIP_MEAN).view(3, 1, 1), torch.tensor(transforms.CLIP_STD).view(3, 1, 1)
     for k, im in zip(i.tolist(), x):
         ref = np.asarray(Image.fromarray(ds.images([k])[0]).resize((8, 8), Image.BICUBIC)).astype(np.float32)
         pix = (im * std + mean) * 255
@@ -741,19 +775,19 @@ def test_tokenizer_long_words_are_fast_and_exact():
     ref = instant_clip_tokenizer.Tokenizer()
     rng = np.random.default_rng(0)
     # the cut keeps twice what 75 tokens can span: the longest vocabulary token is 32 bytes
-    longest = max(len(t.replace('</w>', '')) for t in data._tokenizer()[0])
-    assert longest == 32 and data.CHARS_PER_TOKEN >= 2 * (longest + 1)
+    longest = max(len(t.replace('</w>', '')) for t in tokenizer._tokenizer()[0])
+    assert longest == 32 and tokenizer.CHARS_PER_TOKEN >= 2 * (longest + 1)
     # words of thousands of characters (BPE was quadratic in them) still match the reference
     words = [''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 3000)), 'ab' * 1500, '😀🎉' * 400]
-    ours = data.tokenize(words)
+    ours = tokenizer.tokenize(words)
     assert np.array_equal(ours, ref.tokenize_batch(words, 77).astype(np.int64))
     # a 1 MB one-word caption: cut first, so milliseconds rather than hours (a hang is the failure;
     # the bound is loose because the machine may be shared)
     big = ''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 1_000_000))
     t = time.perf_counter()
-    ids = data.tokenize([big])
+    ids = tokenizer.tokenize([big])
     assert time.perf_counter() - t < 5
-    assert np.array_equal(ids, data.tokenize([big[:75 * data.CHARS_PER_TOKEN]])) and ids[0, 76] == data.EOT
+    assert np.array_equal(ids, tokenizer.tokenize([big[:75 * tokenizer.CHARS_PER_TOKEN]])) and ids[0, 76] == tokenizer.EOT
     assert np.array_equal(ids, ref.tokenize_batch([big[:20000]], 77).astype(np.int64))
 
 
@@ -789,7 +823,7 @@ def corrupt_cases(d):
 
 def test_bad_shards_and_meta_stop_with_one_line_naming_the_file(tmp_path):
     good = str(tmp_path / 'good')
-    data.build('synthetic', good, image_size=S, count=60, seed=0, shard_size=20, workers=1, progress=False)
+    prepare.build('synthetic', good, image_size=S, count=60, seed=0, shard_size=20, workers=1, progress=False)
     for k, (what, _, name) in enumerate(corrupt_cases(good)):
         d = str(tmp_path / what.replace(' ', '_'))
         shutil.copytree(good, d)
@@ -814,14 +848,14 @@ def test_truncated_tar_is_named_and_skipped(tmp_path, capsys):
     offset = whole.index(b'k2.png') + 512 + 100
     put(f'{tmp_path}/tars/00000.tar', whole[:offset])
     put(f'{tmp_path}/tars/00001.tar', whole)
-    meta = data.build(f'{tmp_path}/tars/*.tar', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    meta = prepare.build(f'{tmp_path}/tars/*.tar', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f'{tmp_path}/tars/00000.tar' in err[0] and 'truncated' in err[0]
     assert meta['count'] == 2 + 4 and meta['skipped']['reasons'] == {'truncated or corrupt tar': 1}
     assert meta['skipped']['items'][0][0] == f'{tmp_path}/tars/00000.tar'
     _, ims, txt = stored(str(tmp_path / 'out'))
     assert np.array_equal(ims, np.stack([noise(S, S, 40 + k) for k in (0, 1, 0, 1, 2, 3)]))
-    assert np.array_equal(txt.astype(np.int64), data.tokenize([f'caption {k}' for k in (0, 1, 0, 1, 2, 3)]))
+    assert np.array_equal(txt.astype(np.int64), tokenizer.tokenize([f'caption {k}' for k in (0, 1, 0, 1, 2, 3)]))
 
 
 def test_list_with_non_utf8_bytes_is_decoded_and_the_line_named(tmp_path, capsys):
@@ -830,12 +864,12 @@ def test_list_with_non_utf8_bytes_is_decoded_and_the_line_named(tmp_path, capsys
     put(f'{tmp_path}/imgs/\xe9t\xe9.png'.encode('latin-1'), png_bytes(Image.fromarray(a)))  # a Latin-1 file name
     lines = [b'imgs/a.png\tfine', b'imgs/a.png\tcaf\xe9 au lait', b'', b'imgs/\xe9t\xe9.png\tsummer']
     put(f'{tmp_path}/list.tsv', b'\n'.join(lines))
-    meta = data.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
+    meta = prepare.build(f'{tmp_path}/list.tsv', str(tmp_path / 'out'), image_size=S, workers=1, progress=False)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'list.tsv' in err[0] and 'line 2 and 1 more' in err[0]
     assert meta['count'] == 3 and meta['skipped']['count'] == 0
     _, _, txt = stored(str(tmp_path / 'out'))
-    assert np.array_equal(txt.astype(np.int64), data.tokenize(['fine', 'caf\ufffd au lait', 'summer']))
+    assert np.array_equal(txt.astype(np.int64), tokenizer.tokenize(['fine', 'caf\ufffd au lait', 'summer']))
 
 
 def test_upsampling_warns_once(syn, capsys):
@@ -864,7 +898,7 @@ def test_cifar10_folders_build(tmp_path):
         tf.extractall(tmp_path, members=members, filter='data')
     src = str(tmp_path / 'cifar10' / 'test')
     names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-    meta = data.build(src, str(tmp_path / 'out'), image_size=32, workers=2, progress=False)
+    meta = prepare.build(src, str(tmp_path / 'out'), image_size=32, workers=2, progress=False)
     ds = data.Dataset(str(tmp_path / 'out'))
     assert meta['count'] == len(ds) == 10000 and ds.classnames == names and meta['skipped']['count'] == 0
     assert np.bincount(ds.classes).tolist() == [1000] * 10

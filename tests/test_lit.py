@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import checkpoints
+import prepare
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ TINY = ['--global_batch_size=32', '--text_width=64', '--text_layers=1', '--text_
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp('lit')
-    data.build('synthetic', str(d / 'syn'), image_size=32, count=160, seed=0, workers=1, progress=False)
+    prepare.build('synthetic', str(d / 'syn'), image_size=32, count=160, seed=0, workers=1, progress=False)
     torch.manual_seed(0)
     vision, _ = model.create('ViT-T/4', layers=2)
     torch.save({'vision_config': vision.config, 'vision': vision.state_dict()}, d / 'vision.pt')

@@ -16,6 +16,9 @@ from PIL import Image
 
 import data
 import checkpoints
+import prepare
+import synthetic
+import tokenizer
 import model
 from loss import simclr_loss
 
@@ -33,12 +36,12 @@ def setup(tmp_path_factory):
     """syn: 160 captioned synthetic images; img: the same images as class folders (no captions,
     as CIFAR-10 is); vision.pt: a 2-block ViT-T/4 to start the trained towers from."""
     d = tmp_path_factory.mktemp('baselines')
-    data.build('synthetic', str(d / 'syn'), image_size=32, count=160, seed=0, workers=1, progress=False)
+    prepare.build('synthetic', str(d / 'syn'), image_size=32, count=160, seed=0, workers=1, progress=False)
     for i in range(160):
-        img, _, cls = data.synthetic_one(i, 32, 0)
+        img, _, cls = synthetic.synthetic_one(i, 32, 0)
         os.makedirs(d / 'folders' / f'c{cls}', exist_ok=True)
         Image.fromarray(img).save(d / 'folders' / f'c{cls}' / f'{i:03d}.png')
-    data.build(str(d / 'folders'), str(d / 'img'), image_size=32, workers=1, progress=False)
+    prepare.build(str(d / 'folders'), str(d / 'img'), image_size=32, workers=1, progress=False)
     torch.manual_seed(0)
     vision, _ = model.create('ViT-T/4', layers=2)
     torch.save({'vision_config': vision.config, 'vision': vision.state_dict()}, d / 'vision.pt')
@@ -255,8 +258,8 @@ def test_cut_captions_give_the_same_text_embeddings():
     # make the padding behind it irrelevant
     torch.manual_seed(0)
     text = model.TextTransformer(width=64, layers=2, heads=2, embed_dim=32)
-    ids = torch.from_numpy(data.tokenize(['a red circle', 'a blue square and a green star on a '
-                                           'white background', 'x']).astype(np.int64))
+    ids = torch.from_numpy(tokenizer.tokenize(['a red circle', 'a blue square and a green star '
+                                                'on a white background', 'x']).astype(np.int64))
     n = int(ids.argmax(1).max()) + 1
     assert n < 20
     with torch.no_grad():

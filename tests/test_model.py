@@ -564,7 +564,7 @@ def test_rope_preset_trains_resumes_and_loads(tmp_path):
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
     data, labels = str(tmp_path / 'syn'), str(tmp_path / 'cluster')
-    run('data.py', '--src=synthetic', f'--out={data}', '--count=128', '--image_size=16', '--seed=0')
+    run('prepare.py', '--src=synthetic', f'--out={data}', '--count=128', '--image_size=16', '--seed=0')
     os.makedirs(labels)  # labels as cluster.py writes them: 2 centre ids per image, here random
     np.save(os.path.join(labels, 'labels.npy'),
             np.random.default_rng(0).integers(0, 16, (128, 2)).astype(np.int32))
@@ -611,9 +611,10 @@ def test_visualize_writes_the_grid(tmp_path):
     row on top; from a dataset at 32 px and from image files."""
     from PIL import Image
     import data
+    import prepare
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     syn = str(tmp_path / 'syn')
-    data.build('synthetic', syn, image_size=32, count=5, workers=1, progress=False)
+    prepare.build('synthetic', syn, image_size=32, count=5, workers=1, progress=False)
     torch.manual_seed(0)
     vision = model.VisionTransformer(**model.PRESETS['ViT-T/4-rope']['vision'])
     ckpt = tmp_path / 'run' / 'ckpt.pt'

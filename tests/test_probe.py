@@ -220,11 +220,11 @@ def test_templates_are_clips_80():
 
 @pytest.fixture(scope='module')
 def sets(tmp_path_factory):
-    import data
+    import prepare
     import model
     d = tmp_path_factory.mktemp('probe')
-    data.build('synthetic', str(d / 'train'), image_size=32, count=200, seed=0, workers=1, progress=False)
-    data.build('synthetic', str(d / 'test'), image_size=32, count=100, seed=1, workers=1, progress=False)
+    prepare.build('synthetic', str(d / 'train'), image_size=32, count=200, seed=0, workers=1, progress=False)
+    prepare.build('synthetic', str(d / 'test'), image_size=32, count=100, seed=1, workers=1, progress=False)
     torch.manual_seed(0)
     vision, text = model.create('ViT-T/4', layers=1)
     torch.save({'vision_config': vision.config, 'vision': vision.state_dict(),
@@ -253,9 +253,10 @@ def cached(d, out):
 def pixels(data_dir):
     """The eval transform at the stored size, written out independently: x/255, CLIP mean/std."""
     import data
+    import transforms
     ds = data.Dataset(str(data_dir))
     x = ds.images(np.arange(len(ds))).astype(np.float64) / 255
-    x = (x - np.array(data.CLIP_MEAN)) / np.array(data.CLIP_STD)
+    x = (x - np.array(transforms.CLIP_MEAN)) / np.array(transforms.CLIP_STD)
     return x.transpose(0, 3, 1, 2).reshape(len(ds), -1), np.asarray(ds.classes)
 
 
@@ -278,6 +279,7 @@ def test_probe_script_raw_pixels(sets):
 def test_probe_script_zero_shot_and_retrieval(sets):
     import checkpoints
     import data
+    import tokenizer
     r = run_probe(sets, 'ck', f'--checkpoint={sets / "both.pt"}', f'--test_dir={sets / "test"}',
                   f'--retrieval_dir={sets / "test"}', f'--templates={sets / "templates.txt"}')
     vision, text = checkpoints.from_pretrained(str(sets / 'both.pt'))
@@ -289,7 +291,7 @@ def test_probe_script_zero_shot_and_retrieval(sets):
     img = F.normalize(torch.as_tensor(feats['embed']), dim=-1)
     ds = data.Dataset(str(sets / 'test'))
     with torch.no_grad():  # zero-shot: mean of the normalised prompt embeddings per class
-        cls = torch.stack([F.normalize(F.normalize(text(torch.as_tensor(data.tokenize(
+        cls = torch.stack([F.normalize(F.normalize(text(torch.as_tensor(tokenizer.tokenize(
             [f'a photo of a {c}.', f'art of the {c}.']))), dim=-1).mean(0), dim=0) for c in ds.classnames])
         txt = F.normalize(text(torch.as_tensor(ds.texts(np.arange(len(ds))))), dim=-1)
     assert r['zero_shot']['templates'] == 2
@@ -307,8 +309,8 @@ def test_probe_script_zero_shot_and_retrieval(sets):
 def odd(sets):
     """101 images: 2 ranks embed uneven slices (51 + 50); batch_size=17 puts the batch edges of
     one process and of two at the same places (17 divides 51)."""
-    import data
-    data.build('synthetic', str(sets / 'odd'), image_size=32, count=101, seed=2, workers=1, progress=False)
+    import prepare
+    prepare.build('synthetic', str(sets / 'odd'), image_size=32, count=101, seed=2, workers=1, progress=False)
     return sets / 'odd'
 
 

@@ -42,12 +42,13 @@ def losses(out_dir):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    """The synthetic set (data.py, 16 px) clustered by cluster.py's pixel teacher into 32 centres,
-    4 labels per image: the real stage-1 output, and labels a tiny tower can learn quickly."""
+    """The synthetic set (prepare.py, 16 px) clustered by cluster.py's pixel teacher into 32
+    centres, 4 labels per image: the real stage-1 output, and labels a tiny tower can learn
+    quickly."""
     root = tmp_path_factory.mktemp('train')
     data_dir, labels_dir = str(root / 'syn'), str(root / 'cluster')
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    for cmd in (['data.py', '--src=synthetic', f'--out={data_dir}', '--count=512', '--image_size=16',
+    for cmd in (['prepare.py', '--src=synthetic', f'--out={data_dir}', '--count=512', '--image_size=16',
                  '--seed=0'],
                 ['cluster.py', f'--data_dir={data_dir}', f'--out_dir={labels_dir}', '--num_classes=32',
                  f'--num_positives={L}']):
