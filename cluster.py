@@ -24,8 +24,8 @@ import time
 import heapq
 import signal
 import resource
-from datetime import timedelta
 
+import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -64,17 +64,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    # every phase splits its work evenly over the ranks: no rank waits long for another
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo',
-                            timeout=timedelta(minutes=timeout_minutes))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith('cuda'):
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
+# every phase splits its work evenly over the ranks: no rank waits long for another
+ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 if search == 'auto':
     search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
@@ -102,10 +93,10 @@ def barrier():
         dist.barrier()
 
 
-def rank_slice(n, r, w):
-    """Contiguous rows of rank r: n_r = n // w + (r < n % w), the same split as PartialFC."""
-    start = r * (n // w) + min(r, n % w)
-    return start, start + n // w + (r < n % w)
+def rank_rows(n):
+    """(start, end) of this rank's contiguous rows of n (common.shard_range)."""
+    start, n_r = common.shard_range(n, rank, world)
+    return start, start + n_r
 
 
 def npy_create(path, shape, dtype):
@@ -271,9 +262,8 @@ def start_phase(p):
 def finish_phase(p, shape, t0, **extra):
     barrier()  # all ranks' rows are on disk
     if master:
-        tmp = state_path(p) + '.tmp'
-        json.dump(dict(config=keys[p], shape=list(shape), seconds=round(time.time() - t0, 2), **extra), open(tmp, 'w'))
-        os.replace(tmp, state_path(p))
+        common.save_json(state_path(p), dict(config=keys[p], shape=list(shape),
+                                             seconds=round(time.time() - t0, 2), **extra))
     times[p] = round(time.time() - t0, 2)
 
 
@@ -289,7 +279,7 @@ if todo['embed']:
     if embeddings_path:  # user features: normalise into our own float16 file, ranks split rows
         d = np.load(embeddings_path, mmap_mode='r').shape[1]
         npy_create(emb_path, (N, d), np.float16)
-        r0, r1 = rank_slice(N, rank, world)
+        r0, r1 = rank_rows(N)
         for i in tqdm(range(r0, r1, assign_batch), desc='embed (copy)', disable=not master):
             npy_write(emb_path, i, l2n(npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))))
             kill_point('embed')
@@ -313,12 +303,13 @@ if todo['embed']:
             evals, evecs = np.linalg.eigh(ss / n - np.outer(mean, mean))  # covariance, ascending
             comps = evecs[:, ::-1][:, :pca_dim]
             comps *= np.where(comps[np.abs(comps).argmax(0), np.arange(pca_dim)] < 0, -1, 1)  # fix signs
-            np.savez(pca_path, mean=mean, components=comps, explained=evals[::-1][:pca_dim] / evals.sum())
+            with common.atomic_open(pca_path) as fh:
+                np.savez(fh, mean=mean, components=comps, explained=evals[::-1][:pca_dim] / evals.sum())
         barrier()
         pca = np.load(pca_path)
         d = pca_dim
         npy_create(emb_path, (N, d), np.float16)
-        r0, r1 = rank_slice(N, rank, world)
+        r0, r1 = rank_rows(N)
         for i in tqdm(range(r0, r1, batch_size), desc='embed (pixels)', disable=not master):
             x = pool(np.arange(i, min(i + batch_size, r1)))
             npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
@@ -339,7 +330,7 @@ if todo['embed']:
             text = text.to(device).eval()
         npy_create(emb_path, (N, d), np.float16)
         autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
-        r0, r1 = rank_slice(N, rank, world)
+        r0, r1 = rank_rows(N)
         batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device)
         for index, images in tqdm(batches, desc='embed (teacher)', disable=not master, total=-(-(r1 - r0) // batch_size)):
             with torch.no_grad(), autocast:
@@ -418,7 +409,7 @@ kmeans_obj = None
 if todo['kmeans']:
     t0 = start_phase('kmeans')
     n = min(N, max_points_per_centroid * k)
-    a, b = rank_slice(n, rank, world)
+    a, b = rank_rows(n)
     if master:
         gib = lambda x: f'{x / 2 ** 30:.2f} GiB'
         share, cen_b, acc_b = (b - a) * d * 2, k * d * 4, k * (d + 1) * 8
@@ -473,16 +464,14 @@ if todo['kmeans']:
         objs.append(float(obj) / n)  # mean cosine of a point to its centre, before this update
         pbar.set_postfix(mean_cos=f'{objs[-1]:.4f}', empty=n_empty)
         if master and ((it + 1) % kmeans_ckpt_interval == 0) and it + 1 < niter:
-            tmp = kms_path[:-4] + '.tmp.npz'
-            np.savez(tmp, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
-                     config=json.dumps(keys['kmeans']))
-            os.replace(tmp, kms_path)
+            with common.atomic_open(kms_path) as fh:
+                np.savez(fh, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
+                         config=json.dumps(keys['kmeans']))
         kill_point('kmeans')
     kmeans_obj = objs[-1]
     if master:
-        tmp = cen_path[:-4] + '.tmp.npy'
-        np.save(tmp, C.cpu().numpy())
-        os.replace(tmp, cen_path)
+        with common.atomic_open(cen_path) as fh:
+            np.save(fh, C.cpu().numpy())
     del x
     finish_phase('kmeans', (k, d), t0, mean_cos=kmeans_obj)
     if master and os.path.exists(kms_path):
@@ -499,7 +488,7 @@ if todo['assign']:
     t0 = start_phase('assign')
     f = searcher(cen)
     npy_create(lab_path, (N, l), np.int32)
-    r0, r1 = rank_slice(N, rank, world)
+    r0, r1 = rank_rows(N)
     for i in tqdm(range(r0, r1, chunk_rows), desc=f'assign top-{l}', disable=not master):
         _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
         npy_write(lab_path, i, I.cpu().numpy().astype(np.int32))
@@ -543,7 +532,7 @@ if master:
     result.update(phases={p: ('done' if todo[p] else 'skipped') for p in todo}, seconds=times,
                   search=search, faiss_gpu=use_gpu_faiss, world_size=world,
                   peak_rss_gib=[round(r, 3) for r in rss], out_dir=out_dir)
-    json.dump(result, open(os.path.join(out_dir, 'cluster.json'), 'w'), indent=1)
+    common.save_json(os.path.join(out_dir, 'cluster.json'), result, indent=1)
     print(json.dumps(result))
 barrier()
 if ddp:

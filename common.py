@@ -1,7 +1,7 @@
 """
-What the training stages (train.py, lit.py) share: threads, the process group, the batch plan,
-the lr schedule, weight-decay groups, signals, checkpoint files, RNG state, log.jsonl and
-one-line stops.
+What the stage scripts share: threads, the process group and each rank's share of the rows, the
+batch plan, the lr schedule, weight-decay groups, signals, atomic file writes, checkpoint files,
+RNG state, log.jsonl and one-line stops.
 Plain functions; each script still reads top to bottom and calls them where it needs them.
 
 Import this module before torch: OMP_WAIT_POLICY is read once, when torch loads its OpenMP
@@ -14,6 +14,7 @@ import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import datetime  # noqa: E402 (after the environment is set)
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -92,6 +93,21 @@ def lost_rank(kind, e, tb, rank, timeout_minutes):
     os._exit(1)  # not sys.exit: tearing down a process group with a peer gone can hang
 
 
+def autocast(device, dtype):
+    """bf16 autocast on CUDA when dtype is 'bfloat16'; nothing otherwise (CPU runs fp32)."""
+    if torch.device(device).type == 'cuda' and dtype == 'bfloat16':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def shard_range(n, rank, world_size):
+    """(start, n_r): `rank` holds the contiguous rows [start, start + n_r) of n, the first
+    n % world_size ranks one more. Every split over ranks uses it: PartialFC's centres, the
+    embedding, k-means and assignment rows of cluster.py, the features of probe.py."""
+    base, extra = divmod(n, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def run_id(ddp):
     """A random id for a new run, the same on every rank; stored in every file the run writes so
     that files of two runs are never mixed."""
@@ -145,8 +161,47 @@ def param_groups(module, weight_decay, skip):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
+def grad_norm(params, grad_clip):
+    """The global gradient norm of params, clipped to grad_clip first when grad_clip > 0."""
+    params = list(params)
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def load_optimizer(optimizer, state, weight_decay):
+    """Resume an optimizer of param_groups' two groups; the current config's weight decay wins
+    over the saved one."""
+    optimizer.load_state_dict(state)
+    for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group['weight_decay'] = wd
+
+
 # -----------------------------------------------------------------------------
-# signals: finish the step, checkpoint, leave
+# one-line stops of a training loop; signals: finish the step, checkpoint, leave
+
+def last_good(ckpt_path):
+    return f'the last good checkpoint is {ckpt_path}' + ('' if os.path.exists(ckpt_path)
+                                                          else ' (none yet)')
+
+
+def stop_non_finite(what, step, loss, grad_norm, ckpt_path):
+    """Before the optimizer step: the weights are still those of the last step."""
+    stop(f"non-finite {', '.join(what)} at step {step + 1} (loss {loss}, gradient norm "
+         f'{grad_norm}); nothing was updated or saved, {last_good(ckpt_path)}; a lower '
+         'learning_rate or grad_clip may help')
+
+
+def stop_unsaved(step, ckpt_path):
+    stop(f'non-finite weights or optimizer state after step {step}: not saved; '
+         + last_good(ckpt_path))
+
+
+def stop_signalled(step, max_steps, ckpt_path):
+    stop(f'stopped by {signalled or "a signal to another rank"} after step {step} of '
+         f'{max_steps}; checkpoint {ckpt_path} written: continue with the same command and '
+         '--init_from=resume')
+
 
 signalled = None  # the name of the first SIGTERM / SIGINT received, once one has come
 
@@ -206,14 +261,23 @@ def load(path, what, mmap=False):
         stop(f'{what}: {path} is truncated or not a checkpoint ({str(e).splitlines()[0][:120]})')
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """A file opened under a temporary name (path + '.tmp'), flushed to disk and renamed onto
+    path when the block ends: readers see the old file or the new one, and a crash leaves the
+    old one. An error inside the block leaves path untouched."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_open."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def save(obj, path):
@@ -257,11 +321,10 @@ def open_dataset(key, path):
         stop(f"{key}={path}: {str(e).removeprefix(str(path) + ': ')}")
 
 
-def save_json(path, obj):
-    """A JSON file written to a temporary name and renamed: readers see the old or the new."""
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f)
-    os.replace(path + '.tmp', path)
+def save_json(path, obj, **kwargs):
+    """json.dump through atomic_open: readers see the old file or the new one."""
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, **kwargs)
 
 
 def sha256(*tensors):
@@ -294,10 +357,18 @@ def trim_log(path, step):
                 torn += bool(line.strip())
             elif rec['step'] <= step:
                 kept.append(line)
-    with open(path + '.tmp', 'wb') as f:
+    with atomic_open(path) as f:
         f.writelines(kept)
-    os.replace(path + '.tmp', path)
     return torn
+
+
+def start_log(path, step):
+    """Rank 0, before the loop. A resume (step > 0) drops the records past the checkpoint and a
+    torn last line (trim_log); a new run removes the log of the run it replaces."""
+    if step > 0 and trim_log(path, step):
+        print(f'{path}: dropped unreadable line(s), e.g. one cut short by a full disk')
+    elif step == 0 and os.path.exists(path):
+        os.remove(path)
 
 
 def log_line(path, record):

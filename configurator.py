@@ -14,6 +14,7 @@ of another type than the default's, stops the run with a message naming the key:
 silently train the wrong model. After this runs, the script has a `config` dict of all its settings.
 `--help` lists every setting with its value and the comment beside it in the script's source.
 """
+import builtins
 import sys
 import types
 from ast import literal_eval
@@ -90,7 +91,9 @@ def configure(g, args):
                 raise SystemExit(f'config error: cannot read config file {arg}: {e.strerror}')
             ns = {k: g[k] for k in keys}
             ns['__file__'] = arg
-            exec(compile(src, arg, 'exec'), ns)
+            # builtins.compile: exec'd into a stage script, this runs in its globals, where a
+            # setting may be named compile (nanoGPT's)
+            exec(builtins.compile(src, arg, 'exec'), ns)
             for k, v in ns.items():
                 if k.startswith('_') or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue
@@ -113,12 +116,5 @@ def configure(g, args):
     g['config'] = {k: g[k] for k in keys}
 
 
-if __name__ == '__main__':
-    # exec'd from a stage script: the functions above now live in that script's globals, where a
-    # setting may shadow a builtin they use (nanoGPT's `compile`), so run copies of them bound to
-    # a namespace of their own
-    _ns = {'__builtins__': __builtins__, 'sys': sys, 'types': types, 'literal_eval': literal_eval,
-           '_CONFIG_TYPES': _CONFIG_TYPES}
-    for _f in (config_keys, setting_comments, coerce, configure):
-        _ns[_f.__name__] = types.FunctionType(_f.__code__, _ns)
-    _ns['configure'](globals(), sys.argv[1:])
+if __name__ == '__main__':  # exec'd at the top of a stage script, whose globals these are
+    configure(globals(), sys.argv[1:])

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
@@ -44,9 +43,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
-from common import rng_state, set_rng_state, stop
+from common import rng_state, set_rng_state, shard_range, stop
 from data import Loader, eval_batches
-from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, shard_range, simclr_loss
+from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import PRESETS, AugAwareVision, TextTransformer, VisionTransformer
 
 # -----------------------------------------------------------------------------
@@ -131,8 +130,7 @@ threads = common.set_threads(threads)
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
-       if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+ctx = common.autocast(device, dtype)
 # images per rank: the nearest global batch that is a multiple of the ranks (no accumulation)
 global_batch_size, batch_size, _, batch_note = common.batch_plan(global_batch_size, world)
 common.check_out_dir(out_dir, init_from, overwrite)
@@ -332,9 +330,7 @@ if ckpt is not None:
             logit_scale.copy_(ckpt['logit_scale'])
     else:
         sim.load_state_dict(ckpt['similarity'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
-        group['weight_decay'] = wd  # the current config wins over the saved hyperparameters
+    common.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
     step = ckpt['step']
     if ckpt['world_size'] != world:
         stop(f"{ckpt_path}: written by {ckpt['world_size']} ranks; resume with the same number")
@@ -357,8 +353,7 @@ def save_checkpoint():
     tensors = [*raw_towers.parameters(), *temps]
     tensors += [s[k] for s in optimizer.state.values() for k in ('exp_avg', 'exp_avg_sq')]
     if not common.all_finite(tensors):  # the same on every rank (everything is replicated)
-        stop(f'non-finite weights or optimizer state after step {step}: not saved; the last good '
-             f'checkpoint is {ckpt_path}' + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
+        common.stop_unsaved(step, ckpt_path)
     rngs = [rng_state(device)]
     if ddp:
         rngs = [None] * world
@@ -439,10 +434,7 @@ if master:
           + f'embed {vision.embed_dim}, '
           + ('precomputed features' if precompute_features else 'full image forward')
           + f', device {device}, {threads} thread(s), run {run_id}')
-    if step > 0 and common.trim_log(log_path, step):  # resume: drop records past the checkpoint
-        print(f'{log_path}: dropped unreadable line(s), e.g. one cut short by a full disk')
-    elif step == 0 and os.path.exists(log_path):  # a new run (--overwrite=True, or none saved yet)
-        os.remove(log_path)
+    common.start_log(log_path, step)
 last = {'loss': None, 'grad_norm': None, 'images_per_s': None}
 first_loss = None
 pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc=loss)
@@ -481,9 +473,7 @@ while step < end:
         for p, g in zip(temps, t_grad.split([p.numel() for p in temps])):
             p.grad.copy_(g.view_as(p))
         emb_bad, signal_flag = red[n_t] > 0, red[n_t + 1] > 0
-    params = list(raw_towers.parameters())
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
-                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    grad_norm = common.grad_norm(raw_towers.parameters(), grad_clip)
     # the step's one device read: the values to log and every reason to stop, the same on all ranks
     t_val = torch.cat([p.detach().view(-1) for p in temps])
     vals = torch.cat([torch.stack([value.detach(), grad_norm]), t_grad, t_val]).float()
@@ -495,10 +485,7 @@ while step < end:
     if any(bad):  # before the optimizer step: the weights are still those of the last step
         what = [n for n, b in zip(('loss', 'gradient norm', 'temperature gradient', 'temperature',
                                    'embeddings'), bad) if b]
-        stop(f"non-finite {', '.join(what)} at step {step + 1} (loss {lossf}, gradient norm "
-             f'{gnorm}); nothing was updated or saved, the last good checkpoint is {ckpt_path}'
-             + ('' if os.path.exists(ckpt_path) else ' (none yet)')
-             + '; a lower learning_rate or grad_clip may help')
+        common.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # CLIP clamps the parameter itself after each step
@@ -535,9 +522,7 @@ while step < end:
         t_log += time.time() - t0
         ckpt_s += time.time() - t0
     if stopping:
-        stop(f'stopped by {common.signalled or "a signal to another rank"} after step {step} of '
-             f'{max_steps}; checkpoint {ckpt_path} written: continue with the same command and '
-             '--init_from=resume')
+        common.stop_signalled(step, max_steps, ckpt_path)
 loop_s = time.time() - t_loop - ckpt_s  # training steps only: no checkpoint writing
 pbar.close()
 if batches is not None:

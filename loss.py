@@ -17,17 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
+from common import shard_range  # rank r holds centres [start, start + n_r)
+
 
 def _world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def shard_range(num_classes, rank, world_size):
-    """(start, n): `rank` holds classes [start, start + n), the first k % world ranks one more."""
-    base, extra = divmod(num_classes, world_size)
-    return rank * base + min(rank, extra), base + (rank < extra)
 
 
 # -----------------------------------------------------------------------------
@@ -106,6 +102,19 @@ class _ScaleGrad(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # MLCD / MLC over partial (sampled, sharded) class centres
 
+def init_centres(start, n, d, seed, block=4096):
+    """Rows start..start+n of a k x d matrix of N(0, 0.01^2) centres drawn block by block, block b
+    from a generator seeded with (seed, b): the global matrix is the same whatever the number of
+    ranks, and no rank draws all k x d numbers."""
+    w = torch.empty(n, d)
+    for b in range(start // block, (start + n + block - 1) // block):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        rows = torch.randn(block, d, generator=g) * 0.01
+        lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
+        w[lo - start:hi - start] = rows[lo - b * block:hi - b * block]
+    return w
+
+
 class PartialFC(nn.Module):
     """k class centres split over ranks. Each step every rank draws S, a uniform random subset of
     round(sample_ratio * n_r) of its n_r centres. A sample's positives are its own labels, always
@@ -114,10 +123,11 @@ class PartialFC(nn.Module):
     batch (the paper's Omega'_n, Sec. 3). Returns the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged
     over the global batch. Every shape is fixed by the settings, not by the data: no host syncs.
     batch_positives_as_negatives=True is insightface's PartialFC sampling, kept for comparison
-    (README, "Distributed PartialFC")."""
+    (README, "Distributed PartialFC"). seed: of the initial centres (init_centres); None draws
+    one from torch's RNG."""
 
     def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
-                 loss_type='mlcd', batch_positives_as_negatives=False):
+                 loss_type='mlcd', batch_positives_as_negatives=False, seed=None):
         super().__init__()
         if loss_type not in ('mlcd', 'mlc'):
             raise ValueError(f"loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
@@ -130,23 +140,12 @@ class PartialFC(nn.Module):
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
         self.batch_positives_as_negatives = batch_positives_as_negatives
         self.start, self.num_local = shard_range(num_classes, rank, world)
-        self.weight = nn.Parameter(self._init_shard(int(torch.randint(2**62, ())), embed_dim))
+        if seed is None:  # one draw of torch's RNG: ranks seeded alike hold one k x d matrix
+            seed = int(torch.randint(2**62, ())) % 2**40
+        self.weight = nn.Parameter(init_centres(self.start, self.num_local, embed_dim, seed))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
         self.index = None  # local indices of the last forward's S (-1: a candidate left unused)
         self.stats = {}
-
-    def _init_shard(self, seed, embed_dim, chunk=65536):
-        # N(0, 0.01) centres drawn in fixed chunks of classes, each from its own seeded generator:
-        # with the same seed every world size holds slices of one k x d matrix (and no two ranks
-        # start with equal centres), without any rank drawing all k x d numbers
-        end = self.start + self.num_local
-        w = torch.empty(self.num_local, embed_dim)
-        for c in range(self.start // chunk, (end - 1) // chunk + 1 if self.num_local else 0):
-            g = torch.Generator().manual_seed(seed + c)
-            rows = torch.normal(0.0, 0.01, (min(chunk, self.num_classes - c * chunk), embed_dim), generator=g)
-            lo, hi = max(self.start, c * chunk), min(end, (c + 1) * chunk)
-            w[lo - self.start:hi - self.start] = rows[lo - c * chunk:hi - c * chunk]
-        return w
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) / .cuda(): the sampler's generator follows the weight (same initial seed; a

@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import time
-from contextlib import nullcontext
 
 import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
@@ -31,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
-from common import rng_state, set_rng_state, stop
+from common import rng_state, set_rng_state, shard_range, stop
 from data import Dataset, Loader, eval_batches
-from loss import PartialFC, shard_range
+from loss import PartialFC
 from model import PRESETS, VisionTransformer
 
 # -----------------------------------------------------------------------------
@@ -101,8 +100,7 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 autocast for the tower only; PartialFC runs outside it in fp32, because s * cos(theta) with
 # s = 64 would carry ~0.25 of logit error at bf16's 8-bit mantissa
-ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
-       if device_type == 'cuda' and dtype == 'bfloat16' else nullcontext())
+ctx = common.autocast(device, dtype)
 # the global batch: micro x ranks x accumulation steps, the nearest to the one asked
 global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
     global_batch_size, world, micro_batch_size)
@@ -203,45 +201,22 @@ if steps_per_epoch == 0:
 max_steps = max_steps or epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
-# class centres: this rank's contiguous shard [start, start + n) of the k x d matrix W
-
-
-def init_centres(start, n, d, seed, block=4096):
-    """Rows start..start+n of a k x d matrix drawn block by block, block b from a generator seeded
-    with (seed, b): the global matrix is the same whatever the number of ranks."""
-    w = torch.empty(n, d)
-    for b in range(start // block, (start + n + block - 1) // block):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        rows = torch.randn(block, d, generator=g) * 0.01
-        lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
-        w[lo - start:hi - start] = rows[lo - b * block:hi - b * block]
-    return w
-
-
+# class centres: this rank's contiguous shard [start, start + n) of the k x d matrix W, drawn from
+# the seed alone (the same matrix on any number of ranks)
 pfc = PartialFC(embed_dim, num_classes, sample_ratio=sample_ratio, scale=scale, margin=margin,
-                loss_type=loss_type,
-                batch_positives_as_negatives=batch_positives_as_negatives).to(device)
-with torch.no_grad():
-    pfc.weight.copy_(init_centres(pfc.start, pfc.num_local, embed_dim, seed))
+                loss_type=loss_type, batch_positives_as_negatives=batch_positives_as_negatives,
+                seed=seed).to(device)
 pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own negatives
 
 # -----------------------------------------------------------------------------
-# optimizers: AdamW for the tower (replicated) and a separate AdamW for this rank's centre shard
-# (sharded, so its state is per rank and never all-reduced).
-# Weight decay 0.2 on the matrices only (common.param_groups), and not on the position embedding.
+# optimizers: AdamW for the tower (replicated; weight decay on matrices only, not the position
+# embedding) and a separate AdamW for this rank's centre shard (its state is per rank, never
+# all-reduced)
 optimizer = torch.optim.AdamW(common.param_groups(vision, weight_decay, skip=('pos_embed',)),
                               lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
-# Centres. A row that was not sampled this step gets an exactly zero gradient, and plain AdamW
-# still updates it: its moments decay (m *= beta1, v *= beta2) and it keeps moving along its last
-# momentum, by a step that shrinks ~0.91x per step (beta1 / sqrt(beta2)). We keep that, on purpose:
-# with r = 0.1 a row is sampled about every 10 steps, and the drift spreads each sampled update over
-# the following steps, so a centre moves about as far per gradient as a densely trained one; a lazy
-# update (sampled rows only) would cut the centres' effective learning rate by about r. This is
-# also what PartialFC trainers (insightface, unicom) do, since their centres are a dense Parameter.
-# Weight decay, on the other hand, is off for the centres (centre_weight_decay = 0): the loss sees
-# only w / |w|, so decay cannot regularise anything; it would only shrink every row every step,
-# including the ~90% not sampled that have no gradient pulling back, and a shrunk row turns Adam's
-# lr-sized steps into ever larger angular jumps.
+# Dense AdamW on the centres, as insightface and unicom: an unsampled row keeps drifting along its
+# momentum (a lazy update would cut the centres' effective lr by about r), and no weight decay:
+# the loss sees only w / |w| (README, "AdamW on the centres")
 optimizer_c = torch.optim.AdamW([pfc.weight], lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
                                 weight_decay=centre_weight_decay)
 
@@ -287,9 +262,7 @@ if ckpt is not None:
         stop(f"{ckpt_path}: has {ckpt['num_classes']} centres of dim {ckpt['embed_dim']}, "
              f'config asks for {num_classes} of dim {embed_dim}')
     step = ckpt['step']
-    optimizer.load_state_dict(ckpt['optimizer'])
-    for group, wd in zip(optimizer.param_groups, (weight_decay, 0.0)):
-        group['weight_decay'] = wd  # the current config wins over the saved hyperparameters
+    common.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
     w, m, v, adam_step, own = load_centres(ckpt, pfc.start, pfc.num_local)
     with torch.no_grad():
         pfc.weight.copy_(w)
@@ -342,8 +315,7 @@ def save_checkpoint():
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        stop(f'non-finite weights or optimizer state after step {step}: not saved; the last good '
-             f'checkpoint is {ckpt_path}' + ('' if os.path.exists(ckpt_path) else ' (none yet)'))
+        common.stop_unsaved(step, ckpt_path)
     os.makedirs(out_dir, exist_ok=True)
     names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
     shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
@@ -420,11 +392,8 @@ if wandb_log and master:
         run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     except ImportError:
         print('wandb_log=True but wandb is not installed: logging to log.jsonl only')
-if master and step > 0:  # resume: drop records past the checkpoint (and a torn last line)
-    if common.trim_log(log_path, step):
-        print(f'{log_path}: dropped unreadable line(s), e.g. one cut short by a full disk')
-elif master and os.path.exists(log_path):  # a new run (--overwrite=True, or none saved yet)
-    os.remove(log_path)
+if master:
+    common.start_log(log_path, step)
 
 
 def log(record):
@@ -474,9 +443,7 @@ while step < end:
         loss_sum += loss.detach()
         pos_cos += pfc.stats['pos_cos'] / accum
         neg_cos += pfc.stats['neg_cos'] / accum
-    params = list(raw_vision.parameters())
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
-                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    grad_norm = common.grad_norm(raw_vision.parameters(), grad_clip)
     # Everything the step must agree on, in one tensor, all-reduced (MAX) and read once: the one
     # device sync of the step. The loss, cosines and tower gradient norm are the same on every
     # rank; the flags (non-finite values, this rank's embeddings, a signal) are 0 / 1 per rank.
@@ -490,10 +457,7 @@ while step < end:
     if any(bad):  # before the optimizer step: the weights are still those of the last step
         what = [n for n, b in zip(('loss', 'gradient norm', 'centre gradient norm', 'positive '
                                    'cosine', 'negative cosine', 'embeddings'), bad) if b]
-        stop(f"non-finite {', '.join(what)} at step {step + 1} (loss {lossf}, gradient norm "
-             f'{gnorm}); nothing was updated or saved, the last good checkpoint is {ckpt_path}'
-             + ('' if os.path.exists(ckpt_path) else ' (none yet)')
-             + '; a lower learning_rate or grad_clip may help')
+        common.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
     optimizer.step()
     optimizer_c.step()
     optimizer.zero_grad(set_to_none=True)
@@ -535,9 +499,7 @@ while step < end:
         saved = step
         t_log += time.time() - t0
     if stopping:
-        stop(f'stopped by {common.signalled or "a signal to another rank"} after step {step} of '
-             f'{max_steps}; checkpoint {ckpt_path} written: continue with the same command and '
-             '--init_from=resume')
+        common.stop_signalled(step, max_steps, ckpt_path)
 pbar.close()
 if batches is not None:
     batches.close()

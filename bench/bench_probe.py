@@ -9,7 +9,7 @@ test images for the test accuracy.
                axes, centred, preconditioned L-BFGS; each search fit warm-started)
   alternative: sklearn.linear_model.LogisticRegression(solver='lbfgs', C=1/lambda,
                max_iter=1000) in float64, threads as scikit-learn sets them, cold starts (CLIP)
-Both minimise the same objective; both searches are probe.search_lambda (15 fits), scored by
+Both minimise the same objective; both searches are evaluation.search_lambda (15 fits), scored by
 validation (top-1, -loss), then a refit on train+val at the chosen lambda.
   (a) one fit at a few lambdas; (b) the whole search + refit. Median of `repeats` runs.
 
@@ -32,7 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import probe  # noqa: E402
+import evaluation  # noqa: E402
 
 TAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
 CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -77,7 +77,7 @@ def features():
         subprocess.run([sys.executable, 'prepare.py', f'--src={src}', f'--out={d}',
                         '--image_size=32', '--overwrite=True'], cwd=ROOT, check=True)
         t0 = time.time()
-        res[f'{split}_x'] = probe.extract(vision, d, 256, 16, 'cpu', desc=split)['embed']
+        res[f'{split}_x'] = evaluation.extract(vision, d, 256, 16, 'cpu', desc=split)['embed']
         res[f'{split}_y'] = np.asarray(data.Dataset(d).classes, np.int64)
         print(f'{split} features: {res[split + "_x"].shape} in {time.time() - t0:.0f}s', flush=True)
     np.savez(path, **res)
@@ -108,7 +108,7 @@ def sk_fit(x, y, lam, info=None):
 
 
 def val_score(W, b, x, y):
-    logits = probe.logits_of(W, b, x)
+    logits = evaluation.logits_of(W, b, x)
     yt = torch.as_tensor(y)
     return (round(float((logits.argmax(1) == yt).double().mean()), 12),
             -float(torch.nn.functional.cross_entropy(logits.double(), yt)))
@@ -116,16 +116,16 @@ def val_score(W, b, x, y):
 
 def sk_probe(x_tr, y_tr, x_va, y_va, x_te, y_te):
     """CLIP's protocol driven by scikit-learn: the same search, cold fits, refit, test."""
-    lam, tried = probe.search_lambda(lambda l: val_score(*sk_fit(x_tr, y_tr, l), x_va, y_va))
+    lam, tried = evaluation.search_lambda(lambda l: val_score(*sk_fit(x_tr, y_tr, l), x_va, y_va))
     W, b = sk_fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), lam)
-    top1 = float((probe.logits_of(W, b, x_te).argmax(1).numpy() == y_te).mean())
+    top1 = float((evaluation.logits_of(W, b, x_te).argmax(1).numpy() == y_te).mean())
     return dict(lambda_=lam, val_top1=tried[lam][0], top1=top1, lambdas_tried=len(tried))
 
 
 if __name__ == '__main__':
     import sklearn
     f = features()
-    tr, va = probe.split_train_val(len(f['train_y']), 0.2, 0)
+    tr, va = evaluation.split_train_val(len(f['train_y']), 0.2, 0)
     x_tr, y_tr, x_va, y_va = f['train_x'][tr], f['train_y'][tr], f['train_x'][va], f['train_y'][va]
     x_te, y_te = f['test_x'], f['test_y']
     x64 = [a.astype(np.float64) for a in (x_tr, x_va, x_te)]
@@ -137,9 +137,9 @@ if __name__ == '__main__':
 
     # (a) one fit. Ours as linear_probe runs it: on the principal axes (rotation timed in)
     def ours_fit(lam, info, dtype=torch.float32, n_threads=threads):
-        with probe.cpu_threads(n_threads):
-            P = probe.principal_axes(np.concatenate([x_tr, x_va])).to(dtype)
-            W, b = probe.fit_logreg(torch.as_tensor(x_tr).to(dtype) @ P, y_tr, 10, lam, dtype=dtype,
+        with evaluation.cpu_threads(n_threads):
+            P = evaluation.principal_axes(np.concatenate([x_tr, x_va])).to(dtype)
+            W, b = evaluation.fit_logreg(torch.as_tensor(x_tr).to(dtype) @ P, y_tr, 10, lam, dtype=dtype,
                                     threads=n_threads, info=info)
         return P @ W, b
     for lam in map(float, lambdas.split(',')):
@@ -156,11 +156,11 @@ if __name__ == '__main__':
 
     # (b) the whole protocol: 15-fit search, refit on train+val, test accuracy
     quiet = dict(log=lambda s: None)
-    searches = [(f'ours float32, {threads} thread(s)', lambda: probe.linear_probe(
+    searches = [(f'ours float32, {threads} thread(s)', lambda: evaluation.linear_probe(
                     x_tr, y_tr, x_va, y_va, x_te, y_te, 10, threads=threads, **quiet)),
-                ('ours float32, 2 threads', lambda: probe.linear_probe(
+                ('ours float32, 2 threads', lambda: evaluation.linear_probe(
                     x_tr, y_tr, x_va, y_va, x_te, y_te, 10, threads=2, **quiet)),
-                ('ours float64', lambda: probe.linear_probe(
+                ('ours float64', lambda: evaluation.linear_probe(
                     x_tr, y_tr, x_va, y_va, x_te, y_te, 10, dtype=torch.float64, **quiet))]
     if not skip_sklearn_search:
         searches.append(('scikit-learn', lambda: sk_probe(x64[0], y_tr, x64[1], y_va, x64[2], y_te)))

@@ -21,7 +21,7 @@ checks (the same inputs on the device and on the CPU)
   loader     data.Loader(device=...) (one grid_sample) vs the CPU loader's grid and uint8 paths
   pinned     batches through the prefetch thread (pinned buffers, non-blocking copies) while the
              device is kept busy: labels exact, images equal to the same batch made on the CPU
-  probe      probe.fit_logreg (L-BFGS) on the device vs float64 on the CPU: the same optimum
+  probe      evaluation.fit_logreg (L-BFGS) on the device vs float64 on the CPU: the same optimum
   kmeans     cluster.py as subprocesses: search='torch' on the device vs on the CPU, and vs faiss
              on the CPU when faiss is installed: centroids and labels
 timings
@@ -515,10 +515,10 @@ def check_pinned(device, tmp, busy):
 
 
 def check_probe(device, n, d, C):
-    """probe.fit_logreg with its defaults on the device and on the CPU, and a float64 fit run to
+    """evaluation.fit_logreg with its defaults on the device and on the CPU, and a float64 fit run to
     a tight tolerance on the CPU (the optimum): both default fits end near it and near each other.
     Overlapping classes, so that the objective is far from 0 and its gaps are meaningful."""
-    import probe
+    import evaluation
     rng = np.random.default_rng(0)
     y = rng.integers(0, C, n)
     x = (rng.standard_normal((C, d)) * 0.2)[y] + rng.standard_normal((n, d))
@@ -530,13 +530,13 @@ def check_probe(device, n, d, C):
         return float(F.cross_entropy(logits, torch.from_numpy(y)) + lam / (2 * n) * W.pow(2).sum())
 
     def fit(dev, **kw):
-        return probe.fit_logreg(torch.as_tensor(x, dtype=torch.float32, device=dev),
+        return evaluation.fit_logreg(torch.as_tensor(x, dtype=torch.float32, device=dev),
                                 torch.as_tensor(y, device=dev), C, lam, max_iter=1000, **kw)
     t0 = time.time()
     W, b = fit(device)
     t_dev = time.time() - t0
     Wc, bc = fit('cpu')
-    Wr, br = probe.fit_logreg(x, y, C, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
+    Wr, br = evaluation.fit_logreg(x, y, C, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
     j, jc, jr = objective(W, b), objective(Wc, bc), objective(Wr, br)
     xt = torch.from_numpy(x)
     agree = float(((xt @ W.double().cpu() + b.double().cpu()).argmax(1)

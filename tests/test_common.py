@@ -56,8 +56,8 @@ def test_the_readme_ten_node_command_runs_the_paper_batch():
     nproc = int(re.search(r'--nproc_per_node=(\d+)', cmd).group(1))
     nnodes = int(re.search(r'--nnodes=(\d+)', cmd).group(1))
     cfg = re.search(r'train\.py (config/\S+\.py)', cmd).group(1)
-    ns = {}
-    exec(open(os.path.join(ROOT, cfg)).read(), ns)
+    ns = {'__file__': os.path.join(ROOT, cfg)}  # as configurator.py runs a config file
+    exec(open(ns['__file__']).read(), ns)
     got, micro, accum, note = common.batch_plan(ns['global_batch_size'], nproc * nnodes,
                                                 ns['micro_batch_size'])
     assert (nproc * nnodes, ns['global_batch_size'], ns['micro_batch_size']) == (80, 32768, 256)

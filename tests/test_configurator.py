@@ -94,3 +94,31 @@ def test_stage_help_explains_the_settings():
                        text=True, check=True)
     line = next(x for x in p.stdout.splitlines() if x.startswith('  --learning_rate='))
     assert line.split('  # ')[1] == 'Table 9: 5e-4 for ViT-B, 4e-4 for ViT-L'
+
+
+def settings(script, config, cwd):
+    """{key: repr of value} that `python script config --help` lists, run from cwd."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), config, '--help'], cwd=cwd,
+                       capture_output=True, text=True, check=True)
+    return dict(x.split('  # ')[0].strip()[2:].split('=', 1) for x in p.stdout.splitlines()
+                if x.startswith('  --'))
+
+
+def test_config_files_that_run_a_shared_one(tmp_path):
+    """vitb32 / vitb16 / vitl14 run config/paper.py, uniclip_cifar10 runs simclr_cifar10, found
+    beside the config file whatever the working directory; each differs from the shared one only
+    in what it sets itself."""
+    got = {n: settings('train.py', os.path.join(ROOT, 'config', f'{n}.py'), tmp_path)
+           for n in ('paper', 'vitb32', 'vitb16', 'vitl14')}
+    for n, own in [('vitb32', {'out_dir': "'out/mlcd-vitb32'", 'model': "'ViT-B/32'",
+                               'micro_batch_size': '512'}),
+                   ('vitb16', {'out_dir': "'out/mlcd-vitb16'", 'model': "'ViT-B/16'",
+                               'micro_batch_size': '512'}),
+                   ('vitl14', {'out_dir': "'out/mlcd-vitl14'", 'model': "'ViT-L/14'",
+                               'micro_batch_size': '256', 'learning_rate': '0.0004'})]:
+        assert got[n] == {**got['paper'], **own}, n
+    assert got['paper']['num_classes'] == '1000000' and got['paper']['epochs'] == '32'
+    simclr = settings('lit.py', os.path.join(ROOT, 'config', 'simclr_cifar10.py'), tmp_path)
+    uniclip = settings('lit.py', os.path.join(ROOT, 'config', 'uniclip_cifar10.py'), tmp_path)
+    assert uniclip == {**simclr, 'out_dir': "'out/uniclip_cifar10'", 'loss': "'uniclip'",
+                       'views': '2', 'aug_embed': 'True'}

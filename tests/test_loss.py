@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from loss import PartialFC, clip_loss, shard_range
+from loss import PartialFC, clip_loss, init_centres, shard_range
 from sync_count import count_syncs
 
 SCALE, MARGIN = 64.0, 0.3
@@ -508,6 +508,29 @@ def test_shard_range():
         for (s0, n0), (s1, _) in zip(ranges, ranges[1:]):
             assert s0 + n0 == s1
         assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+
+
+def reference_centres(k, d, seed, block=4096):
+    """The k x d initial centres as train.py drew them before init_centres moved to loss.py: row i
+    is row i % block of randn(block, d) from a generator seeded (seed * 1_000_003 + i // block),
+    times 0.01."""
+    blocks = [torch.randn(block, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + b))
+              for b in range(-(-k // block))]
+    return torch.cat(blocks)[:k] * 0.01
+
+
+def test_init_centres_same_matrix_on_any_number_of_ranks():
+    k, d = 9000, 5  # three blocks of 4096, the last one partial
+    ref = reference_centres(k, d, seed=1337)
+    for world in (1, 2, 3, 7):
+        shards = [init_centres(*shard_range(k, r, world), d, 1337) for r in range(world)]
+        assert torch.equal(torch.cat(shards), ref), world
+    assert torch.equal(PartialFC(d, k, seed=1337).weight.data, ref)
+    assert not torch.equal(init_centres(0, k, d, 1338), ref)
+    torch.manual_seed(0)
+    a = PartialFC(d, 100).weight.data  # no seed: one drawn from torch's RNG
+    torch.manual_seed(0)
+    assert torch.equal(PartialFC(d, 100).weight.data, a) and a.std() == pytest.approx(0.01, rel=0.1)
 
 
 def test_clip_single_process():

@@ -1,6 +1,7 @@
-"""probe.py: the linear probe (L-BFGS logistic regression, CLIP's lambda search), zero-shot and
-retrieval metrics, checked against brute force and hand-built cases with known answers; the
-script end to end on the synthetic set (raw pixels and a random-weight checkpoint)."""
+"""evaluation.py and probe.py: the linear probe (L-BFGS logistic regression, CLIP's lambda
+search), zero-shot and retrieval metrics, checked against brute force and hand-built cases with
+known answers; the script end to end on the synthetic set (raw pixels and a random-weight
+checkpoint)."""
 import ast
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import probe
+import evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,7 @@ def test_probe_separable_features_reach_100_percent():
     x, y = blobs(600, 16, 5, 0.1, seed=0)
     # separable by construction: the nearest class mean classifies every point correctly
     x_tr, y_tr, x_va, y_va, x_te, y_te = x[:300], y[:300], x[300:400], y[300:400], x[400:], y[400:]
-    out = probe.linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, 5, max_iter=200, log=lambda s: None)
+    out = evaluation.linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, 5, max_iter=200, log=lambda s: None)
     assert out['top1'] == 1.0 and out['mean_per_class'] == 1.0
     assert out['lambdas_tried'] <= 15  # 7 coarse values + at most 2 per halving (4 halvings)
 
@@ -49,7 +50,7 @@ def test_fit_logreg_reaches_the_optimum():
     # dW = X^T (softmax(XW + b) - onehot) / n + lam/n W = 0, db = mean(softmax - onehot) = 0
     x, y = blobs(200, 8, 3, 1.5, seed=1)
     lam = 3.0
-    W, b = probe.fit_logreg(x, y, 3, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
+    W, b = evaluation.fit_logreg(x, y, 3, lam, max_iter=1000, dtype=torch.float64, tol=1e-10)
     X = torch.tensor(x, dtype=torch.float64)
     P = torch.softmax(X @ W + b, 1) - F.one_hot(torch.tensor(y), 3).double()
     gW = X.T @ P / len(y) + lam / len(y) * W
@@ -72,15 +73,15 @@ def test_fit_logreg_optimum_on_every_path():
     x, y = blobs(300, 6, 4, 1.0, seed=2)
     x = x * np.linspace(0.5, 3, 6, dtype=np.float32) + 5
     for lam in (1e-3, 1.0, 30.0):
-        W, b = probe.fit_logreg(x, y, 4, lam, dtype=torch.float64, tol=1e-10)
+        W, b = evaluation.fit_logreg(x, y, 4, lam, dtype=torch.float64, tol=1e-10)
         gW, gb = objective_grad(x, y, lam, W, b)
         assert gW.abs().max() < 1e-6 and gb.abs().max() < 1e-6
         # the path features take on a GPU: float32 tensors on the device, default tolerance
-        W32, b32 = probe.fit_logreg(torch.tensor(x), torch.tensor(y), 4, lam)
+        W32, b32 = evaluation.fit_logreg(torch.tensor(x), torch.tensor(y), 4, lam)
         assert W32.dtype == torch.float32 and W32.device == torch.tensor(x).device
         assert torch.allclose(W32.double(), W, rtol=0, atol=2e-3 * W.abs().max())
         assert torch.allclose(b32.double(), b, rtol=0, atol=2e-3 * b.abs().max())
-        agree = probe.logits_of(W32, b32, x).argmax(1) == probe.logits_of(W, b, x).argmax(1)
+        agree = evaluation.logits_of(W32, b32, x).argmax(1) == evaluation.logits_of(W, b, x).argmax(1)
         assert agree.double().mean() >= 0.99
 
 
@@ -89,9 +90,9 @@ def test_warm_start_reaches_the_cold_optimum():
     x = x + 3  # off-centre, so that the start's bias conversion matters
     for lam, start_lam in ((0.1, 100.0), (10.0, 0.01), (1.0, 1.3)):
         cold_info, warm_info = {}, {}
-        cold = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, info=cold_info)
-        init = probe.fit_logreg(x, y, 5, start_lam, dtype=torch.float64)
-        warm = probe.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, init=init, info=warm_info)
+        cold = evaluation.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, info=cold_info)
+        init = evaluation.fit_logreg(x, y, 5, start_lam, dtype=torch.float64)
+        warm = evaluation.fit_logreg(x, y, 5, lam, dtype=torch.float64, tol=1e-8, init=init, info=warm_info)
         for a, c in zip(warm, cold):
             assert torch.allclose(a, c, rtol=0, atol=1e-6 * cold[0].abs().max())
         if start_lam == 1.3:  # a neighbouring lambda is a good start
@@ -99,13 +100,13 @@ def test_warm_start_reaches_the_cold_optimum():
     # from the optimum itself (the start converted to centred, preconditioned variables and
     # back): nothing left to do, the same weights
     info = {}
-    again = probe.fit_logreg(x, y, 5, 1.0, dtype=torch.float64, init=cold, info=info)
+    again = evaluation.fit_logreg(x, y, 5, 1.0, dtype=torch.float64, init=cold, info=info)
     assert info['iterations'] == 0
     assert torch.allclose(again[0], cold[0], rtol=0, atol=1e-12) and torch.allclose(again[1], cold[1], rtol=0, atol=1e-12)
     # a warm-started search scores every lambda like the cold (pure) one, up to the tolerance
-    score = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5, fitted={})
-    pure = probe.probe_score(x[:200], y[:200], x[200:], y[200:], 5)
-    for lam in probe.lambda_grid(-4, 4, 2)[::-1]:
+    score = evaluation.probe_score(x[:200], y[:200], x[200:], y[200:], 5, fitted={})
+    pure = evaluation.probe_score(x[:200], y[:200], x[200:], y[200:], 5)
+    for lam in evaluation.lambda_grid(-4, 4, 2)[::-1]:
         (acc_w, nll_w), (acc_c, nll_c) = score(lam), pure(lam)
         # (at the default tolerance, so a boundary point may flip: 1 of 200)
         assert round(200 * abs(acc_w - acc_c)) <= 2 and abs(nll_w - nll_c) < 2e-3
@@ -115,19 +116,19 @@ def test_linear_probe_same_result_from_tensors_and_arrays():
     # the script moves the features to `device` as tensors; numpy in gives the same answer
     x, y = blobs(300, 10, 3, 2.0, seed=3)
     parts = (x[:150], y[:150], x[150:220], y[150:220], x[220:], y[220:])
-    a = probe.linear_probe(*parts, 3, log=lambda s: None)
-    b = probe.linear_probe(*(torch.tensor(p) for p in parts), 3, log=lambda s: None, device='cpu')
+    a = evaluation.linear_probe(*parts, 3, log=lambda s: None)
+    b = evaluation.linear_probe(*(torch.tensor(p) for p in parts), 3, log=lambda s: None, device='cpu')
     assert (a['lambda_'], a['top1'], a['mean_per_class']) == (b['lambda_'], b['top1'], b['mean_per_class'])
-    c = probe.linear_probe(*parts, 3, dtype=torch.float64, log=lambda s: None)
+    c = evaluation.linear_probe(*parts, 3, dtype=torch.float64, log=lambda s: None)
     assert abs(c['top1'] - a['top1']) <= 1 / 80 and np.isclose(np.log10(c['lambda_']), np.log10(a['lambda_']), atol=0.26)
 
 
 def test_lambda_search_matches_brute_force_grid():
     # a real probe: noisy classes, so that the validation score has an interior peak
     x, y = blobs(160, 10, 3, 2.0, seed=3)
-    score = probe.probe_score(x[:80], y[:80], x[80:], y[80:], 3, max_iter=100)
-    lam, tried = probe.search_lambda(score)
-    grid = probe.lambda_grid()
+    score = evaluation.probe_score(x[:80], y[:80], x[80:], y[80:], 3, max_iter=100)
+    lam, tried = evaluation.search_lambda(score)
+    grid = evaluation.lambda_grid()
     assert len(grid) == 97 and np.isclose(grid[0], 1e-6) and np.isclose(grid[-1], 1e6)
     scores = [score(g) for g in grid]
     best = max(range(len(grid)), key=lambda k: (scores[k], k))  # same tie rule: larger lambda
@@ -138,24 +139,24 @@ def test_lambda_search_matches_brute_force_grid():
 
 
 def test_lambda_search_finds_the_peak_of_any_unimodal_score():
-    grid = np.log10(probe.lambda_grid())
+    grid = np.log10(evaluation.lambda_grid())
     for peak in grid:
-        lam, tried = probe.search_lambda(lambda l: -abs(np.log10(l) - peak))
+        lam, tried = evaluation.search_lambda(lambda l: -abs(np.log10(l) - peak))
         assert np.isclose(np.log10(lam), peak) and len(tried) <= 15
 
 
 def test_class_accuracy_top1_and_mean_per_class():
     y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 2, 2])  # class 0: 3/4, class 1: 1/2, class 2: 2/2
-    top1, mpc = probe.class_accuracy(pred, y, 4)  # class 3 absent: not in the mean
+    top1, mpc = evaluation.class_accuracy(pred, y, 4)  # class 3 absent: not in the mean
     assert top1 == 6 / 8 and np.isclose(mpc, (0.75 + 0.5 + 1.0) / 3)
 
 
 def test_split_train_val_is_a_seeded_partition():
-    tr, va = probe.split_train_val(100, 0.2, seed=5)
+    tr, va = evaluation.split_train_val(100, 0.2, seed=5)
     assert len(va) == 20 and sorted(np.concatenate([tr, va])) == list(range(100))
-    tr2, va2 = probe.split_train_val(100, 0.2, seed=5)
-    assert (va == va2).all() and not (va == probe.split_train_val(100, 0.2, seed=6)[1]).all()
+    tr2, va2 = evaluation.split_train_val(100, 0.2, seed=5)
+    assert (va == va2).all() and not (va == evaluation.split_train_val(100, 0.2, seed=6)[1]).all()
 
 
 def test_zero_shot_hand_built():
@@ -170,16 +171,16 @@ def test_zero_shot_hand_built():
             out[i, axes[name]] = 2.0  # the norm differs per template: normalised away first
             out[i, 3] = 2.0 if s.startswith('a photo') else 0.0
         return out
-    W = probe.zero_shot_weights(encode, ['cat', 'dog', 'car'], ['a photo of a {}.', 'art of a {}.'])
+    W = evaluation.zero_shot_weights(encode, ['cat', 'dog', 'car'], ['a photo of a {}.', 'art of a {}.'])
     # template 1 -> (1, 0, 0, 1)/sqrt2, template 2 -> (1, 0, 0, 0); mean, renormalised:
     expect = F.normalize(torch.tensor([1 + 2 ** -0.5, 0, 0, 2 ** -0.5]), dim=0)
     assert torch.allclose(W[0], expect, atol=1e-6) and torch.allclose(W[2], expect[[1, 2, 0, 3]], atol=1e-6)
     images = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.2, 0.9, 0, 0], [0, 0.5, 0.6, 0]])
     y = torch.tensor([0, 1, 2, 0, 1])  # the last two are planted errors: predicted 1 and 2
     logits = F.normalize(images, dim=1) @ W.T
-    assert probe.topk_accuracy(logits, y, 1) == 3 / 5
-    assert probe.topk_accuracy(logits, y, 2) == 1.0  # both errors have the truth second
-    assert probe.topk_accuracy(logits, y, 5) == 1.0  # k > classes means all of them
+    assert evaluation.topk_accuracy(logits, y, 1) == 3 / 5
+    assert evaluation.topk_accuracy(logits, y, 2) == 1.0  # both errors have the truth second
+    assert evaluation.topk_accuracy(logits, y, 5) == 1.0  # k > classes means all of them
 
 
 def test_retrieval_recall_hand_built():
@@ -192,12 +193,12 @@ def test_retrieval_recall_hand_built():
     sim[10, 11] = 1.0                  # a tie with the diagonal: no change
     # image queries: rank 6 (image 3), rank 1 (images 8, 9), rank 0 otherwise
     # text queries: rank 1 (texts 0, 1, 2, 4, 5, 6), rank 2 (text 7), rank 0 otherwise
-    r = probe.retrieval_recall(sim, torch.eye(n, dtype=torch.float64))  # img @ I^T = sim
+    r = evaluation.retrieval_recall(sim, torch.eye(n, dtype=torch.float64))  # img @ I^T = sim
     assert r['i2t_R@1'] == 17 / 20 and r['i2t_R@5'] == 19 / 20 and r['i2t_R@10'] == 1.0
     assert r['t2i_R@1'] == 13 / 20 and r['t2i_R@5'] == 1.0 and r['t2i_R@10'] == 1.0
     # the chunked ranks equal the unchunked ones
-    for a, b in zip(probe.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64), chunk=3),
-                    probe.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64))):
+    for a, b in zip(evaluation.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64), chunk=3),
+                    evaluation.retrieval_ranks(sim, torch.eye(n, dtype=torch.float64))):
         assert (a == b).all()
 
 
@@ -210,7 +211,7 @@ def test_templates_are_clips_80():
                 and getattr(n.targets[0], 'id', '') == 'OPENAI_IMAGENET_TEMPLATES')
     ref = [''.join(v.value if isinstance(v, ast.Constant) else '{}' for v in lam.body.values)
            for lam in node.value.elts]
-    assert probe.CLIP_TEMPLATES == ref and len(ref) == 80
+    assert evaluation.CLIP_TEMPLATES == ref and len(ref) == 80
 
 
 # -----------------------------------------------------------------------------
@@ -270,8 +271,8 @@ def test_probe_script_raw_pixels(sets):
     x_te, y_te = pixels(sets / 'test')
     assert np.allclose(tr_f['pooled'], x_tr, atol=1e-5) and np.allclose(te_f['pooled'], x_te, atol=1e-5)
     # refit with the reported lambda on the same seeded split and train+val: the same test accuracy
-    W, b = probe.fit_logreg(tr_f['pooled'], y_tr, 6, lp['l2_lambda'], max_iter=30)
-    top1, mpc = probe.class_accuracy(probe.logits_of(W, b, te_f['pooled']).argmax(1).numpy(), y_te, 6)
+    W, b = evaluation.fit_logreg(tr_f['pooled'], y_tr, 6, lp['l2_lambda'], max_iter=30)
+    top1, mpc = evaluation.class_accuracy(evaluation.logits_of(W, b, te_f['pooled']).argmax(1).numpy(), y_te, 6)
     assert (top1, mpc) == (lp['top1'], lp['mean_per_class'])
 
 
@@ -338,7 +339,7 @@ def test_probe_script_several_features(sets, odd):
     for k, v in expect.items():
         assert np.allclose(feats[k], v.numpy(), atol=1e-4), k
     # every probe: the script's split, the normalisation written out here, CLIP's protocol
-    tr, va = probe.split_train_val(len(y), 0.2, 0)
+    tr, va = evaluation.split_train_val(len(y), 0.2, 0)
     for key, res in lps.items():
         name, norm = key.split(':')
         a = feats[name]
@@ -346,7 +347,7 @@ def test_probe_script_several_features(sets, odd):
             a = (a - a[tr].mean(0)) / (a[tr].std(0) + 1e-6)
         elif norm == 'l2':
             a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        out = probe.linear_probe(a[tr], y[tr], a[va], y[va], a, y, int(y.max()) + 1, log=lambda s: None)
+        out = evaluation.linear_probe(a[tr], y[tr], a[va], y[va], a, y, int(y.max()) + 1, log=lambda s: None)
         assert (out['lambda_'], out['top1'], out['mean_per_class']) == \
             (res['l2_lambda'], res['top1'], res['mean_per_class']), key
 
