@@ -22,6 +22,8 @@ import threading
 import numpy as np
 import torch
 
+import common
+
 from transforms import (color_jitter, color_params, crop_params, crop_resize_cpu, normalize,
                         pad_params, plain, resized_crop, to_float)
 
@@ -351,14 +353,13 @@ def _warn_upsampling(data_dir, stored, size):
 
 
 def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4):
-    """Evaluation order, no augmentation: rank r reads its contiguous slice
-    [start_r, start_r + n_r), n_r = N // W + (r < N % W).
+    """Evaluation order, no augmentation: rank r reads its contiguous slice of the rows
+    (common.shard_range).
     Yields (index int64 [b], images [b,3,S,S])."""
     ds = Dataset(data_dir)
     _warn_upsampling(data_dir, ds.image_size, image_size)
     N = len(ds)
-    n = N // world_size + (rank < N % world_size)
-    start = rank * (N // world_size) + min(rank, N % world_size)
+    start, n = common.shard_range(N, rank, world_size)
     device = torch.device(device)
 
     def load(a):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import common
 from data import CONTEXT_LENGTH, shard_file
 from synthetic import SHAPES, synthetic_one
 from tokenizer import tokenize
@@ -237,16 +238,9 @@ def _process(item):
 # shard writer
 
 
-def _atomic_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f)
-    os.replace(path + '.tmp', path)
-
-
 def _atomic_npy(path, arr):
-    with open(path + '.tmp', 'wb') as f:
+    with common.atomic_open(path) as f:
         np.save(f, arr)
-    os.replace(path + '.tmp', path)
 
 
 class _ImageShard:
@@ -303,7 +297,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         elif json.load(open(state_path)) != params:
             raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
                              f'{json.load(open(state_path))}); pass --overwrite=True to start over')
-    _atomic_json(state_path, params)
+    common.save_json(state_path, params)
 
     # shards that an interrupted run finished are kept (their record is written last)
     done = {}
@@ -331,7 +325,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
             _atomic_npy(os.path.join(out, shard_file('texts', s)), texts)
         done[s] = dict(count=shard.n, items=n_items, skipped=skipped,
                        classes=classes if classnames is not None else None)
-        _atomic_json(os.path.join(out, f'shard_{s:05d}.json'), done[s])
+        common.save_json(os.path.join(out, f'shard_{s:05d}.json'), done[s])
 
     # ordered results, with at most `bound` items in flight, so that memory stays bounded even
     # when the source streams bytes out of tar files faster than the workers decode them
@@ -410,7 +404,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
                 shards=shards, skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
-    _atomic_json(meta_path, meta)
+    common.save_json(meta_path, meta)
     for s in order:
         empty = [shard_file('images', s), shard_file('texts', s)] if not done[s]['count'] else []
         for f in [f'shard_{s:05d}.json'] + empty:
@@ -446,4 +440,4 @@ if __name__ == '__main__':
                   skipped=meta['skipped']['count'], skipped_reasons=meta['skipped']['reasons'],
                   seconds=meta['build']['seconds'], images_per_s=meta['build']['images_per_s'])
     print(json.dumps(result))
-    _atomic_json(os.path.join(out, 'data.json'), result)
+    common.save_json(os.path.join(out, 'data.json'), result)
