@@ -20,7 +20,7 @@ Continue a run:    python lit.py config/x.py --init_from=resume   (the same numb
 
 precompute_features=True (LiT only) embeds every image once (eval transform, no augmentation)
 and trains the text tower from those features: the frozen tower then costs one forward pass per
-image in total instead of one per image per epoch. Full mode with augment=False sees exactly the
+image in total instead of one per image per epoch. Full mode with augment='none' sees exactly the
 same inputs. The features live in out_dir/image_features.npy (a memory map; reused on resume).
 The result, out_dir/ckpt.pt, holds the towers: checkpoints.from_pretrained returns (vision, text or
 None); with the augmentation-aware embedding, 'vision' is the plain tower of the unaugmented
@@ -97,9 +97,8 @@ logit_scale_init = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (unicli
 logit_scale_max = math.log(100.0)  # Table 10: the temperature is capped at 100
 # data
 precompute_features = False  # LiT: embed the frozen images once (un-augmented), train from those
-augment = True  # augment the images as augment_kind says (never with precompute_features)
-augment_kind = 'rrc'  # 'rrc' (random resized crop + flip), 'pad_crop' (reflect-pad, crop back,
-                      # flip), 'flip' (flip only)
+augment = 'rrc'  # as train.py: 'rrc' (random resized crop + flip), 'pad_crop' (reflect-pad, crop
+#                   back, flip), 'flip' or 'none' (precompute_features never augments)
 crop_scale = (0.4, 1.0)  # rrc: range of the crop's area fraction
 pad = 4  # pad_crop: pixels of reflect padding
 color_jitter = 0.0  # with augment: SimCLR's colour distortion strength (0: off; SimCLR: 0.5 / 1.0)
@@ -123,9 +122,9 @@ if (need and views != need) or views < 1:
 if precompute_features and not locked:
     raise SystemExit("config error: precompute_features needs a frozen image tower (loss='clip', "
                      'lock_image=True)')
-if augment_kind not in ('rrc', 'pad_crop', 'flip'):
-    raise SystemExit(f"config error: augment_kind must be 'rrc', 'pad_crop' or 'flip', got "
-                     f'{augment_kind!r}')
+if augment not in ('rrc', 'pad_crop', 'flip', 'none'):
+    raise SystemExit(f"config error: augment must be 'rrc', 'pad_crop', 'flip' or 'none', got "
+                     f'{augment!r}')
 threads = common.set_threads(threads)
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
@@ -173,7 +172,7 @@ if loss == 'uniclip' and not use_text and views < 2:
     stop(f'config error: data_dir={data_dir} has no captions, so uniclip needs views >= 2 (a '
          'positive needs two rows per image)')
 # the loader's augmentation parameters of an unaugmented view: box, flip, then colour factors
-aug_dim = 5 + 5 * bool(augment and color_jitter) if loss == 'uniclip' and aug_embed else 0
+aug_dim = 5 + 5 * bool(augment != 'none' and color_jitter) if loss == 'uniclip' and aug_embed else 0
 aug_identity = [0.5, 0.5, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0][:aug_dim]
 # what the checkpoint's tensors mean: a resume must ask for the same
 setup = dict(loss=loss, lock_image=locked, text=use_text, aug_dim=aug_dim,
@@ -249,10 +248,10 @@ run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run
 # -----------------------------------------------------------------------------
 # data: the loader fixes which images form each step's batch (a pure function of seed, epoch,
 # step, rank), in both modes; precomputed mode replaces its images by their frozen features
-augmenting = augment and not precompute_features
+augmenting = augment != 'none' and not precompute_features
 try:
     loader = Loader(data_dir, batch_size, vision.image_size, with_text=use_text, rank=rank,
-                    world_size=world, seed=seed, augment=augment_kind if augmenting else 'none',
+                    world_size=world, seed=seed, augment=augment if augmenting else 'none',
                     device=device, scale=tuple(crop_scale), pad=pad, views=views,
                     color_jitter=color_jitter if augmenting else 0.0)
 except ValueError as e:

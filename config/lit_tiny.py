@@ -13,5 +13,5 @@ warmup_steps = 20
 weight_decay = 0.2
 log_interval = 10
 ckpt_interval = 100
-augment = False  # then full mode and precompute_features=True train on exactly the same inputs
+augment = 'none'  # then full mode and precompute_features=True train on exactly the same inputs
 device = 'cpu'

@@ -19,7 +19,7 @@ max_steps = 200
 learning_rate = 1e-3
 warmup_steps = 20
 weight_decay = 0.2
-augment = True  # random resized crop (area 0.4-1) + flip
+augment = 'rrc'  # random resized crop (area 0.4-1) + flip
 color_jitter = 0.5  # colour changes what a caption says ("a red circle"): the augmentation code
                     # tells the image-text terms what was done
 log_interval = 10

@@ -59,7 +59,7 @@ def lit(setup, out, *args, nproc=1):
 
 @pytest.fixture(scope='module')
 def full_run(setup):
-    return lit(setup, 'full', '--max_steps=10', '--augment=False')
+    return lit(setup, 'full', '--max_steps=10', '--augment=none')
 
 
 @pytest.fixture(scope='module')
@@ -94,7 +94,7 @@ def test_lit_lowers_the_loss_and_keeps_the_image_tower(setup, full_run):
 
 def test_precomputed_features_match_the_full_forward(setup, full_run):
     pre, pre_log = lit(setup, 'pre', '--max_steps=10', '--stop_at=3', '--precompute_features=True')
-    full, full_log = full_run  # augment=False: the full forward sees the eval transform too
+    full, full_log = full_run  # augment='none': the full forward sees the eval transform too
     assert pre['precompute_features'] is True and pre['vision_unchanged'] is True
     # the same pairs, the same frozen embeddings, the same text tower init: the same first loss,
     # and the same next steps

@@ -97,7 +97,7 @@ def same(a, b):
 
 @pytest.fixture(scope='module')
 def clip_run(setup):
-    return lit(setup, 'clip', '--lock_image=False', '--max_steps=10', '--augment=False')
+    return lit(setup, 'clip', '--lock_image=False', '--max_steps=10', '--augment=none')
 
 
 def test_clip_from_scratch_trains_both_towers(setup, clip_run):
@@ -187,7 +187,7 @@ def test_resume_is_exact(setup, mode):
 def test_uniclip_two_ranks_match_one_process(setup):
     # the loader seeds augmentation per rank, so views agree across rank counts only without it;
     # the two views are then the same image (a positive pair of equal embeddings)
-    args = [*UNICLIP, '--augment=False', '--max_steps=3']
+    args = [*UNICLIP, '--augment=none', '--max_steps=3']
     _, one = lit(setup, 'uni_one', *args)
     two, two_log = lit(setup, 'uni_two', *args, nproc=2)
     assert two['world_size'] == 2
