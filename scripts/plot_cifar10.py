@@ -74,6 +74,10 @@ def main(root):
     if not rows:
         raise SystemExit(f'plot_cifar10.py: no probe.json under {root}')
     feats = list(rows[0][2])
+    for name, _, acc, _ in rows:  # raw pixels are probed once: the same value in every column
+        if name == 'pixels':
+            for f in feats:
+                acc.setdefault(f, acc[next(iter(acc))])
     sweeps = {}
     for key, values, base in (('r', ('0.01', '0.1', '0.5', '1.0'), {'0.1': 'mlcd', '1.0': 'mlcd_r1'}),
                               ('l', ('1', '2', '4', '8', '16'), {'8': 'mlcd'}),

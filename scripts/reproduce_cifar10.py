@@ -125,12 +125,14 @@ def train(name, script, args, seed):
 
 
 def probe(name, checkpoint):
+    # raw pixels have one feature: the three names would fit the same 3,072-d features three times
+    features = FEATURES.split(',')[0] if checkpoint == 'pixels' else FEATURES
     d = os.path.join(out, name)
     if os.path.exists(os.path.join(d, 'probe.json')):
         return
     os.makedirs(d, exist_ok=True)
     run(['probe.py', f'--checkpoint={checkpoint}', f'--train_dir={D}', f'--test_dir={T}',
-         f'--out_dir={d}', '--zero_shot=False', f'--max_iter={probe_iters}', f'--features={FEATURES}',
+         f'--out_dir={d}', '--zero_shot=False', f'--max_iter={probe_iters}', f'--features={features}',
          f'--device={device}'],
         os.path.join(d, 'stdout.log'))
 
