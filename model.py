@@ -311,8 +311,10 @@ class AugAwareVision(nn.Module):
     the view, added before the projection: proj(ln_post(class token) + mlp(aug)). Views can then
     be compared in the loss without forcing the tower to be invariant to the augmentation.
     aug [N, aug_dim]: the loader's parameters per view: crop box (cx, cy, w, h) as fractions of
-    the image, flip 0/1, then any colour parameters as offsets from no change. `identity` is the
-    vector of an unaugmented image (default: (0.5, 0.5, 1, 1) then zeros); aug=None uses it.
+    the image, flip 0/1, then any colour parameters: brightness, contrast, saturation factors
+    (1 = no change), hue shift and grayscale 0/1 (0 = none). `identity` is the vector of an
+    unaugmented image (default: (0.5, 0.5, 1, 1) then zeros; lit.py passes the colour identity
+    too); aug=None uses it.
     Our choices (the paper gives no code): a 2-layer GELU MLP of the raw parameters whose last
     layer starts at zero, so training starts from the plain tower. aug_dim=0: plain vision(images).
     folded() is the plain tower of the unaugmented embedding, for evaluation and export."""
