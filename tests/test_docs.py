@@ -77,9 +77,8 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path):
                                    '`[not a link](missing2.md)`\n```\n[in code](missing3.md)\n```\n',
                                    encoding='utf-8')
     (tmp_path / 'b.md').write_text('# B heading\n', encoding='utf-8')
-    bad = broken_links(str(tmp_path / 'a.md'))
-    assert [b.split(': ', 1)[1].split(' ')[0] for b in bad] == \
-        ['missing.md', 'b.md#nowhere', '#three']
+    bad = [b.split(': ', 1)[1].split(' ')[0] for b in broken_links(str(tmp_path / 'a.md'))]
+    assert bad == ['missing.md', 'b.md#nowhere', '#three']
 
 
 def test_every_relative_link_in_readme_and_docs_resolves():
@@ -102,4 +101,5 @@ def test_ci_runs_the_test_command_written_in_readme():
     assert parts[-1] in ci.split('\n')  # the test run itself, exactly
     for part in parts[:-1]:  # each install, with the same packages and pins
         assert part.startswith('pip install ')
-        assert re.search(r'pip install (-q )?' + re.escape(part.removeprefix('pip install ')), ci), part
+        spec = re.escape(part.removeprefix('pip install '))
+        assert re.search(r'pip install (-q )?' + spec, ci), part
