@@ -71,11 +71,11 @@ def test_anchors_are_slugged_as_github_does():
 
 
 def test_a_broken_link_or_anchor_is_reported(tmp_path):
-    (tmp_path / 'a.md').write_text('# Top part\n\n## Two\n\n## Two\n\n'
-                                   '[ok](b.md#b-heading) [ok](#two-1) [ok](https://x.org/none.md)\n'
-                                   '[bad](missing.md) [bad](b.md#nowhere) [bad](#three)\n'
-                                   '`[not a link](missing2.md)`\n```\n[in code](missing3.md)\n```\n',
-                                   encoding='utf-8')
+    text = ('# Top part\n\n## Two\n\n## Two\n\n'
+            '[ok](b.md#b-heading) [ok](#two-1) [ok](https://x.org/none.md)\n'
+            '[bad](missing.md) [bad](b.md#nowhere) [bad](#three)\n'
+            '`[not a link](missing2.md)`\n```\n[in code](missing3.md)\n```\n')
+    (tmp_path / 'a.md').write_text(text, encoding='utf-8')
     (tmp_path / 'b.md').write_text('# B heading\n', encoding='utf-8')
     bad = [b.split(': ', 1)[1].split(' ')[0] for b in broken_links(str(tmp_path / 'a.md'))]
     assert bad == ['missing.md', 'b.md#nowhere', '#three']
