@@ -93,6 +93,18 @@ def lost_rank(kind, e, tb, rank, timeout_minutes):
     os._exit(1)  # not sys.exit: tearing down a process group with a peer gone can hang
 
 
+# dense bf16 tensor-core peak per GPU (FLOP/s), for MFU (first match in the device name)
+PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
+
+
+def peak_flops(device):
+    """The bf16 peak of a known CUDA device, else None (no MFU is reported)."""
+    if torch.device(device).type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def autocast(device, dtype):
     """bf16 autocast on CUDA when dtype is 'bfloat16'; nothing otherwise (CPU runs fp32)."""
     if torch.device(device).type == 'cuda' and dtype == 'bfloat16':

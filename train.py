@@ -290,17 +290,6 @@ if compile:
 if ddp:
     vision = DDP(vision, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
-# dense bf16 tensor-core peak per GPU (FLOP/s), for MFU
-PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
-
-
-def peak_flops():
-    if device_type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def save_checkpoint():
     """Every rank writes its centre shard under a step-tagged name; then rank 0 writes ckpt.pt,
     which names them and holds their checksums. ckpt.pt is the commit point: until its rename,
@@ -406,7 +395,7 @@ def log(record):
 # -----------------------------------------------------------------------------
 # training loop
 flops_per_image = 3 * raw_vision.flops()  # forward + backward (2x forward) of the tower
-peak = peak_flops()
+peak = common.peak_flops(device)
 last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'grad_norm': None, 'images_per_s': None,
         'mfu': None, 'knn_acc': None}
 pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='train')

@@ -17,7 +17,7 @@ from sync_count import count_syncs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
-import gpu  # noqa: E402 (bench/gpu.py: its script body runs only as __main__)
+import gpu_util as gpu  # noqa: E402 (bench/gpu_util.py: the GPU check's shared pieces)
 
 
 def tiny_run(tmp_path, monkeypatch, steps, made):
