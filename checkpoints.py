@@ -4,7 +4,7 @@ Reading and writing other people's checkpoints: one entry point, from_pretrained
 archive or state dict), open_clip, or a Hugging Face CLIP / MLCDVisionModel directory; export_hf
 writes a vision tower as a Hugging Face directory. Foreign keys are renamed onto ours, the
 architecture is inferred from the tensor shapes, and the weights are loaded strictly.
-No code stored in a checkpoint ever runs (see README, "Checkpoints and other models").
+No code stored in a checkpoint ever runs (see docs/checkpoints.md).
 """
 
 import collections

@@ -114,7 +114,7 @@ def fmt(x, spec='.3g', pct=False):
 
 
 def goals(R):
-    """The targets this check measures (README); None where not measured."""
+    """The targets this check measures (docs/gpu.md); None where not measured."""
     env, steps, asg = R['env'], R['step'], R['assign']
     big = steps.get('ViT-L/14', {})
     g = {}

@@ -6,7 +6,7 @@
 #   python cluster.py --data_dir=data/cifar10-train --out_dir=out/cluster-cifar10 --num_classes=1000 --num_positives=8
 #   python train.py config/cifar10.py
 #   python probe.py --checkpoint=out/cifar10/ckpt.pt --train_dir=data/cifar10-train --test_dir=data/cifar10-test
-# The settings below were chosen on a validation split of the training images (README).
+# The settings below were chosen on a validation split of the training images (docs/reproduction.md).
 out_dir = 'out/cifar10'
 data_dir = 'data/cifar10-train'
 labels_dir = 'out/cluster-cifar10'  # k = 1000 centres, l = 8 labels per image
@@ -22,7 +22,7 @@ augment = 'pad_crop'  # reflect-pad 4, random 32 x 32 crop, flip: CIFAR's usual 
 num_positives = 8
 sample_ratio = 0.1
 margin = 0.3
-scale = 32.0  # sigma = 64 fitted the labels less well at this size (README)
+scale = 32.0  # sigma = 64 fitted the labels less well at this size (docs/reproduction.md)
 log_interval = 50
 ckpt_interval = 500
 device = 'cpu'

@@ -1,4 +1,4 @@
-# UniCLIP's image-image part (our reading, see README) on CIFAR-10's training images: 2 augmented
+# UniCLIP's image-image part (our reading, see docs/baselines.md) on CIFAR-10's training images: 2 augmented
 # views per image, MP-NCE, augmentation-aware embedding; without captions there is one domain pair,
 # so the domain similarity is one learnable scale. config/simclr_cifar10.py's data, tower, budget
 # and augmentation (this file runs it, then sets what differs).

@@ -1,4 +1,4 @@
-# UniCLIP (our reading, see README) on the synthetic set: 2 augmented views and the caption of each
+# UniCLIP (our reading, see docs/baselines.md) on the synthetic set: 2 augmented views and the caption of each
 # image in one MP-NCE loss, per-domain-pair scales and offsets, augmentation-aware image embedding.
 # Same tower, batch, steps and lr as config/clip_tiny.py and config/tiny_synthetic.py:
 #   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000

@@ -4,7 +4,7 @@ quickstart's synthetic captioned set (prepare.py --src=synthetic). The same ViT-
 the same seed, is trained for `steps` steps of `batch` images as
   MLCD + LiT    train.py on pixel-teacher clusters, then lit.py: a text tower on the frozen tower
   CLIP          lit.py lock_image=False: both towers from scratch, image-text InfoNCE
-  UniCLIP       lit.py loss='uniclip' (our reading; README): MP-NCE over 2 views + the caption,
+  UniCLIP       lit.py loss='uniclip' (our reading; docs/baselines.md): MP-NCE over 2 views + the caption,
                 domain similarity, augmentation-aware embedding; with ablation=True also
                 "MP-NCE only" and "MP-NCE + domain similarity"
 and, as floors, a random-init tower + LiT and the raw pixels. Every tower is probed the same way
