@@ -110,6 +110,7 @@ compile = False  # torch.compile the trained towers
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 if loss not in ('clip', 'uniclip', 'simclr'):
@@ -287,9 +288,10 @@ def embed_all():
         dist.barrier()
     feats = np.load(path, mmap_mode='r+')
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
-    for idx, images in tqdm(eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
-                                         device=device), disable=not master, desc='embed images',
-                            total=math.ceil(n / 256), leave=False):
+    batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
+                           device=device)
+    for idx, images in common.progress(batches, disable=not master, desc='embed images',
+                                       total=math.ceil(n / 256), leave=False):
         with ctx:
             feats[idx.numpy()] = vision(images).float().cpu().numpy()
     feats.flush()
@@ -436,7 +438,8 @@ if master:
     common.start_log(log_path, step)
 last = {'loss': None, 'grad_norm': None, 'images_per_s': None}
 first_loss = None
-pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc=loss)
+pbar = common.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
+                       desc=loss)
 batches, batches_epoch = None, -1
 t_log, t_loop, pairs, steps_run, ckpt_s = time.time(), time.time(), 0, 0, 0.0
 saved = None
