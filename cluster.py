@@ -3,7 +3,7 @@ Stage 1 of MLCD (paper Sec. 3.1): embed every training image with a teacher, sph
 into k centres over all ranks, keep each image's l nearest centres as its positive labels.
 
     python cluster.py --data_dir=data/synthetic --out_dir=out/cluster --num_classes=1000
-    torchrun --nproc_per_node=8 cluster.py config/x.py --teacher=path/to/clip.pt
+    torchrun --nproc_per_node=8 cluster.py --data_dir=data/laion400m --teacher=path/to/clip.pt
 
 Phases, each kept on disk in out_dir and skipped when re-run:
   embed   -> embeddings.npy float16 [N, d], L2-normalised   (all ranks, contiguous row slices)

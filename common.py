@@ -157,6 +157,8 @@ class _Lines:
         self.f, self.last, self.pending = f, -math.inf, None
 
     def write(self, s):
+        if not s:  # tqdm's cursor moves to its own line
+            return
         s = s.replace('\r', '').replace('\x1b[A', '').strip()
         now = time.monotonic()
         if s and now - self.last < PROGRESS_SECONDS:

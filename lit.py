@@ -16,7 +16,7 @@ One CPU process:   python lit.py config/lit_tiny.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py --vision_checkpoint=out/train/ckpt.pt
 CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
 UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
-Continue a run:    python lit.py config/x.py --init_from=resume   (the same number of ranks)
+Continue a run:    python lit.py config/lit_tiny.py --init_from=resume   (the same number of ranks)
 
 precompute_features=True (LiT only) embeds every image once (eval transform, no augmentation)
 and trains the text tower from those features: the frozen tower then costs one forward pass per
