@@ -6,7 +6,7 @@ then runs
 
 so that
 
-    python train.py config/vitl14.py --global_batch_size=4096 --learning_rate=3e-4 --out_dir=out/run1
+    python train.py config/vitb16.py --learning_rate=3e-4 --out_dir=out/run1
 
 first executes the config file(s) and then applies --key=value overrides, in order. Values are
 parsed as Python literals (strings may be given bare). A key the script does not define, or a value

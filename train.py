@@ -9,7 +9,7 @@ One CPU process:   python train.py config/tiny_synthetic.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 train.py config/vitl14.py
 Several nodes:     torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 train.py ...
                    (out_dir must be on a file system every rank sees: centre shards live there)
-Continue a run:    python train.py config/tiny_synthetic.py --init_from=resume   (any number of ranks)
+Continue a run:    python train.py config/cifar10.py --init_from=resume   (any number of ranks)
 
 A run stops with one line, never leaving a checkpoint from a bad state: on a non-finite
 embedding, loss, gradient or weight, bad input, a rank that stops answering (timeout_minutes),

@@ -320,7 +320,8 @@ def test_prepare_names_the_first_skipped_inputs(tmp_path):
     for c in 'ab':
         os.makedirs(tmp_path / 'src' / c)
         for i in range(2):
-            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / 'src' / c / f'{i}.png')
+            image = Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8))
+            image.save(tmp_path / 'src' / c / f'{i}.png')
     for i in range(7):
         (tmp_path / 'src' / 'a' / f'broken{i}.jpg').write_bytes(b'not an image')
     p = run('prepare.py', f'--src={tmp_path / "src"}', f'--out={tmp_path / "d"}', '--image_size=8',
