@@ -64,7 +64,7 @@ def check_device(device, key='device'):
     if kind == 'cpu' and not index:
         return
     if kind != 'cuda' or index and not index.isdigit():
-        stop(f"{key}={device}: not a device; available here: {here}")
+        stop(f'{key}={device}: unknown device (cpu, cuda or cuda:<i>); available here: {here}')
     if torch.version.cuda is None:
         stop(f'{key}={device}: this torch ({torch.__version__}) is built without CUDA; '
              f'available here: {here}')

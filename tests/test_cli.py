@@ -70,7 +70,8 @@ def test_check_device_names_what_is_missing(monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '3')  # torchrun --nproc_per_node=4 on 2 GPUs
     with pytest.raises(SystemExit, match=r'^device=cuda: torchrun local rank 3 needs 4 GPUs'):
         common.check_device('cuda')
-    with pytest.raises(SystemExit, match=r'^device=cuda0: not a device; available here: cpu, '):
+    with pytest.raises(SystemExit, match=r'^device=cuda0: unknown device \(cpu, cuda or cuda:<i>\); '
+                                         r'available here: cpu, cuda \(cuda:0..cuda:1\)$'):
         common.check_device('cuda0')
 
 
