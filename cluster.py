@@ -3,7 +3,7 @@ Stage 1 of MLCD (paper Sec. 3.1): embed every training image with a teacher, sph
 into k centres over all ranks, keep each image's l nearest centres as its positive labels.
 
     python cluster.py --data_dir=data/synthetic --out_dir=out/cluster --num_classes=1000
-    torchrun --nproc_per_node=8 cluster.py config/x.py --teacher=path/to/clip.pt
+    torchrun --nproc_per_node=8 cluster.py --data_dir=data/laion400m --teacher=path/to/clip.pt
 
 Phases, each kept on disk in out_dir and skipped when re-run:
   embed   -> embeddings.npy float16 [N, d], L2-normalised   (all ranks, contiguous row slices)
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from tqdm import tqdm
 try:
     import faiss
 except ImportError:  # search='torch' needs no faiss (e.g. a GPU machine without faiss-gpu)
@@ -62,6 +61,7 @@ timeout_minutes = 30  # a collective that waits longer than this fails instead o
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 # every phase splits its work evenly over the ranks: no rank waits long for another
@@ -280,7 +280,8 @@ if todo['embed']:
         d = np.load(embeddings_path, mmap_mode='r').shape[1]
         npy_create(emb_path, (N, d), np.float16)
         r0, r1 = rank_rows(N)
-        for i in tqdm(range(r0, r1, assign_batch), desc='embed (copy)', disable=not master):
+        for i in common.progress(range(r0, r1, assign_batch), desc='embed (copy)',
+                                 disable=not master):
             npy_write(emb_path, i, l2n(npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))))
             kill_point('embed')
     elif teacher == 'pixels':
@@ -310,7 +311,8 @@ if todo['embed']:
         d = pca_dim
         npy_create(emb_path, (N, d), np.float16)
         r0, r1 = rank_rows(N)
-        for i in tqdm(range(r0, r1, batch_size), desc='embed (pixels)', disable=not master):
+        for i in common.progress(range(r0, r1, batch_size), desc='embed (pixels)',
+                                 disable=not master):
             x = pool(np.arange(i, min(i + batch_size, r1)))
             npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
             kill_point('embed')
@@ -332,7 +334,8 @@ if todo['embed']:
         autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
         r0, r1 = rank_rows(N)
         batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device)
-        for index, images in tqdm(batches, desc='embed (teacher)', disable=not master, total=-(-(r1 - r0) // batch_size)):
+        for index, images in common.progress(batches, desc='embed (teacher)', disable=not master,
+                                             total=-(-(r1 - r0) // batch_size)):
             with torch.no_grad(), autocast:
                 e = F.normalize(vision(images).float(), dim=-1)
                 if teacher_text:  # the authors' (image + text) / 2 on normalised features, renormalised
@@ -367,7 +370,8 @@ def sample_share(n, a, b):
     ends = np.cumsum(counts)
     starts = ends - counts
     x = np.empty((b - a, d), np.float16)
-    for blk in tqdm(np.flatnonzero((ends > a) & (starts < b)), desc='kmeans sample', disable=not master):
+    for blk in common.progress(np.flatnonzero((ends > a) & (starts < b)), desc='kmeans sample',
+                               disable=not master):
         lo = blk * SAMPLE_BLOCK
         rows = np.arange(lo, lo + sizes[blk])
         if counts[blk] < sizes[blk]:
@@ -443,14 +447,13 @@ if todo['kmeans']:
         if ddp:
             dist.all_reduce(C)  # one nonzero term per row: a copy
         C = normalise(C.double()).float()
-    pbar = tqdm(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master, initial=it0,
-                total=niter)
+    pbar = common.progress(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master,
+                           initial=it0, total=niter, unit='it')
     for it in pbar:
         f = searcher(C.cpu().numpy())
         acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
         obj = torch.zeros((), dtype=torch.float64, device=device)
-        for i in tqdm(range(0, b - a, chunk_rows), desc=f'iteration {it + 1}', disable=not master,
-                      leave=False):
+        for i in range(0, b - a, chunk_rows):  # no bar of its own: one k-means bar, not niter
             D, I = f(x[i:i + chunk_rows], 1)
             xi = torch.from_numpy(x[i:i + chunk_rows]).to(device).double()
             acc.index_add_(0, I[:, 0], torch.cat([xi, torch.ones_like(xi[:, :1])], 1))
@@ -489,7 +492,8 @@ if todo['assign']:
     f = searcher(cen)
     npy_create(lab_path, (N, l), np.int32)
     r0, r1 = rank_rows(N)
-    for i in tqdm(range(r0, r1, chunk_rows), desc=f'assign top-{l}', disable=not master):
+    for i in common.progress(range(r0, r1, chunk_rows), desc=f'assign top-{l}',
+                             disable=not master):
         _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
         npy_write(lab_path, i, I.cpu().numpy().astype(np.int32))
         kill_point('assign')

@@ -23,6 +23,7 @@ import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,6 +52,30 @@ def stop(msg):
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     raise SystemExit(msg)
+
+
+def check_device(device, key='device'):
+    """Stop with one line unless `device` works here ('cpu', 'cuda' or 'cuda:<i>', with a CUDA
+    torch and that GPU visible; under torchrun 'cuda' means cuda:LOCAL_RANK). Called right after
+    the settings, before any folder is made: a bad device must not leave a partial out_dir."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = 'cpu' + (f', cuda (cuda:0..cuda:{n - 1})' if n > 1 else ', cuda' if n else '')
+    kind, _, index = str(device).partition(':')
+    if kind == 'cpu' and not index:
+        return
+    if kind != 'cuda' or index and not index.isdigit():
+        stop(f'{key}={device}: unknown device (cpu, cuda or cuda:<i>); available here: {here}')
+    if torch.version.cuda is None:
+        stop(f'{key}={device}: this torch ({torch.__version__}) is built without CUDA; '
+             f'available here: {here}')
+    if n == 0:
+        seen = os.environ.get('CUDA_VISIBLE_DEVICES')
+        stop(f'{key}={device}: no CUDA GPU is visible' + (f' (CUDA_VISIBLE_DEVICES={seen!r})'
+             if seen is not None else '') + f'; available here: {here}')
+    i = int(index or os.environ.get('LOCAL_RANK', 0))
+    if i >= n:
+        what = f'cuda:{index}' if index else f'torchrun local rank {i}'
+        stop(f'{key}={device}: {what} needs {i + 1} GPUs, {n} visible; available here: {here}')
 
 
 # -----------------------------------------------------------------------------
@@ -127,6 +152,47 @@ def run_id(ddp):
     if ddp:
         dist.broadcast_object_list(rid, src=0)
     return rid[0]
+
+
+# -----------------------------------------------------------------------------
+# progress bars
+
+PROGRESS_SECONDS = 30  # at most one line per bar this often when stderr is not a terminal
+
+
+class _Lines:
+    """tqdm's file when stderr is a log, not a terminal: each redraw ('\\r' + text) becomes one
+    line, at most one per PROGRESS_SECONDS (set_postfix redraws at once); the last state is
+    written when the bar ends or is erased (a blank write)."""
+
+    def __init__(self, f):
+        self.f, self.last, self.pending = f, -math.inf, None
+
+    def write(self, s):
+        if not s:  # tqdm's cursor moves to its own line
+            return
+        s = s.replace('\r', '').replace('\x1b[A', '').strip()
+        now = time.monotonic()
+        if s and now - self.last < PROGRESS_SECONDS:
+            self.pending = s
+            return
+        s, self.pending = s or self.pending, None
+        if s:
+            self.f.write(s + '\n')
+            self.last = now
+
+    def flush(self):
+        self.f.flush()
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm(iterable, **kwargs) on stderr. On a terminal a plain bar; into a log file a line at
+    most every PROGRESS_SECONDS (plus the first and the last): tqdm's carriage-return redraws
+    would otherwise make the log one huge line."""
+    if not sys.stderr.isatty():
+        kwargs = dict(kwargs, file=_Lines(sys.stderr), mininterval=PROGRESS_SECONDS,
+                      maxinterval=PROGRESS_SECONDS, dynamic_ncols=False, ncols=100)
+    return tqdm(iterable, **kwargs)
 
 
 # -----------------------------------------------------------------------------

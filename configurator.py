@@ -6,20 +6,25 @@ then runs
 
 so that
 
-    python train.py config/vitl14.py --batch_size=512 --lr=3e-4 --out_dir=out/run1
+    python train.py config/vitb16.py --learning_rate=3e-4 --out_dir=out/run1
 
 first executes the config file(s) and then applies --key=value overrides, in order. Values are
 parsed as Python literals (strings may be given bare). A key the script does not define, or a value
 of another type than the default's, stops the run with a message naming the key: a typo must never
-silently train the wrong model. After this runs, the script has a `config` dict of all its settings.
-`--help` lists every setting with its value and the comment beside it in the script's source.
+silently train the wrong model; the message suggests the nearest keys, and a renamed key names
+its new name. After this runs, the script has a `config` dict of all its settings.
+`--help` lists every setting with its value and its whole comment in the script's source.
 """
 import builtins
+import difflib
 import sys
 import types
 from ast import literal_eval
 
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+# old name -> new name: one name for one meaning in every stage (train.py took lit.py's names:
+# `aug_` there already prefixes the UniCLIP augmentation-aware embedding's settings)
+_RENAMED = {'aug_scale': 'crop_scale', 'aug_pad': 'pad'}
 
 
 def config_keys(g):
@@ -29,31 +34,59 @@ def config_keys(g):
 
 
 def setting_comments(path):
-    """{key: comment} from a script's top-level `key = value  # comment` lines; comment-only lines
-    indented right below such a line continue its comment."""
+    """{key: whole comment} of a script's settings: the `key = value  # comment` lines before the
+    line that execs this file, at its indentation (prepare.py keeps its settings in `if __name__ ==
+    '__main__':`). A comment-only line right below continues the comment when it is indented or
+    its text is (`#     more`); `# a heading` at the left edge starts a new section."""
     import tokenize  # here, not above: this file is exec'd into scripts that may have a tokenize
-    found, key, stmt, last = {}, None, False, -1
+    found, key, stmt, last, depth = {}, None, False, -1, 0
     try:
         with open(path) as f:
             toks = list(tokenize.generate_tokens(f.readline))
     except (OSError, SyntaxError, tokenize.TokenError):
         return found
+    for i, t in enumerate(toks):  # the exec line's indentation; settings stop there
+        if t.string == 'exec' and any('configurator.py' in u.string for u in toks[i:i + 40]
+                                      if u.start[0] == t.start[0]):
+            indent, end = t.start[1], t.start[0]
+            break
+    else:
+        indent, end = 0, float('inf')
     for i, t in enumerate(toks):
-        if t.type == tokenize.NAME and t.start[1] == 0 and toks[i + 1].string == '=':
+        if t.start[0] >= end:
+            break
+        depth += (t.string in '([{') - (t.string in ')]}') if t.type == tokenize.OP else 0
+        if (t.type == tokenize.NAME and t.start[1] == indent and toks[i + 1].string == '='
+                and depth == 0 and (i == 0 or toks[i - 1].type in (
+                    tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+                    tokenize.COMMENT))):
             key, stmt = t.string, True
+            found.pop(key, None)  # the last assignment before the exec is the default
         elif t.type == tokenize.COMMENT and key:
             text = t.string.lstrip('#').strip()
             if stmt:  # on the setting's own line
                 found[key], last = text, t.start[0]
-            elif key in found and t.start[1] > 0 and t.start[0] == last + 1:  # continued below
+            elif (key in found and t.start[0] == last + 1
+                  and (t.start[1] > indent or t.string.startswith('#  '))):  # continued below
                 found[key], last = f'{found[key]} {text}', last + 1
             else:
                 key = None
         elif t.type == tokenize.NEWLINE:
             stmt = False
-        elif t.type != tokenize.NL and not stmt:
+        elif t.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT) and not stmt:
             key = None
     return found
+
+
+def unknown_key(key, keys, where):
+    """The one-line refusal of a key the script does not define: its new name if it was renamed,
+    else the nearest known keys."""
+    if _RENAMED.get(key) in keys:
+        return f'config error ({where}): {key} is now {_RENAMED[key]}'
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(near)}?" if near else
+            f"known keys: {', '.join(keys)}")
+    return f"config error ({where}): unknown key '{key}'; {hint} (--help lists them)"
 
 
 def coerce(key, value, default, where):
@@ -98,16 +131,14 @@ def configure(g, args):
                 if k.startswith('_') or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if k not in keys:
-                    raise SystemExit(f"config error ({arg}): unknown key '{k}'; "
-                                     f"known keys: {', '.join(keys)}")
+                    raise SystemExit(unknown_key(k, keys, arg))
                 g[k] = coerce(k, v, g[k], arg)
         else:  # --key=value
             key, eq, val = arg[2:].partition('=')
             if not eq:
                 raise SystemExit(f"config error: '{arg}' is not of the form --key=value")
             if key not in keys:
-                raise SystemExit(f"config error ({arg}): unknown key '{key}'; "
-                                 f"known keys: {', '.join(keys)}")
+                raise SystemExit(unknown_key(key, keys, arg))
             try:
                 val = literal_eval(val)
             except (SyntaxError, ValueError):

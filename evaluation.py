@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import shard_range
+from common import progress, shard_range
 # CLIP's 80 prompt templates for ImageNet (CLIP repo, notebooks/Prompt_Engineering_for_ImageNet),
 # '{}' marks the class name. tests/test_probe.py checks them against open_clip's copy.
 CLIP_TEMPLATES = [
@@ -332,15 +332,14 @@ def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size
     all three are the flattened normalised pixels (one array). Under torch.distributed rank r
     embeds its contiguous slice (data.eval_batches) and rank 0 gathers the whole set; the other
     ranks get None."""
-    from tqdm import tqdm
     import data
     N = len(data.Dataset(data_dir))
     start, n = shard_range(N, rank, world_size)  # data.eval_batches' slice
     out = None
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=str(device).startswith('cuda'))
     batches = data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device)
-    for index, images in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, leave=False,
-                              disable=rank > 0):
+    for index, images in progress(batches, total=math.ceil(n / batch_size), desc=desc, leave=False,
+                                  disable=rank > 0):
         if vision is None:
             c = p = e = images.flatten(1).float()
         else:

@@ -16,7 +16,7 @@ One CPU process:   python lit.py config/lit_tiny.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py --vision_checkpoint=out/train/ckpt.pt
 CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
 UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
-Continue a run:    python lit.py config/x.py --init_from=resume   (the same number of ranks)
+Continue a run:    python lit.py config/lit_tiny.py --init_from=resume   (the same number of ranks)
 
 precompute_features=True (LiT only) embeds every image once (eval transform, no augmentation)
 and trains the text tower from those features: the frozen tower then costs one forward pass per
@@ -110,6 +110,7 @@ compile = False  # torch.compile the trained towers
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 if loss not in ('clip', 'uniclip', 'simclr'):
@@ -287,9 +288,10 @@ def embed_all():
         dist.barrier()
     feats = np.load(path, mmap_mode='r+')
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
-    for idx, images in tqdm(eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
-                                         device=device), disable=not master, desc='embed images',
-                            total=math.ceil(n / 256), leave=False):
+    batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
+                           device=device)
+    for idx, images in common.progress(batches, disable=not master, desc='embed images',
+                                       total=math.ceil(n / 256), leave=False):
         with ctx:
             feats[idx.numpy()] = vision(images).float().cpu().numpy()
     feats.flush()
@@ -436,7 +438,8 @@ if master:
     common.start_log(log_path, step)
 last = {'loss': None, 'grad_norm': None, 'images_per_s': None}
 first_loss = None
-pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc=loss)
+pbar = common.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
+                       desc=loss)
 batches, batches_epoch = None, -1
 t_log, t_loop, pairs, steps_run, ckpt_s = time.time(), time.time(), 0, 0, 0.0
 saved = None

@@ -281,7 +281,6 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
           overwrite=False, max_pixels=Image.MAX_IMAGE_PIXELS, progress=True):
     """Write the shards of `src` into `out` and return meta. Resumes an interrupted build of the
     same settings; refuses to touch a finished one unless overwrite=True."""
-    from tqdm import tqdm
     workers = workers or len(os.sched_getaffinity(0))
     kind, items, tars, classnames, has_text = _open_source(src)
     params = dict(src=src, image_size=image_size, shard_size=shard_size, max_pixels=max_pixels,
@@ -349,8 +348,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
             results = map(_process, stream)
         cur = None
         name = os.path.basename(out.rstrip('/'))
-        bar = tqdm(total=total, initial=sum(d['items'] for d in done.values()),
-                   disable=not progress, desc=f'data {name}', unit='img')
+        bar = common.progress(total=total, initial=sum(d['items'] for d in done.values()),
+                              disable=not progress, desc=f'data {name}', unit='img')
         for i, key, img, tokens, cls, reason in results:
             if pool:
                 bound.release()
@@ -440,4 +439,10 @@ if __name__ == '__main__':
                   skipped=meta['skipped']['count'], skipped_reasons=meta['skipped']['reasons'],
                   seconds=meta['build']['seconds'], images_per_s=meta['build']['images_per_s'])
     print(json.dumps(result))
+    items = meta['skipped']['items']
+    if items:  # named here too, not only in meta.json: the first 5 (reason in short)
+        names = ', '.join(f"{k} ({r.split(':')[0]})" for k, r in items[:5])
+        more = f', and {len(items) - 5} more' if len(items) > 5 else ''
+        print(f"skipped {len(items)} input(s): {names}{more} (all in {out}/meta.json)",
+              file=sys.stderr)
     common.save_json(os.path.join(out, 'data.json'), result)

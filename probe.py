@@ -68,6 +68,7 @@ batch_size = 256
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 cache_features = False  # keep features in out_dir and reuse them on the next run
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes

@@ -9,7 +9,7 @@ One CPU process:   python train.py config/tiny_synthetic.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 train.py config/vitl14.py
 Several nodes:     torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 train.py ...
                    (out_dir must be on a file system every rank sees: centre shards live there)
-Continue a run:    python train.py config/x.py --init_from=resume   (any number of ranks)
+Continue a run:    python train.py config/cifar10.py --init_from=resume   (any number of ranks)
 
 A run stops with one line, never leaving a checkpoint from a bad state: on a non-finite
 embedding, loss, gradient or weight, bad input, a rank that stops answering (timeout_minutes),
@@ -82,14 +82,15 @@ grad_clip = 1.0  # max global grad norm of the image tower; 0: off
 # system
 seed = 1337
 augment = 'rrc'  # 'rrc' (random resized crop + flip) | 'pad_crop' (reflect-pad, crop, flip) | 'flip' | 'none'
-aug_scale = (0.4, 1.0)  # 'rrc': range of the crop's area fraction
-aug_pad = 4  # 'pad_crop': pixels of reflection padding on each side (CIFAR's recipe at 32 px)
+crop_scale = (0.4, 1.0)  # 'rrc': range of the crop's area fraction
+pad = 4  # 'pad_crop': pixels of reflection padding on each side (CIFAR's recipe at 32 px)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
 compile = False  # torch.compile the image tower
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 if loss_type not in ('mlcd', 'mlc'):
@@ -191,7 +192,7 @@ else:
     try:
         loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
                         world_size=world, seed=seed, augment=augment, device=device,
-                        scale=tuple(aug_scale), pad=aug_pad)
+                        scale=tuple(crop_scale), pad=pad)
     except ValueError as e:  # a bad augmentation setting
         stop(f'config error: {e}')
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
@@ -398,7 +399,8 @@ flops_per_image = 3 * raw_vision.flops()  # forward + backward (2x forward) of t
 peak = common.peak_flops(device)
 last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'grad_norm': None, 'images_per_s': None,
         'mfu': None, 'knn_acc': None}
-pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, desc='train')
+pbar = common.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
+                       desc='train')
 batches, batches_epoch = None, -1
 t_log, wait, images_seen, t_start = time.time(), 0.0, 0, time.time()
 saved = None  # the step of the last checkpoint this invocation wrote

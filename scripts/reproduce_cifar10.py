@@ -27,6 +27,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
@@ -47,6 +48,7 @@ threads = 1  # CPU threads per run
 device = 'cpu'  # 'cuda': every stage on the GPU (bf16 autocast in training)
 probe_iters = 1000  # L-BFGS iterations per probe fit (CLIP's 1,000)
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
+common.check_device(device)  # here, not in the first stage's log
 # -----------------------------------------------------------------------------
 
 if split not in ('test', 'val'):

@@ -1,5 +1,6 @@
 """configurator.py: config files and --key=value overrides, with errors that name the key."""
 import os
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,45 @@ def test_config_files_that_run_a_shared_one(tmp_path):
     uniclip = settings('lit.py', os.path.join(ROOT, 'config', 'uniclip_cifar10.py'), tmp_path)
     assert uniclip == {**simclr, 'out_dir': "'out/uniclip_cifar10'", 'loss': "'uniclip'",
                        'views': '2', 'aug_embed': 'True'}
+
+
+def test_help_reads_settings_inside_main_and_comments_continued_at_the_left_edge(tmp_path):
+    # prepare.py's layout: settings in `if __name__ == '__main__':`, a function before them with
+    # a local of the same name, and a comment continued by a `#   ...` line at the block's edge
+    script = tmp_path / 'tool.py'
+    script.write_text(
+        "import os\n"
+        "def build(src):\n    src = src.strip()  # a local, not the setting\n    return src\n"
+        "if __name__ == '__main__':\n"
+        "    # settings\n"
+        "    src = 'a'  # a folder, a tar file, a list\n"
+        "    #            of captions, or 'synthetic'\n"
+        "    # a section comment, not src's\n"
+        "    size = 3  # pixels\n"
+        f"    exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())\n"
+        "    print(build(src))\n")
+    out = subprocess.run([sys.executable, str(script), '--help'], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    rows = {x.split('=')[0].strip(): x for x in out if x.startswith('  --')}
+    assert rows['--src'].endswith("# a folder, a tar file, a list of captions, or 'synthetic'")
+    assert rows['--size'].endswith('# pixels')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--lrr=0.1'], "unknown key 'lrr'; did you mean lr? (--help lists them)"),
+    (['--batchsize=3'], "unknown key 'batchsize'; did you mean batch_size?"),
+    (['--zzz=3'], "unknown key 'zzz'; known keys: lr, batch_size, compile, out_dir"),
+])
+def test_unknown_key_suggests_the_nearest(args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        configure(defaults(), args)
+
+
+def test_renamed_key_names_the_new_one(tmp_path):
+    g = dict(defaults(), crop_scale=(0.4, 1.0), pad=4)
+    with pytest.raises(SystemExit, match=r'^config error \(--aug_pad=2\): aug_pad is now pad$'):
+        configure(g, ['--aug_pad=2'])
+    cfg = tmp_path / 'old.py'
+    cfg.write_text('aug_scale = (0.2, 1.0)\n')
+    with pytest.raises(SystemExit, match=r'old.py\): aug_scale is now crop_scale$'):
+        configure(g, [str(cfg)])
