@@ -13,7 +13,8 @@ that MLCD is compared with (README: "Instance discrimination baselines"):
 The image tower is then trained: from a model.py preset (model=...) or from vision_checkpoint.
 
 One CPU process:   python lit.py config/lit_tiny.py
-One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py --vision_checkpoint=out/train/ckpt.pt
+One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py config/lit_vitl14.py  (the 32K
+                   batch in micro-batches of 1024 per GPU, micro_batch_size: the gradient cache)
 CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
 UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
 Continue a run:    python lit.py config/x.py --init_from=resume   (the same number of ranks)
@@ -81,9 +82,8 @@ text_heads = 0
 # optimisation
 global_batch_size = 32768  # images (pairs) per step over all ranks (the nearest multiple of the
                            # ranks x micro-batches is used)
-micro_batch_size = 0  # most images per rank per forward with gradients; 0: the rank's whole share at
-                      # once. The loss couples the whole batch, so a step embeds the rank's share
-                      # without gradients, then re-runs each micro-batch with them (grad_cache)
+micro_batch_size = 0  # most images per rank per forward with gradients (0: the rank's whole share):
+                      # the rank's share is embedded without, then each micro-batch re-run with them
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged
@@ -276,8 +276,8 @@ def embed_all():
     """Frozen-tower embeddings of every image, eval transform, in out_dir/image_features.npy:
     float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
     larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank writes its
-    contiguous slice as whole rows (common.npy_write: positional writes, safe on NFS). Reused by later runs (a resume) when image_features.json names the same
-    tower, data and resolution."""
+    contiguous slice as whole rows (common.npy_write). Reused by later runs (a resume) when
+    image_features.json names the same tower, data and resolution."""
     path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
     key = {'vision_sha256': vision_sha256, 'data_dir': os.path.abspath(data_dir), 'count': len(dataset),
            'image_size': vision.image_size}
@@ -292,8 +292,9 @@ def embed_all():
     for idx, images in tqdm(eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
                                          device=device), disable=not master, desc='embed images',
                             total=math.ceil(n / 256), leave=False):
-        with ctx:  # idx: consecutive rows
-            common.npy_write(path, int(idx[0]), vision(images).float().cpu().numpy())
+        with ctx:
+            rows = vision(images).float().cpu().numpy()
+        common.npy_write(path, int(idx[0]), rows)  # idx: consecutive rows
     if ddp:
         dist.barrier()
     if master:
@@ -428,9 +429,9 @@ def contrastive_loss(img, txt=None):
 
 
 def step_backward(batch):
-    """This step's loss over the global batch, back-propagated into every trained parameter,
-    and the embeddings it came from (for the checks): at once, or micro-batch by micro-batch
-    through the gradient cache (the same gradients up to rounding, one micro-batch's activations)."""
+    """This step's loss over the global batch, back-propagated into every trained parameter, and
+    its embeddings (for the checks): at once, or through the gradient cache (common.grad_cache:
+    the same gradients up to rounding, one micro-batch's activations held at a time)."""
     if accum == 1:
         embs = embed(batch, slice(None))
         value = contrastive_loss(*embs)

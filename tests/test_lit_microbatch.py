@@ -282,8 +282,8 @@ def test_lit_micro_batches_train_as_one_shot(setup, lit_one_shot, lit_micro):
 
 def test_uniclip_micro_batches_train_as_one_shot(setup):
     # augmented views (rrc + colour), captions, the augmentation-aware embedding, domain scales
-    args = ['--loss=uniclip', '--model=ViT-T/4', '--image_size=16', '--color_jitter=0.5',
-            '--max_steps=3', '--global_batch_size=36']
+    args = ['--loss=uniclip', '--image_size=16', '--color_jitter=0.5', '--max_steps=2',
+            '--global_batch_size=36']
     _, one_log, _ = lit(setup, 'uni_one', *args)
     micro, micro_log, _ = lit(setup, 'uni_micro', *args, '--micro_batch_size=12')
     assert micro['micro_batches'] == 3 and micro['global_batch_size'] == 36
@@ -325,3 +325,19 @@ def test_resume_with_micro_batches_is_exact(setup, lit_micro):
     sa, sb = a['optimizer']['state'], b['optimizer']['state']
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k])
                                           for i in sa for k in ('exp_avg', 'exp_avg_sq'))
+
+
+@pytest.mark.parametrize('name', ['lit_vitb16', 'lit_vitl14'])
+def test_lit_paper_configs_split_the_32k_batch_on_one_node(name):
+    """Table 9's learning rate, lit.py's 32K default batch, and micro-batches that bring one 8-GPU
+    node's 4,096 captions per GPU down to what an 80 GB GPU holds (bench/bench_lit_memory.py)."""
+    p = subprocess.run([sys.executable, 'lit.py', f'config/{name}.py', '--help'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = dict(x.split('  # ')[0].strip()[2:].split('=', 1) for x in p.stdout.splitlines()
+               if x.startswith('  --'))
+    lr, micro = {'lit_vitb16': ('0.0005', 2048), 'lit_vitl14': ('0.0004', 1024)}[name]
+    assert (got['learning_rate'], got['micro_batch_size'], got['global_batch_size']) == (
+        lr, str(micro), '32768')
+    assert common.batch_plan(32768, 8, micro) == (32768, micro, 4096 // micro, '')
+    assert common.batch_plan(32768, 80, micro)[:3] == (32800, 410, 1)  # 10 nodes: one each
