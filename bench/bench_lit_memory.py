@@ -131,6 +131,8 @@ for _ in range(runs + 1):  # the first round warms up
     for key, fn in (('one_shot', one_shot), ('grad_cache', cached)):
         t0 = time.perf_counter()
         fn()
+        if device == 'cuda':
+            torch.cuda.synchronize()
         times[key].append(time.perf_counter() - t0)
         text.zero_grad(set_to_none=True)
 med = {k: float(np.median(v[1:])) for k, v in times.items()}

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import model
 import prepare
+from data import eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import AugAwareVision, TextTransformer, VisionTransformer
 
@@ -305,7 +306,6 @@ def test_two_ranks_with_micro_batches_match_one_process(setup, lit_one_shot):
     # each rank wrote its slice of the frozen features, whole rows: all equal the tower's
     vision, _ = model.create('ViT-T/4', layers=2)
     vision.load_state_dict(torch.load(setup / 'vision.pt', weights_only=True)['vision'])
-    from data import eval_batches
     with torch.no_grad():
         want = torch.cat([vision(x) for _, x in eval_batches(str(setup / 'syn'), 64, 32)])
     feats = torch.from_numpy(np.load(setup / 'two' / 'image_features.npy'))
