@@ -25,6 +25,7 @@ import prepare
 from data import eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import AugAwareVision, TextTransformer, VisionTransformer
+from sync_count import count_syncs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ('lit', 'clip', 'uniclip', 'simclr')
@@ -108,9 +109,10 @@ def loss_of(mode, temps):
 def one_shot(mode):
     """The reference: one process, the whole global batch through the towers at once."""
     towers, temps, data = build(mode)
-    loss = loss_of(mode, temps)(*embed(mode, towers, towers, data, slice(None)))
-    loss.backward()
-    return loss.item(), [p.grad for p in [*towers.parameters(), *temps.parameters()]]
+    with count_syncs() as syncs:
+        loss = loss_of(mode, temps)(*embed(mode, towers, towers, data, slice(None)))
+        loss.backward()
+    return loss.item(), [p.grad for p in [*towers.parameters(), *temps.parameters()]], syncs
 
 
 def grad_cached(mode, micro, rank=0, world=1):
@@ -126,13 +128,15 @@ def grad_cached(mode, micro, rank=0, world=1):
         calls.append((rows.start, rows.stop, again, torch.is_grad_enabled()))
         return embed(mode, net, towers, data, rows, again)
 
-    loss, embs = common.grad_cache(forward, loss_of(mode, temps), b, micro,
-                                   net if world > 1 else None)
+    with count_syncs() as syncs:  # host reads of the device: lit.py's step has one, after this
+        loss, embs = common.grad_cache(forward, loss_of(mode, temps), b, micro,
+                                       net if world > 1 else None)
     for p in temps.parameters():
         if world > 1:
             dist.all_reduce(p.grad)
             p.grad /= world
-    return loss.item(), [p.grad for p in [*towers.parameters(), *temps.parameters()]], calls
+    return (loss.item(), [p.grad for p in [*towers.parameters(), *temps.parameters()]], calls,
+            syncs)
 
 
 def mismatches(got, want, tol=1e-10):
@@ -144,8 +148,9 @@ def mismatches(got, want, tol=1e-10):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_grad_cache_gives_the_one_shot_gradients_float64(mode):
-    want_loss, want = one_shot(mode)
-    got_loss, got, calls = grad_cached(mode, micro=5)
+    want_loss, want, want_syncs = one_shot(mode)
+    got_loss, got, calls, syncs = grad_cached(mode, micro=5)
+    assert syncs == want_syncs  # none but the loss's own (simclr's one_hot checks its range)
     # 3 micro-batches (5, 5, 2 rows): embedded without gradients, then again with them
     assert calls == [(0, 5, False, False), (5, 10, False, False), (10, 12, False, False),
                      (0, 5, True, True), (5, 10, True, True), (10, 12, True, True)]
@@ -178,7 +183,7 @@ def two_ranks():
 
 @pytest.mark.parametrize('mode', MODES)
 def test_grad_cache_on_two_ranks_gives_the_one_process_gradients_float64(two_ranks, mode):
-    want_loss, want = one_shot(mode)
+    want_loss, want, _ = one_shot(mode)
     for res in two_ranks:  # every rank: the global loss and the global batch's gradients
         got_loss, got = res[mode]
         assert got_loss == pytest.approx(want_loss, rel=1e-12)
