@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+
+from common import npy_create, npy_write  # whole rows by positional writes
 try:
     import faiss
 except ImportError:  # search='torch' needs no faiss (e.g. a GPU machine without faiss-gpu)
@@ -97,27 +99,6 @@ def rank_rows(n):
     """(start, end) of this rank's contiguous rows of n (common.shard_range)."""
     start, n_r = common.shard_range(n, rank, world)
     return start, start + n_r
-
-
-def npy_create(path, shape, dtype):
-    """Rank 0 allocates the shared .npy; every rank then fills its own rows."""
-    if master:
-        np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
-    barrier()
-
-
-def npy_write(path, start, values):
-    # pwrite of exactly our rows, not a writable memmap: an mmap writes back whole pages, and on a
-    # file system shared by several nodes a page straddling two ranks' slices could lose rows
-    m = np.load(path, mmap_mode='r')
-    values = np.ascontiguousarray(values, dtype=m.dtype)
-    offset = m.offset + start * m.strides[0]
-    del m
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, memoryview(values).cast('B'), offset)
-    finally:
-        os.close(fd)
 
 
 def npy_rows(path, rows, dtype=np.float32):

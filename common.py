@@ -247,6 +247,34 @@ def grad_norm(params, grad_clip):
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
+def grad_cache(forward, loss_fn, rows, micro, ddp_model=None):
+    """The backward of a loss that couples the whole batch (a contrastive loss), `micro` rows at
+    a time: the gradient cache (Gao et al., 2021, https://arxiv.org/abs/2101.06983).
+      1. embed all `rows` micro-batch by micro-batch without gradients: forward(rows_slice, False);
+      2. loss_fn(*embeddings) and its backward: the gradient of every embedding row (and of any
+         parameter the loss holds itself, e.g. a temperature, which gets its whole gradient here);
+      3. each micro-batch again with gradients, forward(rows_slice, True), back-propagating its
+         slice of the embeddings' gradient.
+    By the chain rule the parameters' gradients, summed over the micro-batches, are those of one
+    forward over all rows (the same numbers up to rounding), and the activations of only one
+    micro-batch are held. forward returns a list of embeddings, each [..., m, d] (rows on dim
+    -2); on the second pass None in place of one without gradient (a frozen tower's, not run
+    twice). ddp_model: a DDP module, all-reduced in the last micro-batch's backward only.
+    Returns (loss, embeddings), detached."""
+    chunks = [slice(i, min(i + micro, rows)) for i in range(0, rows, micro)]
+    with torch.no_grad():
+        parts = [forward(sl, False) for sl in chunks]
+    embs = [torch.cat(p, dim=-2).requires_grad_() for p in zip(*parts)]
+    loss = loss_fn(*embs)
+    loss.backward()
+    for i, sl in enumerate(chunks):
+        if ddp_model is not None:
+            ddp_model.require_backward_grad_sync = i == len(chunks) - 1
+        out = [(o, e.grad[..., sl, :]) for o, e in zip(forward(sl, True), embs) if o is not None]
+        torch.autograd.backward(*zip(*out))
+    return loss.detach(), [e.detach() for e in embs]
+
+
 def load_optimizer(optimizer, state, weight_decay):
     """Resume an optimizer of param_groups' two groups; the current config's weight decay wins
     over the saved one."""
@@ -370,6 +398,34 @@ def save(obj, path):
         if not isinstance(cause, OSError):
             raise
         stop(f'{path}: write failed ({cause.strerror}); the previous checkpoint is unchanged')
+
+
+def npy_create(path, shape, dtype):
+    """Rank 0 allocates a .npy of `shape` (zeros: sparse on most file systems); every rank then
+    fills its own rows with npy_write. Returns once every rank can open it (a barrier)."""
+    ddp = dist.is_available() and dist.is_initialized()
+    if not ddp or dist.get_rank() == 0:
+        np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
+    if ddp:
+        dist.barrier()
+
+
+def npy_write(path, start, values):
+    """Rows start.. of the .npy at path become `values`, by positional writes of exactly those
+    bytes. Not a writable memmap: an mmap writes back whole pages, and on a file system shared
+    by several nodes (NFS) a page straddling two ranks' slices could lose one rank's rows."""
+    m = np.load(path, mmap_mode='r')
+    values = np.ascontiguousarray(values, dtype=m.dtype)
+    offset = m.offset + start * m.strides[0]
+    del m
+    buf = memoryview(values).cast('B')
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while buf:  # Linux writes at most 2 GiB per call
+            n = os.pwrite(fd, buf, offset)
+            buf, offset = buf[n:], offset + n
+    finally:
+        os.close(fd)
 
 
 def rng_state(device):

@@ -13,7 +13,8 @@ that MLCD is compared with (README: "Instance discrimination baselines"):
 The image tower is then trained: from a model.py preset (model=...) or from vision_checkpoint.
 
 One CPU process:   python lit.py config/lit_tiny.py
-One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py --vision_checkpoint=out/train/ckpt.pt
+One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py config/lit_vitl14.py  (the 32K
+                   batch in micro-batches of 1024 per GPU, micro_batch_size: the gradient cache)
 CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
 UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
 Continue a run:    python lit.py config/lit_tiny.py --init_from=resume   (the same number of ranks)
@@ -79,9 +80,10 @@ text_width = 0  # 0: the preset's; else overrides (heads must divide it)
 text_layers = 0
 text_heads = 0
 # optimisation
-global_batch_size = 32768  # images (pairs) per step over all ranks; the contrastive loss couples
-                           # the whole batch, so there is no gradient accumulation: each rank holds
-                           # global_batch_size / ranks (the nearest multiple of the ranks)
+global_batch_size = 32768  # images (pairs) per step over all ranks (the nearest multiple of the
+                           # ranks x micro-batches is used)
+micro_batch_size = 0  # most images per rank per forward with gradients (0: the rank's whole share):
+                      # the rank's share is embedded without, then each micro-batch re-run with them
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged
@@ -131,8 +133,10 @@ ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ctx = common.autocast(device, dtype)
-# images per rank: the nearest global batch that is a multiple of the ranks (no accumulation)
-global_batch_size, batch_size, _, batch_note = common.batch_plan(global_batch_size, world)
+# images per rank per step: micro x accum, the global batch nearest to the one asked (batch_plan)
+global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world,
+                                                                micro_batch_size)
+batch_size = micro * accum
 common.check_out_dir(out_dir, init_from, overwrite)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
@@ -264,6 +268,7 @@ steps_per_epoch = loader.steps_per_epoch
 max_steps = max_steps or epochs * steps_per_epoch
 if master:  # the first line of the run
     print(f'global batch {global_batch_size} = {world} rank(s) x {batch_size} images'
+          + (f' in {accum} micro-batches of {micro}' if accum > 1 else '')
           + (f' ({batch_note})' if batch_note else ''))
 
 
@@ -271,9 +276,9 @@ if master:  # the first line of the run
 def embed_all():
     """Frozen-tower embeddings of every image, eval transform, in out_dir/image_features.npy:
     float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
-    larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank fills its
-    contiguous slice. Reused by later runs (a resume) when image_features.json names the same
-    tower, data and resolution."""
+    larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank writes its
+    contiguous slice as whole rows (common.npy_write). Reused by later runs (a resume) when
+    image_features.json names the same tower, data and resolution."""
     path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
     key = {'vision_sha256': vision_sha256, 'data_dir': os.path.abspath(data_dir), 'count': len(dataset),
            'image_size': vision.image_size}
@@ -283,19 +288,15 @@ def embed_all():
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(stamp):
             os.remove(stamp)
-        np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=(len(dataset), vision.embed_dim))
-    if ddp:
-        dist.barrier()
-    feats = np.load(path, mmap_mode='r+')
+    common.npy_create(path, (len(dataset), vision.embed_dim), np.float32)  # with a barrier
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
     batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
                            device=device)
     for idx, images in common.progress(batches, disable=not master, desc='embed images',
                                        total=math.ceil(n / 256), leave=False):
         with ctx:
-            feats[idx.numpy()] = vision(images).float().cpu().numpy()
-    feats.flush()
-    del feats
+            rows = vision(images).float().cpu().numpy()
+        common.npy_write(path, int(idx[0]), rows)  # idx: consecutive rows
     if ddp:
         dist.barrier()
     if master:
@@ -308,11 +309,12 @@ features = embed_all() if precompute_features else None
 precompute_s = time.time() - t_pre
 
 
-def image_embeddings(batch):
+def image_embeddings(batch, rows):
+    """The frozen tower's embeddings of the batch's rows (a slice)."""
     if features is not None:  # rows in the batch's order (a gather from the memory map)
-        return torch.from_numpy(features[batch['index'].numpy()]).to(device)
+        return torch.from_numpy(features[batch['index'][rows].numpy()]).to(device)
     with torch.no_grad(), ctx:  # frozen: no graph through the image tower
-        return vision(batch['images']).float()
+        return vision(batch['images'][rows]).float()
 
 
 # -----------------------------------------------------------------------------
@@ -343,6 +345,7 @@ if compile:
     towers = torch.compile(towers)
 if ddp:  # the temperatures live outside DDP: their gradients are averaged by hand below
     towers = DDP(towers, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+plain_towers = towers.module if ddp else towers  # compiled, if so, but never DDP-wrapped
 
 
 def save_checkpoint():
@@ -398,26 +401,46 @@ def crop_texts(texts, index):
     return texts[:, :int(loader.ds.texts(index.numpy()).argmax(1).max()) + 1]
 
 
-def step_loss(batch):
-    """This step's loss over the global batch and the embeddings it came from (for the checks)."""
-    texts = crop_texts(batch['texts'], batch['index']) if use_text else None
+def embed(batch, rows, again=False):
+    """This rank's embeddings of the batch's rows (a slice): [image, text] (text only with
+    captions), image [V, m, d] when the tower is trained (the views of those images, view-major,
+    through the tower at once). Without gradients (grad_cache's first pass) the DDP wrapper is
+    skipped; again (its second pass): None for the frozen tower's, which gets no gradient."""
+    net = towers if torch.is_grad_enabled() else plain_towers
+    texts = crop_texts(batch['texts'][rows], batch['index'][rows]) if use_text else None
     if locked:
-        img = image_embeddings(batch)
+        img = None if again else image_embeddings(batch, rows)
         with ctx:
-            txt = towers(None, None, texts)[1]
-    else:  # the views of this rank's images, view-major: [V * b, ...] through the tower at once
+            txt = net(None, None, texts)[1]
+    else:
         x = batch['images'] if views > 1 else batch['images'][None]
         with ctx:
-            img, txt = towers(x.flatten(0, 1), batch['aug'].flatten(0, 1), texts)
+            img, txt = net(x[:, rows].flatten(0, 1), batch['aug'][:, rows].flatten(0, 1), texts)
         img = img.float().view(views, -1, img.shape[-1])
-    txt = None if txt is None else txt.float()
+    return [img] + ([] if txt is None else [txt.float()])
+
+
+def contrastive_loss(img, txt=None):
+    """The loss over the global batch from this rank's embeddings (embed's)."""
     if loss == 'clip':  # symmetric InfoNCE, temperature exp(logit_scale) <= 100 (Table 10)
-        out = clip_loss(img if locked else img[0], txt, logit_scale.exp())
-    elif loss == 'simclr':  # NT-Xent: each view's positive is the other view of its image
-        out = simclr_loss(img, logit_scale.exp())
-    else:  # MP-NCE over every view and caption, s_ij = t_{D(i)D(j)} cos + b_{D(i)D(j)}
-        out = mp_nce_loss(*multiview_rows(img, txt), *sim())
-    return out, [e for e in (img, txt) if e is not None]
+        return clip_loss(img if locked else img[0], txt, logit_scale.exp())
+    if loss == 'simclr':  # NT-Xent: each view's positive is the other view of its image
+        return simclr_loss(img, logit_scale.exp())
+    # MP-NCE over every view and caption, s_ij = t_{D(i)D(j)} cos + b_{D(i)D(j)}
+    return mp_nce_loss(*multiview_rows(img, txt), *sim())
+
+
+def step_backward(batch):
+    """This step's loss over the global batch, back-propagated into every trained parameter, and
+    its embeddings (for the checks): at once, or through the gradient cache (common.grad_cache:
+    the same gradients up to rounding, one micro-batch's activations held at a time)."""
+    if accum == 1:
+        embs = embed(batch, slice(None))
+        value = contrastive_loss(*embs)
+        value.backward()
+        return value, embs
+    return common.grad_cache(lambda rows, again: embed(batch, rows, again), contrastive_loss,
+                             batch_size, micro, towers if ddp else None)
 
 
 # -----------------------------------------------------------------------------
@@ -429,7 +452,8 @@ if master:
         n = sum(p.numel() for p in trained_vision.parameters())
         tower = (f'image tower from {vision_source} ({n / 1e6:.1f}M'
                  + (f', augmentation-aware, {aug_dim} parameters)' if aug_dim else ')'))
-    print(f'{loss}, {world} rank(s), {batch_size} images per rank per step, {views} view(s), '
+    print(f'{loss}, {world} rank(s), {batch_size} images per rank per step'
+          + (f' ({accum} micro-batches of {micro})' if accum > 1 else '') + f', {views} view(s), '
           f'{steps_per_epoch} steps per epoch, {max_steps} steps; {tower}, '
           + (f'text tower {text.num_params() / 1e6:.1f}M, ' if text is not None else 'no text tower, ')
           + f'embed {vision.embed_dim}, '
@@ -461,8 +485,7 @@ while step < end:
     lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    value, embs = step_loss(next(batches))
-    value.backward()
+    value, embs = step_backward(next(batches))
     emb_bad = ~torch.stack([torch.isfinite(e).all() for e in embs]).all()
     signal_flag = torch.full((), common.signalled is not None, device=device)
     t_grad = torch.cat([p.grad.view(-1) for p in temps])
@@ -535,7 +558,8 @@ if saved != step:
 # LiT: the frozen tower, bit for bit, after all the training (None: the tower was trained)
 vision_unchanged = state_hash(vision) == vision_sha256 if locked else None
 result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps, 'world_size': world,
-          'global_batch_size': global_batch_size, 'first_loss': first_loss, **last,
+          'global_batch_size': global_batch_size, 'micro_batches': accum, 'first_loss': first_loss,
+          **last,
           **similarity_values([v for p in temps for v in p.detach().view(-1).tolist()]),  # final
           'setup': setup, 'views': views, 'precompute_features': precompute_features,
           'precompute_s': precompute_s, 'steps_per_s': steps_run / loop_s if steps_run else None,
