@@ -127,7 +127,7 @@ def test_too_many_open_files_in_the_prefetch_thread_is_one_line(many):
 def test_out_of_memory_maps_is_one_line(many, monkeypatch):
     def enomem(*args, **kwargs):
         raise OSError(12, 'Cannot allocate memory')
-    monkeypatch.setattr(np, 'memmap', enomem)
+    monkeypatch.setattr(data.mmap, 'mmap', enomem)
     with pytest.raises(SystemExit, match=r'^max_open_shards=4: out of memory maps mapping .*'
                                          r'images_00000\.npy \(vm\.max_map_count'):
         data.Dataset(many, max_open_shards=4).images([0])
