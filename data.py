@@ -48,8 +48,9 @@ def shard_file(kind, s):
 # 80,000 maps (vm.max_map_count: 65,530). A Dataset keeps at most MAX_OPEN_SHARDS maps, least
 # recently used first out: 128 is an eighth of a 1,024 limit, so a process with two readers
 # (training + kNN evaluation) and torch's own files stays under half of it, and a node of 8
-# ranks holds ~2,000 maps in all. A miss re-opens a shard: ~30 us (bench/bench_open.py) against
-# the ~1 ms of copying a 224^2 image batch row by row, so a small cache costs little.
+# ranks holds ~2,000 maps in all. A miss re-maps a shard, ~50 us more than a hit on a shared
+# 2-core machine (bench/bench_open.py). At LAION's size nearly every random read misses whatever
+# the cache holds (128 of 40,000 shards: 0.3% hits), so a larger one would buy little there.
 MAX_OPEN_SHARDS = 128
 SPARE_FILES = 32  # descriptors left free for torch, sockets and logs when checking the limit
 
@@ -201,8 +202,8 @@ class Dataset:
 
     def _map(self, kind, s):
         """Shard s of `kind` as a read-only memory map; its header is checked against meta.json
-        the first time (the data offset is kept: re-reading a header costs ~400 us, more than the
-        ~80 us of re-mapping an evicted shard, bench/bench_open.py)."""
+        the first time only, its data offset kept (a read that parses the header costs 344 us
+        per row, one that re-maps at the kept offset 96 us, a hit 46 us: bench/bench_open.py)."""
         path, dtype, want = self._expect(kind, s)
         offset = int(self._offset[kind][s])
         try:

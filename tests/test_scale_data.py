@@ -45,8 +45,8 @@ def with_file_limit(limit):
 
 
 def run(args, limit):
-    return subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300, preexec_fn=with_file_limit(limit))
+    return subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300, preexec_fn=with_file_limit(limit))
 
 
 def one_line_stop(p, *needles):
@@ -64,7 +64,7 @@ def test_reads_are_exact_with_at_most_max_open_shards_maps_from_two_threads(many
     ds = data.Dataset(many, max_open_shards=8)
     errors = []
 
-    def reader(seed):
+    def reader(ds, seed):
         rng = np.random.default_rng(seed)
         try:
             for _ in range(30):  # random batches touch shards all over the set: the LRU churns
@@ -74,7 +74,7 @@ def test_reads_are_exact_with_at_most_max_open_shards_maps_from_two_threads(many
                 assert len(ds._mm) <= 8
         except BaseException as e:
             errors.append(e)
-    threads = [threading.Thread(target=reader, args=(s,)) for s in (1, 2)]
+    threads = [threading.Thread(target=reader, args=(ds, s)) for s in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -100,7 +100,8 @@ def test_opening_reads_no_shard_and_a_bad_one_stops_at_first_read(many, tmp_path
 
 
 @pytest.mark.parametrize('limit,max_open', [(64, 128), (40, 16)])
-def test_a_limit_below_what_max_open_shards_needs_stops_with_one_line(many, tmp_path, limit, max_open):
+def test_a_limit_below_what_max_open_shards_needs_stops_with_one_line(many, tmp_path, limit,
+                                                                     max_open):
     # checked before the first shard is mapped: cluster.py reads shards in its first phase
     p = run(['cluster.py', f'--data_dir={many}', f'--out_dir={tmp_path / "c"}', '--num_classes=8',
              '--teacher=pixels', f'--max_open_shards={max_open}'], limit)
@@ -169,7 +170,8 @@ def test_epoch_order_gives_every_row_exactly_once(n):
         order = data.epoch_order(np.arange(n), n, seed, epoch)
         assert np.array_equal(np.sort(order), np.arange(n))
         # batch by batch (what each rank computes) is the same order
-        parts = [data.epoch_order(np.arange(a, min(a + 7, n)), n, seed, epoch) for a in range(0, n, 7)]
+        parts = [data.epoch_order(np.arange(a, min(a + 7, n)), n, seed, epoch)
+                 for a in range(0, n, 7)]
         assert np.array_equal(np.concatenate(parts), order)
     if n >= 16:
         assert not np.array_equal(order, data.epoch_order(np.arange(n), n, 7, 13))
