@@ -313,15 +313,16 @@ def epoch_order(positions, n, seed, epoch):
     A Feistel network on [0, 4^h) with 4^h >= n (h bits per half) is a bijection whatever its
     round function; positions it maps outside [0, n) are mapped again (cycle walking, < 4 tries
     on average) until they land inside, which keeps it a bijection of [0, n). With splitmix64 as
-    the round function and 6 rounds, the order is pseudo-random: no batch statistic tells it from
-    a uniform shuffle. Like any seeded shuffle (numpy's permutation included) it reaches only a
-    key-sized subset of the n! orders; a full permutation would cost 8 bytes per row per rank
-    (3.2 GB at 400M rows)."""
+    the round function and 6 rounds the order is pseudo-random (Luby-Rackoff): it passes the
+    uniformity checks of tests/test_scale_data.py as a uniform shuffle would. Like any seeded
+    shuffle (numpy's permutation included) it reaches only a key-sized subset of the n! orders;
+    a full permutation would cost 8 bytes per row per rank (3.2 GB at 400M rows)."""
     pos = np.asarray(positions, dtype=np.int64)
     if pos.size and (pos.min() < 0 or pos.max() >= n):
         raise ValueError(f'positions outside [0, {n})')
     h = max(1, -(-int(n - 1).bit_length() // 2))
     mask, half = np.uint64((1 << h) - 1), np.uint64(h)
+    # the third word keeps these keys apart from other streams seeded by (seed, epoch)
     keys = np.random.SeedSequence([seed, epoch, 0xFE15]).generate_state(FEISTEL_ROUNDS, np.uint64)
 
     def permute(x):
