@@ -60,6 +60,7 @@ search = 'auto'  # nearest-centre search: 'faiss' or 'torch' (matmul + top-k on 
 #                  torch on CUDA when faiss has no GPUs, or when faiss is not installed
 force = False  # redo every phase even if finished
 timeout_minutes = 30  # a collective that waits longer than this fails instead of hanging
+max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -167,7 +168,7 @@ else:
             if s.get(key) and not os.path.exists(os.path.join(data_dir, s[key])):
                 fail(f'missing shard {os.path.join(data_dir, s[key])} listed in {meta_path}')
     import data
-    ds = data.Dataset(data_dir)
+    ds = data.Dataset(data_dir, max_open_shards)
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
         fail(f'teacher_text=True but the dataset {data_dir} has no texts')
@@ -314,7 +315,8 @@ if todo['embed']:
         npy_create(emb_path, (N, d), np.float16)
         autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
         r0, r1 = rank_rows(N)
-        batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device)
+        batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device,
+                                    max_open_shards=max_open_shards)
         for index, images in common.progress(batches, desc='embed (teacher)', disable=not master,
                                              total=-(-(r1 - r0) // batch_size)):
             with torch.no_grad(), autocast:

@@ -13,9 +13,13 @@ A dataset is a directory:
 meta.json is written last: a directory with one holds a finished dataset.
 """
 import atexit
+import collections
+import errno
 import json
+import mmap
 import os
 import queue
+import resource
 import sys
 import threading
 
@@ -38,21 +42,44 @@ def shard_file(kind, s):
 # reading
 
 
-def _npy_header(path):
-    """(shape, dtype) from a .npy file's header, checked against the file's size; ValueError naming
-    the file if it is missing, not a .npy file or shorter than its header says."""
+# One memory map per shard holds a file descriptor (mmap dups it) and a map. LAION-400M at
+# shard_size=10000 is 40,000 image + 40,000 text shards, and random batches touch all of them:
+# kept open, that is 80,000 descriptors (common soft limit `ulimit -n`: 1,024 per process) and
+# 80,000 maps (vm.max_map_count: 65,530). A Dataset keeps at most MAX_OPEN_SHARDS maps, least
+# recently used first out: 128 is an eighth of a 1,024 limit, so a process with two readers
+# (training + kNN evaluation) and torch's own files stays under half of it, and a node of 8
+# ranks holds ~2,000 maps in all. A miss re-maps a shard, ~50 us more than a hit on a shared
+# 2-core machine (bench/bench_open.py). At LAION's size nearly every random read misses whatever
+# the cache holds (128 of 40,000 shards: 0.3% hits), so a larger one would buy little there.
+MAX_OPEN_SHARDS = 128
+SPARE_FILES = 32  # descriptors left free for torch, sockets and logs when checking the limit
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read (bad file, too many open files): a one-line stop."""
+
+
+def _stop(msg):
+    # A shard is opened on first read, in the main thread or a prefetch thread. The main thread
+    # stops at once; a prefetch thread hands the error to its consumer (_prefetch), which stops
+    # there: tearing down the process group from a worker would pull it from under the main thread.
+    if threading.current_thread() is threading.main_thread():
+        common.stop(msg)
+    raise ShardError(msg)
+
+
+def _read_header(f, path):
+    """(shape, dtype, offset) from an open .npy file, checked against the file's size;
+    ValueError naming the file if it is not a .npy file or shorter than its header says."""
+    size = os.fstat(f.fileno()).st_size
     try:
-        size = os.path.getsize(path)
-        with open(path, 'rb') as f:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}
-            shape, fortran, dtype = read[version](f)
-            offset = f.tell()
-    except FileNotFoundError:
-        raise ValueError(f'{path}: missing')
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran, dtype = read[version](f)
+        offset = f.tell()
     except Exception as e:
-        raise ValueError(f'{path}: not a readable .npy file ({os.path.getsize(path)} bytes: '
+        raise ValueError(f'{path}: not a readable .npy file ({size} bytes: '
                          f'{type(e).__name__}: {e})'.replace('\n', ' '))
     need = offset + int(np.prod(shape)) * dtype.itemsize
     if size < need:
@@ -60,19 +87,40 @@ def _npy_header(path):
                          f'({need} bytes)')
     if fortran:
         raise ValueError(f'{path}: Fortran-ordered array, expected C order')
-    return tuple(shape), dtype
+    return tuple(shape), dtype, offset
+
+
+def _npy_header(path):
+    """(shape, dtype) of a .npy file, checked as _read_header does; ValueError if missing."""
+    try:
+        with open(path, 'rb') as f:
+            return _read_header(f, path)[:2]
+    except FileNotFoundError:
+        raise ValueError(f'{path}: missing')
+
+
+def _open_files():
+    try:
+        return len(os.listdir('/proc/self/fd'))
+    except OSError:  # no /proc (macOS): the maps alone are counted
+        return 0
 
 
 class Dataset:
     """A built dataset directory; images are read straight from memory-mapped shards. Opening it
-    checks meta.json and every shard's .npy header (shape, dtype, file size) once."""
+    reads meta.json (and classes.npy) only, whatever the number of shards; each shard's .npy header
+    (shape, dtype, file size) is checked against meta.json when the shard is mapped. At most
+    max_open_shards shards are mapped at once (least recently used first out), safe to read from
+    several threads."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, max_open_shards=MAX_OPEN_SHARDS):
         path = os.path.join(data_dir, 'meta.json')
         if not os.path.exists(path):
             raise ValueError(f'{data_dir}: no meta.json (build it with: '
                              f'python prepare.py --src=... --out={data_dir})')
-        self.dir = data_dir
+        if not (isinstance(max_open_shards, int) and max_open_shards >= 1):
+            raise ValueError(f'max_open_shards={max_open_shards}: must be an integer >= 1')
+        self.dir, self.max_open_shards = data_dir, max_open_shards
         try:
             with open(path, encoding='utf-8') as f:
                 self.meta = json.load(f)
@@ -91,7 +139,13 @@ class Dataset:
                                  f'(expected int32 [{n}])')
             self.classes = np.load(cp)
         self.offsets = np.cumsum([0] + [s['count'] for s in self.meta['shards']])
-        self._mm = {}  # opened on first use: a process only maps the shards it reads
+        # (kind, shard) -> memory map, oldest first; opened on first use: a process only maps
+        # the shards it reads. The lock: a Loader's prefetch thread and the main thread both read.
+        self._mm = collections.OrderedDict()
+        n = len(self.meta['shards'])  # data offset of each checked shard, -1 until then
+        self._offset = {'images': np.full(n, -1, np.int64), 'texts': np.full(n, -1, np.int64)}
+        self._lock = threading.Lock()
+        self._limit_checked = False
 
     def _check(self, path):
         m = self.meta
@@ -100,34 +154,104 @@ class Dataset:
         for k in ('count', 'image_size', 'shards'):
             if k not in m:
                 raise ValueError(f'{path}: missing key {k!r}')
-        S, ctx = m['image_size'], m.get('context_length') or CONTEXT_LENGTH
+        S = m['image_size']
         if not isinstance(S, int) or S < 1 or not isinstance(m['shards'], list):
             raise ValueError(f'{path}: image_size must be a positive integer and shards a list')
         total = 0
         for k, s in enumerate(m['shards']):
-            if not (isinstance(s, dict) and isinstance(s.get('count'), int) and s.get('images')):
-                raise ValueError(f'{path}: shards[{k}] needs "images" and an integer "count"')
-            kinds = [('images', np.uint8, (s['count'], S, S, 3))]
-            if m.get('has_text'):
-                kinds.append(('texts', np.uint16, (s['count'], ctx)))
-            for kind, dtype, want in kinds:
-                f = os.path.join(self.dir, str(s.get(kind)))
-                shape, got = _npy_header(f)
-                if shape != want or got != dtype:
-                    raise ValueError(f'{f}: {got} {list(shape)}, but {path} says '
-                                     f'{np.dtype(dtype)} {list(want)}')
+            if not (isinstance(s, dict) and isinstance(s.get('count'), int) and s['count'] >= 0
+                    and s.get('images') and (s.get('texts') or not m.get('has_text'))):
+                raise ValueError(f'{path}: shards[{k}] needs "images"'
+                                 f'{", texts" if m.get("has_text") else ""} and a "count" >= 0')
             total += s['count']
         if total != m['count']:
+            for s in range(len(m['shards'])):  # only on this error path: name the shard whose
+                shard, dtype, want = self._expect('images', s)  # header disagrees, if one does
+                try:
+                    with open(shard, 'rb') as f:
+                        self._header(f, shard, dtype, want)
+                except FileNotFoundError:
+                    raise ValueError(f'{shard}: missing')
             raise ValueError(f'{path}: count is {m["count"]} but its shards hold {total} images')
+
+    def _check_limit(self):
+        # once, before the first map: the maps this Dataset may hold must fit under the soft
+        # open-file limit, with the files open now (other readers, torch, sockets) and some spare
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        now = _open_files()
+        if soft != resource.RLIM_INFINITY and now + self.max_open_shards + SPARE_FILES > soft:
+            _stop(f'max_open_shards={self.max_open_shards}: the open-file limit (ulimit -n) is '
+                  f'{soft} and {now} files are open, too few for {self.max_open_shards} shard maps '
+                  f'+ {SPARE_FILES} spare: raise ulimit -n or lower max_open_shards')
+        self._limit_checked = True
+
+    def _expect(self, kind, s):
+        """(path, dtype, shape) that meta.json gives shard s of `kind`."""
+        n, S = self.meta['shards'][s]['count'], self.meta['image_size']
+        dtype, shape = ((np.uint8, (n, S, S, 3)) if kind == 'images' else
+                        (np.uint16, (n, self.meta.get('context_length') or CONTEXT_LENGTH)))
+        return os.path.join(self.dir, str(self.meta['shards'][s][kind])), np.dtype(dtype), shape
+
+    def _header(self, f, path, dtype, want):
+        """The data offset of open shard file f, its header checked against meta.json's."""
+        shape, got, offset = _read_header(f, path)
+        if shape != want or got != dtype:
+            raise ValueError(f'{path}: {got} {list(shape)}, but '
+                             f'{os.path.join(self.dir, "meta.json")} says {dtype} {list(want)}')
+        return offset
+
+    def _map(self, kind, s):
+        """Shard s of `kind` as a read-only memory map; its header is checked against meta.json
+        the first time only, its data offset kept (a read that parses the header costs 344 us
+        per row, one that re-maps at the kept offset 96 us, a hit 46 us: bench/bench_open.py)."""
+        path, dtype, want = self._expect(kind, s)
+        offset = int(self._offset[kind][s])
+        try:
+            if offset < 0:
+                with open(path, 'rb') as f:
+                    offset = self._header(f, path, dtype, want)
+                self._offset[kind][s] = offset
+            if want[0] == 0:  # an empty file region cannot be mapped
+                return np.empty(want, dtype)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # holds a dup of fd until unmapped
+            finally:
+                os.close(fd)
+            return np.ndarray(want, dtype, buffer=mm, offset=offset)
+        except FileNotFoundError:
+            _stop(f'{path}: missing')
+        except TypeError as e:  # shorter than when its header was checked
+            _stop(f'{path}: truncated while in use ({e})')
+        except ValueError as e:
+            _stop(str(e) if str(e).startswith(path) else f'{path}: {e}')
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                _stop(f'max_open_shards={self.max_open_shards}: too many open files mapping '
+                      f'{path} (the limit, ulimit -n, is '
+                      f'{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}): raise ulimit -n or '
+                      'lower max_open_shards')
+            if e.errno == errno.ENOMEM:
+                _stop(f'max_open_shards={self.max_open_shards}: out of memory maps mapping {path} '
+                      '(vm.max_map_count, or memory): lower max_open_shards')
+            raise
 
     def __len__(self):
         return int(self.offsets[-1])
 
     def _shard(self, kind, s):
-        if (kind, s) not in self._mm:
-            path = os.path.join(self.dir, self.meta['shards'][s][kind])
-            self._mm[kind, s] = np.load(path, mmap_mode='r')
-        return self._mm[kind, s]
+        with self._lock:
+            key = (kind, int(s))
+            if key in self._mm:
+                self._mm.move_to_end(key)
+                return self._mm[key]
+            if not self._limit_checked:
+                self._check_limit()
+            mm = self._mm[key] = self._map(kind, key[1])
+            if len(self._mm) > self.max_open_shards:
+                # dropped, not closed: a reader still holding it keeps it valid until it is done
+                self._mm.popitem(last=False)
+            return mm
 
     def _gather(self, kind, idx, out):
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
@@ -170,6 +294,49 @@ AUGMENTS = ('rrc', 'pad_crop', 'flip', 'none')
 
 def _seed(*xs):
     return int(np.random.SeedSequence(list(xs)).generate_state(1, np.uint64)[0] >> 1)
+
+
+FEISTEL_ROUNDS = 6  # Luby-Rackoff: 4 rounds of random functions already give a pseudo-random one
+
+
+def _mix(x):
+    # splitmix64's finaliser: every input bit flips each output bit with probability ~1/2
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_order(positions, n, seed, epoch):
+    """The rows at `positions` of epoch `epoch`'s order of range(n): a bijection of [0, n) keyed
+    by (seed, epoch), computed for just these positions (memory O(len(positions)), not O(n)).
+
+    A Feistel network on [0, 4^h) with 4^h >= n (h bits per half) is a bijection whatever its
+    round function; positions it maps outside [0, n) are mapped again (cycle walking, < 4 tries
+    on average) until they land inside, which keeps it a bijection of [0, n). With splitmix64 as
+    the round function and 6 rounds the order is pseudo-random (Luby-Rackoff): it passes the
+    uniformity checks of tests/test_scale_data.py as a uniform shuffle would. Like any seeded
+    shuffle (numpy's permutation included) it reaches only a key-sized subset of the n! orders;
+    a full permutation would cost 8 bytes per row per rank (3.2 GB at 400M rows)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    if pos.size and (pos.min() < 0 or pos.max() >= n):
+        raise ValueError(f'positions outside [0, {n})')
+    h = max(1, -(-int(n - 1).bit_length() // 2))
+    mask, half = np.uint64((1 << h) - 1), np.uint64(h)
+    # the third word keeps these keys apart from other streams seeded by (seed, epoch)
+    keys = np.random.SeedSequence([seed, epoch, 0xFE15]).generate_state(FEISTEL_ROUNDS, np.uint64)
+
+    def permute(x):
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << half) | right
+
+    x = permute(pos.astype(np.uint64))
+    out = x >= np.uint64(n)
+    while out.any():
+        x[out] = permute(x[out])
+        out = x >= np.uint64(n)
+    return x.astype(np.int64)
 
 
 _running = set()  # (stop event, thread) of every live prefetcher
@@ -215,6 +382,8 @@ def _prefetch(fn, args, depth):
             if kind == 1:
                 return
             if kind == 2:
+                if isinstance(x, ShardError):  # a bad shard or too many open files: one line
+                    common.stop(str(x))
                 raise x
             yield x
     finally:
@@ -224,10 +393,10 @@ def _prefetch(fn, args, depth):
 
 
 class Loader:
-    """Training batches. Step `step` of epoch `epoch` takes global batch `step` of a permutation
-    seeded by (seed, epoch); rank r gets its slice [r*B, (r+1)*B). Augmentation randomness is
-    seeded by (seed, epoch, step, rank), so batch(epoch, step) is a pure function: resuming at a
-    step gives exactly the batches an uninterrupted run would have seen.
+    """Training batches. Step `step` of epoch `epoch` takes global batch `step` of epoch_order,
+    a permutation keyed by (seed, epoch); rank r gets its slice [r*B, (r+1)*B). Augmentation
+    randomness is seeded by (seed, epoch, step, rank), so batch(epoch, step) is a pure function:
+    resuming at a step gives exactly the batches an uninterrupted run would have seen.
 
     augment: 'rrc' (random resized crop, area ~ U(scale), aspect ~ U(ratio), + flip), 'pad_crop'
     (reflect-pad by `pad` pixels, random crop back to the stored size, + flip), 'flip', 'none';
@@ -240,8 +409,9 @@ class Loader:
 
     def __init__(self, data_dir, batch_size, image_size, labels=None, with_text=False, rank=0,
                  world_size=1, seed=0, augment=True, device='cpu', scale=(0.4, 1.0),
-                 ratio=(3 / 4, 4 / 3), prefetch=4, pad=4, views=1, color_jitter=0.0):
-        self.ds = Dataset(data_dir)
+                 ratio=(3 / 4, 4 / 3), prefetch=4, pad=4, views=1, color_jitter=0.0,
+                 max_open_shards=MAX_OPEN_SHARDS):
+        self.ds = Dataset(data_dir, max_open_shards)
         self.batch_size, self.image_size, self.labels = batch_size, image_size, labels
         self.with_text, self.rank, self.world_size, self.seed = with_text, rank, world_size, seed
         self.device, self.prefetch = torch.device(device), prefetch
@@ -270,17 +440,13 @@ class Loader:
         _warn_upsampling(data_dir, self.ds.image_size, image_size)
         # grid_sample on an accelerator; on a CPU the uint8 path is faster (bench/bench_loader.py)
         self._grid = self.device.type != 'cpu'
-        self._perm = (None, None)
 
     def indices(self, epoch, step):
         if not 0 <= step < self.steps_per_epoch:
             raise ValueError(f'step {step} outside [0, {self.steps_per_epoch})')
-        e, perm = self._perm
-        if e != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
-            self._perm = (epoch, perm)
         start = (step * self.world_size + self.rank) * self.batch_size
-        return perm[start:start + self.batch_size]
+        return epoch_order(np.arange(start, start + self.batch_size), len(self.ds), self.seed,
+                           epoch)
 
     def params(self, n, generator):
         """One view's augmentation parameters: float [n, 5] (cx, cy, w, h, flip), [n, 10] with
@@ -352,11 +518,12 @@ def _warn_upsampling(data_dir, stored, size):
               f'them (rebuild the shards at image_size >= {size} for real detail)', file=sys.stderr)
 
 
-def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4):
+def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4,
+                 max_open_shards=MAX_OPEN_SHARDS):
     """Evaluation order, no augmentation: rank r reads its contiguous slice of the rows
     (common.shard_range).
     Yields (index int64 [b], images [b,3,S,S])."""
-    ds = Dataset(data_dir)
+    ds = Dataset(data_dir, max_open_shards)
     _warn_upsampling(data_dir, ds.image_size, image_size)
     N = len(ds)
     start, n = common.shard_range(N, rank, world_size)

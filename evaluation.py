@@ -323,7 +323,8 @@ NORMS = ('none', 'l2', 'standardize')
 
 
 @torch.no_grad()
-def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size=1, desc=''):
+def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size=1, desc='',
+            max_open_shards=128):
     """Every image of a dataset through the frozen tower (eval transform, no augmentation).
     Returns {'cls', 'pooled', 'embed'}, float32 numpy arrays [N, d] in dataset order:
     cls = the class token before the final LayerNorm, pooled = after it and before the
@@ -337,7 +338,8 @@ def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size
     start, n = shard_range(N, rank, world_size)  # data.eval_batches' slice
     out = None
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=str(device).startswith('cuda'))
-    batches = data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device)
+    batches = data.eval_batches(data_dir, batch_size, image_size, rank, world_size, device,
+                                max_open_shards=max_open_shards)
     for index, images in progress(batches, total=math.ceil(n / batch_size), desc=desc, leave=False,
                                   disable=rank > 0):
         if vision is None:

@@ -111,6 +111,7 @@ dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU alway
 compile = False  # torch.compile the trained towers
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
+max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
@@ -258,7 +259,8 @@ try:
     loader = Loader(data_dir, batch_size, vision.image_size, with_text=use_text, rank=rank,
                     world_size=world, seed=seed, augment=augment if augmenting else 'none',
                     device=device, scale=tuple(crop_scale), pad=pad, views=views,
-                    color_jitter=color_jitter if augmenting else 0.0)
+                    color_jitter=color_jitter if augmenting else 0.0,
+                    max_open_shards=max_open_shards)
 except ValueError as e:
     if len(dataset) < global_batch_size:
         stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
@@ -291,7 +293,7 @@ def embed_all():
     common.npy_create(path, (len(dataset), vision.embed_dim), np.float32)  # with a barrier
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
     batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
-                           device=device)
+                           device=device, max_open_shards=max_open_shards)
     for idx, images in common.progress(batches, disable=not master, desc='embed images',
                                        total=math.ceil(n / 256), leave=False):
         with ctx:

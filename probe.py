@@ -67,6 +67,7 @@ retrieval_dir = ''     # shards with one caption per image; '' skips retrieval
 batch_size = 256
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 cache_features = False  # keep features in out_dir and reuse them on the next run
+max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
@@ -131,7 +132,8 @@ def features_of(d, desc=''):
         f = np.load(path) if rank == 0 else None
         memo[d] = f and {k: f[k if k in f.files else 'pooled'] for k in FEATURES}
     else:
-        memo[d] = f = extract(vision, d, batch_size, size, device, rank, world, desc)
+        memo[d] = f = extract(vision, d, batch_size, size, device, rank, world, desc,
+                              max_open_shards)
         if cache_features and rank == 0:
             with common.atomic_open(path) as fh:
                 np.savez(fh, **{k: v for k, v in f.items()
@@ -225,7 +227,7 @@ if zero_shot and test_dir:
 
 # (3) retrieval -------------------------------------------------------------
 if retrieval_dir:
-    ds = data.Dataset(retrieval_dir)
+    ds = data.Dataset(retrieval_dir, max_open_shards)
     if text is None or not ds.meta.get('has_text'):
         why = ('the checkpoint has no text tower' if text is None
                else f'{retrieval_dir} has no captions')

@@ -89,6 +89,7 @@ dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU alway
 compile = False  # torch.compile the image tower
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
+max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
@@ -192,7 +193,7 @@ else:
     try:
         loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
                         world_size=world, seed=seed, augment=augment, device=device,
-                        scale=tuple(crop_scale), pad=pad)
+                        scale=tuple(crop_scale), pad=pad, max_open_shards=max_open_shards)
     except ValueError as e:  # a bad augmentation setting
         stop(f'config error: {e}')
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
@@ -343,7 +344,8 @@ def knn_accuracy():
     raw_vision.eval()
     mine = torch.zeros(n, embed_dim, device=device)
     for idx, images in eval_batches(eval_data_dir, eval_batch_size, raw_vision.image_size,
-                                    rank=rank, world_size=world, device=device):
+                                    rank=rank, world_size=world, device=device,
+                                    max_open_shards=max_open_shards):
         with ctx:
             mine[idx.to(device) - start] = F.normalize(raw_vision(images).float(), dim=-1)
     raw_vision.train()

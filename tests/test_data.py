@@ -821,6 +821,17 @@ def corrupt_cases(d):
             ('invalid JSON', lambda: open(meta_path, 'a').write(',}'), 'meta.json')]
 
 
+# shards are checked when first mapped: these defects stop the first read that touches them
+AT_FIRST_READ = {'truncated shard', 'zero-byte shard', 'truncated texts', 'edited image_size',
+                 'missing shard file'}
+
+
+def read_everything(d):
+    ds = data.Dataset(d)
+    ds.images(np.arange(len(ds)))
+    ds.texts(np.arange(len(ds)))
+
+
 def test_bad_shards_and_meta_stop_with_one_line_naming_the_file(tmp_path):
     good = str(tmp_path / 'good')
     prepare.build('synthetic', good, image_size=S, count=60, seed=0, shard_size=20, workers=1, progress=False)
@@ -828,14 +839,23 @@ def test_bad_shards_and_meta_stop_with_one_line_naming_the_file(tmp_path):
         d = str(tmp_path / what.replace(' ', '_'))
         shutil.copytree(good, d)
         corrupt_cases(d)[k][1]()  # one defect per copy
-        for fn in (lambda: data.Dataset(d), lambda: data.Loader(d, 4, S), lambda: data.eval_batches(d, 4, S)):
-            with pytest.raises(ValueError) as e:
+        readers = [lambda: data.Dataset(d), lambda: data.Loader(d, 4, S), lambda: data.eval_batches(d, 4, S)]
+        error = ValueError
+        if what in AT_FIRST_READ:  # the open succeeds; reading (main thread or prefetch) stops
+            data.Dataset(d), data.Loader(d, 4, S)
+            readers = [lambda: read_everything(d), lambda: list(data.Loader(d, 4, S, with_text=True).iterate(0))]
+            readers += [] if what == 'truncated texts' else [lambda: list(data.eval_batches(d, 4, S))]
+            error = SystemExit
+        for fn in readers:
+            with pytest.raises(error) as e:
                 fn()
             msg = str(e.value)
-            assert '\n' not in msg and os.path.join(d, name) in msg, (what, msg)
+            # an edited image_size makes every shard wrong: the first one read is named
+            names = [f'images_0000{i}.npy' for i in range(3)] if what == 'edited image_size' else [name]
+            assert '\n' not in msg and any(os.path.join(d, n) in msg for n in names), (what, msg)
     data.Dataset(good)  # untouched copy still opens
     ld = data.Loader(good, 4, S)
-    assert len(ld.ds._mm) == 0  # validated from the headers: no shard was mapped
+    assert len(ld.ds._mm) == 0  # validated from meta.json: no shard was mapped
     ld.batch(0, 0)
 
 
