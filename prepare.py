@@ -247,29 +247,24 @@ def _tar_items(path, max_bytes):
 
 
 def _tar_item(tf, key, members, max_bytes):
-    def read(m):
-        if m.size > max_bytes:  # checked from the header: a 50 GB member is never read
-            raise Skip(f'too large: member {m.name} of {m.size:,} bytes')
-        return tf.extractfile(m).read()
-    info, caption = {}, None
-    img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    def read(ext):
+        if members[ext].size > max_bytes:  # from the header: a 50 GB member is never read
+            raise Skip(f'too large: member {members[ext].name} of {members[ext].size:,} bytes')
+        return tf.extractfile(members[ext]).read()
+    img = next((e for e in IMAGE_EXTS if e in members), None)
+    info, url = {}, None
     try:
-        if 'json' in members:
-            try:
-                info = json.loads(read(members['json']))
-                info = info if isinstance(info, dict) else {}
-            except ValueError:
-                pass  # metadata only; the caption may still be in key.txt
-        if 'txt' in members:
-            caption = read(members['txt']).decode('utf-8', 'replace')
-        elif isinstance(info.get('caption'), str):
-            caption = info['caption']
-        url = info.get('url') if isinstance(info.get('url'), str) else None
-        if img is None:
-            return key, 'missing', None, caption, url
-        return key, 'bytes', read(img), caption, url
+        try:
+            info = json.loads(read('json')) if 'json' in members else {}
+        except ValueError:
+            pass  # metadata only: a broken key.json costs the url, not the sample
+        info = info if isinstance(info, dict) else {}
+        text = lambda v: v if isinstance(v, str) else None
+        url, caption = text(info.get('url')), text(info.get('caption'))
+        caption = read('txt').decode('utf-8', 'replace') if 'txt' in members else caption
+        return key, 'bytes' if img else 'missing', read(img) if img else None, caption, url
     except Skip as e:
-        return key, 'bad', str(e), caption, None
+        return key, 'bad', str(e), None, url
 
 
 def _open_source(src):
@@ -335,11 +330,11 @@ def _process(item):
 # shard writer
 
 
-def _atomic_npy(path, arr):
-    # the temporary name carries the pid: a worker left running by a killed build and the resumed
-    # build may write the same shard at once (same bytes; each rename is atomic)
-    with open(f'{path}.{os.getpid()}.tmp', 'wb') as f:
-        np.save(f, arr)
+def _atomic(path, write, mode='wb'):
+    """write(f) to a temporary name, fsync, rename. The name carries the pid: a worker left running
+    by a killed build and the resumed build may write the same shard at once (same bytes)."""
+    with open(f'{path}.{os.getpid()}.tmp', mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f.name, path)
@@ -378,14 +373,9 @@ def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
     shard.close()
     if texts is not None:
         texts = np.array(texts, np.uint16).reshape(-1, CONTEXT_LENGTH)
-        _atomic_npy(os.path.join(out, shard_file('texts', s)), texts)
+        _atomic(os.path.join(out, shard_file('texts', s)), lambda f: np.save(f, texts))
     record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes)
-    path = os.path.join(out, f'shard_{s:05d}.json')
-    with open(f'{path}.{os.getpid()}.tmp', 'w') as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    _atomic(os.path.join(out, f'shard_{s:05d}.json'), lambda f: json.dump(record, f), 'w')
     return record
 
 
@@ -460,7 +450,8 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
             if cur is None or s != cur[0]:
                 if cur is not None:
                     done[cur[0]] = _finish_shard(out, *cur)
-                shard = _ImageShard(os.path.join(out, shard_file('images', s)), _worker['image_size'])
+                path = os.path.join(out, shard_file('images', s))
+                shard = _ImageShard(path, _worker['image_size'])
                 cur = [s, shard, [] if has_text else None, [] if classnames else None, [], 0]
             if reason is None:
                 cur[1].write(img)
@@ -554,10 +545,10 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         raise ValueError(f'--src={src}: none of the {n} items could be read (first: {first})')
     if classnames is not None:
         classes = np.concatenate([np.array(done[s]['classes'], np.int32) for s in order])
-        _atomic_npy(os.path.join(out, 'classes.npy'), classes)
+        _atomic(os.path.join(out, 'classes.npy'), lambda f: np.save(f, classes))
     skipped = [x for s in order for x in done[s]['skipped']]
     reasons = {}
-    for item in skipped:  # [key, reason] or, from a tar with the url in key.json, [key, reason, url]
+    for item in skipped:  # [key, reason], or [key, reason, url] where a tar's key.json has one
         reasons[item[1].split(':')[0]] = reasons.get(item[1].split(':')[0], 0) + 1
     seconds = time.time() - t0
     shards = [dict(images=shard_file('images', s), count=done[s]['count'],
