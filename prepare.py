@@ -3,7 +3,9 @@ Writes datasets in the format data.py describes: image sources -> uint8 .npy sha
 caption ids (tokenizer.py), decoded by several worker processes; an interrupted build resumes.
 
     python prepare.py --src=path/to/imagefolder --out=data/mine --image_size=224
-    python prepare.py --src='laion/{00000..00099}.tar' ...   (a glob: --src='laion/*.tar')
+    python prepare.py --src='laion/{00000..41455}.tar' --out=data/laion   (img2dataset's tars:
+        also 'laion/*.tar', 'a/{0000..0099}.tar::b/*.tar'; one shard per tar, see
+        docs/prepare_laion.md; --part=i --parts=n on n machines, then once without them)
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
@@ -405,13 +407,12 @@ def _tar_shard(job):
     return s, _finish_shard(out, s, shard, texts, None, skipped, n)
 
 
-def _run_tars(tars, out, done, pool, progress):
+def _run_tars(jobs, n_tars, out, done, pool, progress):
     """Tar s -> shard s, tars spread over the workers; returns the images written."""
     from tqdm import tqdm
-    jobs = [(s, p) for s, p in enumerate(tars) if s not in done]
     name = os.path.basename(out.rstrip('/'))
     n_new = 0
-    with tqdm(total=len(tars), initial=len(done), disable=not progress, desc=f'data {name}',
+    with tqdm(total=n_tars, initial=len(done), disable=not progress, desc=f'data {name}',
               unit='tar') as bar:
         for s, record in (pool.imap_unordered(_tar_shard, jobs) if pool else map(_tar_shard, jobs)):
             done[s] = record
@@ -473,11 +474,15 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
 
 
 def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, workers=None,
-          overwrite=False, max_pixels=Image.MAX_IMAGE_PIXELS, progress=True):
+          overwrite=False, max_pixels=Image.MAX_IMAGE_PIXELS, progress=True, part=0, parts=1):
     """Write the shards of `src` into `out` and return meta. Resumes an interrupted build of the
-    same settings; refuses to touch a finished one unless overwrite=True."""
+    same settings; refuses to touch a finished one unless overwrite=True. With parts > 1 (tars
+    only) it builds the tars s with s % parts == part and returns None: machines sharing `out`
+    build the parts at once, and a run without parts then writes meta.json."""
     workers = workers or len(os.sched_getaffinity(0))
     kind, items, tars, missing, classnames, has_text = _open_source(src)
+    if not 0 <= part < parts or (parts > 1 and kind != 'tar'):
+        raise ValueError(f'part={part}, parts={parts}: a part in [0, parts) of a tar source')
     params = dict(src=src, image_size=image_size, shard_size=shard_size, max_pixels=max_pixels,
                   **(dict(count=count, seed=seed) if kind == 'synthetic' else {}))
     if kind == 'tar':  # one shard per tar; a tar that appears or goes would renumber them
@@ -499,7 +504,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         elif json.load(open(state_path)) != params:
             raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
                              f'{json.load(open(state_path))}); pass --overwrite=True to start over')
-    common.save_json(state_path, params)
+    _atomic(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
 
     # shards that an interrupted run finished are kept (their record is written last)
     done = {}
@@ -521,12 +526,13 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     # a member larger than an uncompressed RGBA image of max_pixels is not an image we could use
     init = (image_size, max_pixels, seed, has_text, out, 4 * max_pixels + 2 ** 20)
     if kind == 'tar':
-        workers = min(workers, len(tars) - len(done))
+        jobs = [(s, p) for s, p in enumerate(tars) if s not in done and s % parts == part]
+        workers = min(workers, len(jobs))
     _init_worker(*init, pool=False)
     pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 1 else None
     try:
         if kind == 'tar':
-            n_new = _run_tars(tars, out, done, pool, progress)
+            n_new = _run_tars(jobs, len(tars), out, done, pool, progress)
         else:
             n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
                                workers, progress)
@@ -535,6 +541,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
             pool.terminate()
             pool.join()
 
+    if parts > 1:
+        return None
     # every shard is on disk: classes.npy, then meta.json last (its presence means "finished")
     order = sorted(done)
     assert order == list(range(len(order))), f'missing shard records in {out}'
@@ -587,12 +595,20 @@ if __name__ == '__main__':
     workers = 0             # decoding processes (0: one per CPU core)
     overwrite = False       # rebuild a finished output
     max_pixels = Image.MAX_IMAGE_PIXELS  # larger images are skipped (decompression bombs)
+    part = 0                # tars: build only the tars s with s % parts == part (one machine)
+    parts = 1               # machines sharing out; then a run without part/parts writes meta.json
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     try:
         meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
-                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels)
+                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels,
+                     part=part, parts=parts)
     except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
+    if meta is None:
+        done = len(glob.glob(os.path.join(out, 'shard_*.json')))
+        print(f'part {part} of {parts} built; {done} shards of the whole are done. When every part '
+              'is, the same command without part/parts writes meta.json')
+        raise SystemExit(0)
     result = dict(out=out, count=meta['count'], shards=len(meta['shards']),
                   image_size=meta['image_size'], has_text=meta['has_text'],
                   classes=len(meta['classnames']) if meta['classnames'] else None,

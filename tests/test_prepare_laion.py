@@ -262,3 +262,31 @@ def test_a_build_of_many_tars_keeps_few_files_open(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ['120', '120']
+
+
+def test_parts_built_at_once_by_two_processes_equal_one_build(tmp_path):
+    d = f'{tmp_path}/laion'
+    for s in range(5):
+        laion_tar(f'{d}/{s:05d}.tar', s, 3)
+    src, full, shared = f'{d}/{{00000..00004}}.tar', str(tmp_path / 'full'), str(tmp_path / 'shared')
+    prepare.build(src, full, image_size=S, workers=1, progress=False)
+    run = lambda part: subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'prepare.py'), f'--src={src}', f'--out={shared}', f'--image_size={S}',
+         '--workers=1', f'--part={part}', '--parts=2'], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    procs = [run(0), run(1)]  # two machines sharing out, at the same time
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all('without part/parts writes meta.json' in o for o in outs)
+    assert not os.path.exists(f'{shared}/meta.json')
+    assert sorted(f for f in os.listdir(shared) if f.startswith('shard_')) == [f'shard_{s:05d}.json' for s in range(5)]
+    opened, real = [], prepare._tar_items
+    prepare._tar_items = lambda path, max_bytes: opened.append(path) or real(path, max_bytes)
+    try:
+        prepare.build(src, shared, image_size=S, workers=1, progress=False)  # writes meta.json only
+    finally:
+        prepare._tar_items = real
+    assert opened == [] and files(shared) == files(full)
+    with pytest.raises(ValueError, match=r'part=2, parts=2: a part in \[0, parts\)'):
+        prepare.build(src, str(tmp_path / 'x'), image_size=S, part=2, parts=2, progress=False)
+    with pytest.raises(ValueError, match='part=0, parts=2'):
+        prepare.build('synthetic', str(tmp_path / 'x'), image_size=S, parts=2, progress=False)
