@@ -192,7 +192,10 @@ def tar_paths(src):
     name (41,456 stats on a network file system take minutes)."""
     names, listings, found, missing = [], {}, [], []
     for part in src.split('::'):
-        names += itertools.islice(expand_braces(part), MAX_NAMES + 1 - len(names))
+        try:
+            names += itertools.islice(expand_braces(part), MAX_NAMES + 1 - len(names))
+        except ValueError as e:
+            raise ValueError(f'--src={src}: {e}')
         if len(names) > MAX_NAMES:
             raise ValueError(f'--src={src}: expands to more than {MAX_NAMES:,} names')
     for name in names:
@@ -277,7 +280,7 @@ def _open_source(src):
     if os.path.isdir(src):
         items, classnames = _folder_source(src)
         return 'folder', items, None, [], classnames, False
-    if src.endswith('.tar') or any(s in src for s in ('*', '?', '[', '{', '::')):
+    if src.endswith(('.tar', '.tar.gz', '.tgz')) or any(c in src for c in '*?[{') or '::' in src:
         return ('tar', None) + tar_paths(src) + (None, True)
     if os.path.isfile(src):
         return 'list', _list_source(src), None, [], None, True
