@@ -539,6 +539,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         else:
             n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
                                workers, progress)
+    except OSError as e:  # inputs that cannot be read are skipped: this is writing the shards
+        raise ValueError(f'out={out}: cannot write a shard ({type(e).__name__}: {e})') from None
     finally:
         if pool:
             pool.terminate()

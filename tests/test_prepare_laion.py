@@ -290,3 +290,15 @@ def test_parts_built_at_once_by_two_processes_equal_one_build(tmp_path):
         prepare.build(src, str(tmp_path / 'x'), image_size=S, part=2, parts=2, progress=False)
     with pytest.raises(ValueError, match='part=0, parts=2'):
         prepare.build('synthetic', str(tmp_path / 'x'), image_size=S, parts=2, progress=False)
+
+
+def test_a_shard_that_cannot_be_written_stops_with_one_line(tmp_path):
+    d = f'{tmp_path}/laion'
+    for s in range(2):
+        laion_tar(f'{d}/{s:05d}.tar', s, 2)
+    out = str(tmp_path / 'out')
+    os.makedirs(f'{out}/images_00001.npy')  # the rename onto it fails inside a worker
+    with pytest.raises(ValueError) as e:
+        prepare.build(f'{d}/*.tar', out, image_size=S, workers=2, progress=False)
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith(f'out={out}: cannot write a shard (IsADirectoryError')
