@@ -3,12 +3,16 @@ Writes datasets in the format data.py describes: image sources -> uint8 .npy sha
 caption ids (tokenizer.py), decoded by several worker processes; an interrupted build resumes.
 
     python prepare.py --src=path/to/imagefolder --out=data/mine --image_size=224
-    python prepare.py --src='laion/{00000..00099}.tar' ...   (a glob: --src='laion/*.tar')
+    python prepare.py --src='laion/{00000..41455}.tar' --out=data/laion   (img2dataset's tars:
+        also 'laion/*.tar', 'a/{0000..0099}.tar::b/*.tar'; one shard per tar, see
+        docs/prepare_laion.md; --part=i --parts=n on n machines, then once without them)
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
 import glob
+import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -127,69 +131,161 @@ def _list_source(path):
     return items
 
 
-def _tar_source(paths, skip):
-    """Groups consecutive members by key (webdataset: dir/key.ext), reads them in memory only.
-    A truncated or corrupt tar keeps the samples read before the damage; the rest of it becomes
-    one skipped item named by the tar's path, and the build goes on."""
-    i = 0
-    for path in paths:
+def expand_braces(pattern):
+    """Yields the names of a shell-style brace pattern, as webdataset / open_clip read shard lists
+    (bash rules): 'a{1,2}b', '{00000..41455}' (zero-padded: every name as wide as the widest
+    end), '{a..e}', '{0..10..2}', several and nested braces. A brace without ',' or '..' is
+    literal."""
+    start = pattern.find('{')
+    if start < 0:
+        yield pattern
+        return
+    depth, cuts = 0, [start]
+    for j in range(start, len(pattern)):
+        ch = pattern[j]
+        depth += (ch == '{') - (ch == '}')
+        if depth == 1 and ch == ',':
+            cuts.append(j)
+        if depth == 0:
+            break
+    else:
+        raise ValueError(f'unbalanced braces in {pattern}')
+    cuts.append(j)
+    body = pattern[start + 1:j]
+    if len(cuts) > 2:
+        alternatives = [pattern[a + 1:b] for a, b in zip(cuts, cuts[1:])]
+    else:
+        alternatives = _sequence(body)
+    if alternatives is None:  # literal '{': expand what follows it
+        for rest in expand_braces(pattern[start + 1:]):
+            yield pattern[:start + 1] + rest
+        return
+    for a in alternatives:
+        for middle in expand_braces(a):
+            for rest in expand_braces(pattern[j + 1:]):
+                yield pattern[:start] + middle + rest
+
+
+def _sequence(body):
+    """'x..y[..step]' -> iterator of the terms, or None when body is not a sequence."""
+    m = re.fullmatch(r'(-?\d+|[a-zA-Z])\.\.(-?\d+|[a-zA-Z])(?:\.\.(-?\d+))?', body)
+    if m is None or m[1].isalpha() != m[2].isalpha():
+        return None
+    x, y = (ord(v) if v.isalpha() else int(v) for v in m.group(1, 2))
+    step = abs(int(m[3] or 1)) or 1
+    step = step if y >= x else -step
+    terms = range(x, y + (1 if step > 0 else -1), step)
+    if m[1].isalpha():
+        return (chr(t) for t in terms)
+    padded = any(len(v.lstrip('-')) > 1 and v.lstrip('-')[0] == '0' for v in m.group(1, 2))
+    width = max(len(m[1]), len(m[2])) if padded else 0
+    return (f'{t:0{width}d}' for t in terms)
+
+
+MAX_NAMES = 10_000_000  # a pattern that expands to more names is a typo (LAION-5B: ~600,000 tars)
+
+
+def tar_paths(src):
+    """--src -> (existing tar paths in the order given, missing names). src is one pattern or
+    several joined by '::' (open_clip's list form); each is brace-expanded, then globbed when it
+    holds * ? [. Existence is read with one directory listing per directory, not one stat per
+    name (41,456 stats on a network file system take minutes)."""
+    names, listings, found, missing = [], {}, [], []
+    for part in src.split('::'):
         try:
-            with tarfile.open(path) as tf:
-                groups, key = [], None
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    d, base = posixpath.split(m.name)
-                    stem, _, ext = base.partition('.')
-                    k = posixpath.join(d, stem)
-                    if k != key:
-                        groups.append((k, {}))
-                        key = k
-                    groups[-1][1][ext.lower()] = m
-                    if len(groups) > 1:  # a group is complete once the next key starts
-                        item = _tar_item(tf, path, i, *groups.pop(0), skip(i))
-                        yield item
-                        i += 1
-                for g in groups:
-                    item = _tar_item(tf, path, i, *g, skip(i))
-                    yield item
-                    i += 1
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            print(f'warning: {path}: truncated or corrupt tar ({type(e).__name__}: {e}); '
-                  'the rest of it is skipped', file=sys.stderr)
-            reason = f'truncated or corrupt tar: {type(e).__name__}: {e}'
-            yield (i, path, 'none' if skip(i) else 'bad', reason, None, None)
-            i += 1
+            names += itertools.islice(expand_braces(part), MAX_NAMES + 1 - len(names))
+        except ValueError as e:
+            raise ValueError(f'--src={src}: {e}')
+        if len(names) > MAX_NAMES:
+            raise ValueError(f'--src={src}: expands to more than {MAX_NAMES:,} names')
+    for name in names:
+        if any(ch in name for ch in '*?['):
+            matches = sorted(glob.glob(name))
+            found += matches
+            missing += [] if matches else [name]
+            continue
+        d, base = os.path.split(name)
+        if d not in listings:
+            try:
+                listings[d] = set(os.listdir(d or '.'))
+            except OSError:
+                listings[d] = set()
+        (found if base in listings[d] else missing).append(name)
+    if not found:
+        raise ValueError(f'--src={src}: no tar file matches (none of the {len(names):,} names '
+                         f'exists; first missing: {missing[0]})')
+    return found, missing
 
 
-def _tar_item(tf, path, i, key, members, skipped):
-    key = f'{path}:{key}'
-    img = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if skipped:
-        return (i, key, 'none', None, None, None)
-    data = tf.extractfile(img).read() if img is not None else None
-    caption = None
-    if 'txt' in members:
-        caption = tf.extractfile(members['txt']).read().decode('utf-8', 'replace')
-    return (i, key, 'bytes' if img is not None else 'missing', data, caption, None)
+def _tar_groups(tf):
+    """(key, {ext: member}) for each run of consecutive members with the same key (webdataset and
+    img2dataset: dir/key.ext, the key ending at the first dot of the base name)."""
+    key, group = None, {}
+    for m in tf:
+        if not m.isfile():  # directories, links, devices: never followed
+            continue
+        d, base = posixpath.split(m.name)
+        stem, _, ext = base.partition('.')
+        k = posixpath.join(d, stem)
+        if k != key and group:
+            yield key, group
+            group = {}
+        key = k
+        group[ext.lower()] = m
+    if group:
+        yield key, group
+
+
+def _tar_items(path, max_bytes):
+    """One tar -> (key, kind, payload, caption, url) per sample, read in memory only (a member's
+    name never becomes a path). Caption: key.txt, else "caption" in key.json (img2dataset writes
+    both; the json also holds the url, kept for skipped-item reports). A truncated or corrupt tar
+    keeps the samples read before the damage; the rest becomes one item named by the path."""
+    try:
+        with tarfile.open(path) as tf:
+            for key, members in _tar_groups(tf):
+                yield _tar_item(tf, f'{path}:{key}', members, max_bytes)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        print(f'warning: {path}: truncated or corrupt tar ({type(e).__name__}: {e}); '
+              'the rest of it is skipped', file=sys.stderr)
+        yield path, 'bad', f'truncated or corrupt tar: {type(e).__name__}: {e}', None, None
+
+
+def _tar_item(tf, key, members, max_bytes):
+    def read(ext):
+        if members[ext].size > max_bytes:  # from the header: a 50 GB member is never read
+            raise Skip(f'too large: member {members[ext].name} of {members[ext].size:,} bytes')
+        return tf.extractfile(members[ext]).read()
+    img = next((e for e in IMAGE_EXTS if e in members), None)
+    info, url = {}, None
+    try:
+        try:
+            info = json.loads(read('json')) if 'json' in members else {}
+        except ValueError:
+            pass  # metadata only: a broken key.json costs the url, not the sample
+        info = info if isinstance(info, dict) else {}
+        text = lambda v: v if isinstance(v, str) else None
+        url, caption = text(info.get('url')), text(info.get('caption'))
+        caption = read('txt').decode('utf-8', 'replace') if 'txt' in members else caption
+        return key, 'bytes' if img else 'missing', read(img) if img else None, caption, url
+    except Skip as e:
+        return key, 'bad', str(e), None, url
 
 
 def _open_source(src):
-    """-> (type, items (list or None), tar paths (or None), classnames, has_text)"""
+    """-> (type, items (list or None), tar paths (or None), missing tar names, classnames,
+    has_text)"""
     if src == 'synthetic':
-        return 'synthetic', None, None, list(SHAPES), True
+        return 'synthetic', None, None, [], list(SHAPES), True
     if os.path.isdir(src):
         items, classnames = _folder_source(src)
-        return 'folder', items, None, classnames, False
-    if src.endswith('.tar') or any(ch in src for ch in '*?['):
-        paths = sorted(glob.glob(src))
-        if not paths:
-            raise ValueError(f'--src={src}: no tar file matches')
-        return 'tar', None, paths, None, True
+        return 'folder', items, None, [], classnames, False
+    if src.endswith(('.tar', '.tar.gz', '.tgz')) or any(c in src for c in '*?[{') or '::' in src:
+        return ('tar', None) + tar_paths(src) + (None, True)
     if os.path.isfile(src):
-        return 'list', _list_source(src), None, None, True
-    raise ValueError(f'--src={src}: not an image folder, a tar file or glob, a path<TAB>caption '
-                     'list, or "synthetic"')
+        return 'list', _list_source(src), None, [], None, True
+    raise ValueError(f'--src={src}: not an image folder, a tar file, glob or brace pattern, a '
+                     'path<TAB>caption list, or "synthetic"')
 
 # -----------------------------------------------------------------------------
 # worker: one source item -> (i, key, image or None, tokens or None, class, skip reason or None)
@@ -201,8 +297,9 @@ class WorkerError(Exception):
     """An unexpected error on one item (a bug, out of memory; not bad input): the build stops."""
 
 
-def _init_worker(image_size, max_pixels, seed, has_text, pool=True):
-    _worker.update(image_size=image_size, max_pixels=max_pixels, seed=seed, has_text=has_text)
+def _init_worker(image_size, max_pixels, seed, has_text, out, max_bytes, pool=True):
+    _worker.update(image_size=image_size, max_pixels=max_pixels, seed=seed, has_text=has_text,
+                   out=out, max_bytes=max_bytes)
     Image.MAX_IMAGE_PIXELS = max_pixels
     if pool:
         torch.set_num_threads(1)  # parallelism comes from the processes
@@ -238,18 +335,23 @@ def _process(item):
 # shard writer
 
 
-def _atomic_npy(path, arr):
-    with common.atomic_open(path) as f:
-        np.save(f, arr)
+def _atomic(path, write, mode='wb'):
+    """write(f) to a temporary name, fsync, rename. The name carries the pid: a worker left running
+    by a killed build and the resumed build may write the same shard at once (same bytes)."""
+    with open(f'{path}.{os.getpid()}.tmp', mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
 
 
 class _ImageShard:
-    """Streams rows into images_XXXXX.npy.tmp (memory stays at one row); the .npy header is
+    """Streams rows into images_XXXXX.npy.<pid>.tmp (memory stays at one row); the .npy header is
     rewritten with the final row count (numpy pads it for this) and the file renamed into place."""
 
     def __init__(self, path, image_size):
         self.path, self.n, self.S = path, 0, image_size
-        self.f = open(path + '.tmp', 'wb')
+        self.f = open(f'{path}.{os.getpid()}.tmp', 'wb')
         self.header_len = self._header()
 
     def _header(self):
@@ -265,26 +367,133 @@ class _ImageShard:
 
     def close(self):
         assert self._header() == self.header_len  # same length, so the rows are untouched
+        self.f.flush()
+        os.fsync(self.f.fileno())  # the shard record, written next, must never outlive the rows
         self.f.close()
-        os.replace(self.path + '.tmp', self.path)
+        os.replace(self.f.name, self.path)
+
+
+def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
+    """Closes shard s; its record shard_XXXXX.json, written last, marks it finished."""
+    shard.close()
+    if texts is not None:
+        texts = np.array(texts, np.uint16).reshape(-1, CONTEXT_LENGTH)
+        _atomic(os.path.join(out, shard_file('texts', s)), lambda f: np.save(f, texts))
+    record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes)
+    _atomic(os.path.join(out, f'shard_{s:05d}.json'), lambda f: json.dump(record, f), 'w')
+    return record
 
 
 def _clear(out):
     for p in glob.glob(os.path.join(out, '*')):
         base = os.path.basename(p)
         if re.fullmatch(r'((images|texts|shard)_\d+\.(npy|json)'
-                        r'|classes\.npy|meta\.json|build\.json|data\.json)(\.tmp)?', base):
+                        r'|classes\.npy|meta\.json|build\.json|data\.json)(\.(\d+\.)?tmp)?', base):
             os.remove(p)
 
 
+def _tar_shard(job):
+    """Worker: tar number s -> shard s, written and recorded by this process. A shard is a pure
+    function of its tar, so shards finish in any order and a resumed build skips finished tars
+    without opening them; each worker holds one tar and one shard file open."""
+    s, path = job
+    out, S = _worker['out'], _worker['image_size']
+    shard, texts, skipped, n = _ImageShard(os.path.join(out, shard_file('images', s)), S), [], [], 0
+    for key, kind, payload, caption, url in _tar_items(path, _worker['max_bytes']):
+        _, _, img, tokens, _, reason = _process((n, key, kind, payload, caption, None))
+        n += 1
+        if reason is None:
+            shard.write(img)
+            texts.append(tokens)
+        else:
+            skipped.append([key, reason] + ([url] if url else []))
+    return s, _finish_shard(out, s, shard, texts, None, skipped, n)
+
+
+def _run_tars(jobs, n_tars, out, done, pool, progress):
+    """Tar s -> shard s, tars spread over the workers; returns the images written."""
+    name = os.path.basename(out.rstrip('/'))
+    n_new = 0
+    with common.progress(total=n_tars, initial=len(done), disable=not progress,
+                         desc=f'data {name}', unit='tar') as bar:
+        for s, record in (pool.imap_unordered(_tar_shard, jobs) if pool else map(_tar_shard, jobs)):
+            done[s] = record
+            n_new += record['count']
+            bar.update(1)
+    return n_new
+
+
+def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool, workers,
+               progress):
+    """Items in source order, decoded by the workers; shard s holds items [s * shard_size,
+    (s + 1) * shard_size). Returns the images written."""
+    # ordered results, with at most `bound` items in flight, so that memory stays bounded even
+    # when the source reads bytes faster than the workers decode them
+    bound, stop = threading.BoundedSemaphore(workers * 64), threading.Event()
+
+    def bounded(it):  # runs in the pool's task thread: it must end once the build stops
+        for x in it:
+            while not bound.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            yield x
+
+    n_new, cur = 0, None
+    name = os.path.basename(out.rstrip('/'))
+    try:
+        results = pool.imap(_process, bounded(stream), chunksize=16) if pool else \
+            map(_process, stream)
+        bar = common.progress(total=total, initial=sum(d['items'] for d in done.values()),
+                              disable=not progress, desc=f'data {name}', unit='img')
+        for i, key, img, tokens, cls, reason in results:
+            if pool:
+                bound.release()
+            s = i // shard_size
+            if cur is None or s != cur[0]:
+                if cur is not None:
+                    done[cur[0]] = _finish_shard(out, *cur)
+                path = os.path.join(out, shard_file('images', s))
+                shard = _ImageShard(path, _worker['image_size'])
+                cur = [s, shard, [] if has_text else None, [] if classnames else None, [], 0]
+            if reason is None:
+                cur[1].write(img)
+                if has_text:
+                    cur[2].append(tokens)
+                if classnames:
+                    cur[3].append(cls)
+                n_new += 1
+            else:
+                cur[4].append([key, reason])
+            cur[5] += 1
+            bar.update(1)
+        if cur is not None:
+            done[cur[0]] = _finish_shard(out, *cur)
+        bar.close()
+    finally:
+        stop.set()
+    return n_new
+
+
 def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, workers=None,
-          overwrite=False, max_pixels=Image.MAX_IMAGE_PIXELS, progress=True):
+          overwrite=False, max_pixels=Image.MAX_IMAGE_PIXELS, progress=True, part=0, parts=1):
     """Write the shards of `src` into `out` and return meta. Resumes an interrupted build of the
-    same settings; refuses to touch a finished one unless overwrite=True."""
+    same settings; refuses to touch a finished one unless overwrite=True. With parts > 1 (tars
+    only) it builds the tars s with s % parts == part and returns None: machines sharing `out`
+    build the parts at once, and a run without parts then writes meta.json."""
     workers = workers or len(os.sched_getaffinity(0))
-    kind, items, tars, classnames, has_text = _open_source(src)
+    kind, items, tars, missing, classnames, has_text = _open_source(src)
+    if not 0 <= part < parts or (parts > 1 and kind != 'tar'):
+        raise ValueError(f'part={part}, parts={parts}: a part in [0, parts) of a tar source')
     params = dict(src=src, image_size=image_size, shard_size=shard_size, max_pixels=max_pixels,
                   **(dict(count=count, seed=seed) if kind == 'synthetic' else {}))
+    if kind == 'tar':  # one shard per tar; a tar that appears or goes would renumber them
+        del params['shard_size']
+        params['tars'] = dict(count=len(tars), missing=len(missing), sha256=hashlib.sha256(
+            '\n'.join(tars).encode('utf-8', 'surrogateescape')).hexdigest())
+    if missing:
+        print(f'warning: --src={src}: {len(missing):,} of {len(tars) + len(missing):,} tar files '
+              f'do not exist (first: {missing[0]}); building from the {len(tars):,} that do '
+              '(listed in meta.json)', file=sys.stderr)
     os.makedirs(out, exist_ok=True)
     state_path, meta_path = os.path.join(out, 'build.json'), os.path.join(out, 'meta.json')
     if os.path.exists(meta_path) or os.path.exists(state_path):
@@ -296,7 +505,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         elif json.load(open(state_path)) != params:
             raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
                              f'{json.load(open(state_path))}); pass --overwrite=True to start over')
-    common.save_json(state_path, params)
+    _atomic(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
 
     # shards that an interrupted run finished are kept (their record is written last)
     done = {}
@@ -306,79 +515,37 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     if kind == 'synthetic':
         total = count
         stream = ((i, str(i), 'synthetic', i, None, None) for i in range(count) if not skip(i))
-    elif kind == 'tar':
-        total = None
-        stream = (it for it in _tar_source(tars, skip) if it[2] != 'none')
-    else:
+    elif kind != 'tar':
         total = len(items)
         stream = ((i,) + it for i, it in enumerate(items) if not skip(i))
-    if total == 0:
-        raise ValueError(f'--src={src}: no images found')
+        if total == 0:
+            raise ValueError(f'--src={src}: no images found')
     if has_text:
         tokenize([''])  # loads the vocabulary here, once, so forked workers inherit it
 
-    def finish(s, shard, texts, classes, skipped, n_items):
-        shard.close()
-        if has_text:
-            texts = np.array(texts, np.uint16).reshape(-1, CONTEXT_LENGTH)
-            _atomic_npy(os.path.join(out, shard_file('texts', s)), texts)
-        done[s] = dict(count=shard.n, items=n_items, skipped=skipped,
-                       classes=classes if classnames is not None else None)
-        common.save_json(os.path.join(out, f'shard_{s:05d}.json'), done[s])
-
-    # ordered results, with at most `bound` items in flight, so that memory stays bounded even
-    # when the source streams bytes out of tar files faster than the workers decode them
-    bound, stop = threading.BoundedSemaphore(workers * 64), threading.Event()
-
-    def bounded(it):  # runs in the pool's task thread: it must end once the build stops
-        for x in it:
-            while not bound.acquire(timeout=0.1):
-                if stop.is_set():
-                    return
-            yield x
-
-    t0, n_new = time.time(), 0
-    init = (image_size, max_pixels, seed, has_text)
+    t0 = time.time()
+    # a member larger than an uncompressed RGBA image of max_pixels is not an image we could use
+    init = (image_size, max_pixels, seed, has_text, out, 4 * max_pixels + 2 ** 20)
+    if kind == 'tar':
+        jobs = [(s, p) for s, p in enumerate(tars) if s not in done and s % parts == part]
+        workers = min(workers, len(jobs))
+    _init_worker(*init, pool=False)
     pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 1 else None
     try:
-        if pool:
-            results = pool.imap(_process, bounded(stream), chunksize=16)
+        if kind == 'tar':
+            n_new = _run_tars(jobs, len(tars), out, done, pool, progress)
         else:
-            _init_worker(*init, pool=False)
-            results = map(_process, stream)
-        cur = None
-        name = os.path.basename(out.rstrip('/'))
-        bar = common.progress(total=total, initial=sum(d['items'] for d in done.values()),
-                              disable=not progress, desc=f'data {name}', unit='img')
-        for i, key, img, tokens, cls, reason in results:
-            if pool:
-                bound.release()
-            s = i // shard_size
-            if cur is None or s != cur[0]:
-                if cur is not None:
-                    finish(*cur)
-                shard = _ImageShard(os.path.join(out, shard_file('images', s)), image_size)
-                cur = (s, shard, [], [], [], 0)
-            s, shard, texts, classes, skipped, n_items = cur
-            if reason is None:
-                shard.write(img)
-                if has_text:
-                    texts.append(tokens)
-                classes.append(cls)
-                n_new += 1
-            else:
-                skipped.append([key, reason])
-            cur = (s, shard, texts, classes, skipped, n_items + 1)
-            bar.update(1)
-        if cur is not None:
-            finish(*cur)
-        bar.close()
+            n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
+                               workers, progress)
+    except OSError as e:  # inputs that cannot be read are skipped: this is writing the shards
+        raise ValueError(f'out={out}: cannot write a shard ({type(e).__name__}: {e})') from None
     finally:
-        stop.set()
         if pool:
             pool.terminate()
             pool.join()
 
+    if parts > 1:
+        return None
     # every shard is on disk: classes.npy, then meta.json last (its presence means "finished")
     order = sorted(done)
     assert order == list(range(len(order))), f'missing shard records in {out}'
@@ -389,11 +556,11 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         raise ValueError(f'--src={src}: none of the {n} items could be read (first: {first})')
     if classnames is not None:
         classes = np.concatenate([np.array(done[s]['classes'], np.int32) for s in order])
-        _atomic_npy(os.path.join(out, 'classes.npy'), classes)
+        _atomic(os.path.join(out, 'classes.npy'), lambda f: np.save(f, classes))
     skipped = [x for s in order for x in done[s]['skipped']]
     reasons = {}
-    for _, r in skipped:
-        reasons[r.split(':')[0]] = reasons.get(r.split(':')[0], 0) + 1
+    for item in skipped:  # [key, reason], or [key, reason, url] where a tar's key.json has one
+        reasons[item[1].split(':')[0]] = reasons.get(item[1].split(':')[0], 0) + 1
     seconds = time.time() - t0
     shards = [dict(images=shard_file('images', s), count=done[s]['count'],
                    texts=shard_file('texts', s) if has_text else None)
@@ -401,6 +568,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     meta = dict(count=count_all, image_size=image_size, has_text=has_text, classnames=classnames,
                 source=src, source_type=kind, context_length=CONTEXT_LENGTH if has_text else None,
                 shards=shards, skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
+                missing_tars=dict(count=len(missing), names=missing[:1000]) if missing else None,
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
     common.save_json(meta_path, meta)
@@ -409,6 +577,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         for f in [f'shard_{s:05d}.json'] + empty:
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
+    for p in glob.glob(os.path.join(out, '*_[0-9]*.*.[0-9]*.tmp')):  # from workers killed earlier
+        os.remove(p)
     os.remove(state_path)
     return meta
 
@@ -417,22 +587,31 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
 
 if __name__ == '__main__':
     # settings, overridden by --key=value (the module's UPPER_CASE constants are not settings)
-    src = 'synthetic'       # image folder (class sub-folders), tar file/glob, path<TAB>caption
-    #                         list, or 'synthetic'
+    src = 'synthetic'       # image folder (class sub-folders); tars: a file, glob or brace
+    #                         range ('laion/{00000..41455}.tar'), '::' joins several; a
+    #                         path<TAB>caption list; or 'synthetic'
     out = 'data/synthetic'  # output directory
     image_size = 224        # stored side: shorter side resized to this, centre-cropped
     count = 10000           # synthetic only: number of images
     seed = 0                # synthetic only
-    shard_size = 10000      # source items per shard file (bounded memory, resume granularity)
+    shard_size = 10000      # source items per shard (resume granularity); tars: one shard each
     workers = 0             # decoding processes (0: one per CPU core)
     overwrite = False       # rebuild a finished output
     max_pixels = Image.MAX_IMAGE_PIXELS  # larger images are skipped (decompression bombs)
+    part = 0                # tars: build only the tars s with s % parts == part (one machine)
+    parts = 1               # machines sharing out; then a run without part/parts writes meta.json
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     try:
         meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
-                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels)
+                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels,
+                     part=part, parts=parts)
     except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
+    if meta is None:
+        done = len(glob.glob(os.path.join(out, 'shard_*.json')))
+        print(f'part {part} of {parts} built; {done} shards of the whole are done. When every part '
+              'is, the same command without part/parts writes meta.json')
+        raise SystemExit(0)
     result = dict(out=out, count=meta['count'], shards=len(meta['shards']),
                   image_size=meta['image_size'], has_text=meta['has_text'],
                   classes=len(meta['classnames']) if meta['classnames'] else None,
