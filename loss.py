@@ -103,20 +103,16 @@ class _ScaleGrad(torch.autograd.Function):
 # MLCD / MLC over partial (sampled, sharded) class centres
 
 class _CentreRows(torch.autograd.Function):
-    """The two reads of a rank's centres w [n, d] in one step:
-      c [B, l]: c[b, j] = w[lab[b, j]] . e[b] / |w[lab[b, j]]|, the cosine of row b with the
-        centre of its label j (lab: local indices; e: unit rows), in e's dtype;
-      w[index] [N, d], the rows of S (the negatives), with gradient.
+    """Both reads of a rank's centres w [n, d]: c [B, l], c[b, j] = w[lab[b, j]] . e[b] /
+    |w[lab[b, j]]| (lab: local indices, e: unit rows), and w[index], the rows of S, with gradient.
     The positives are computed `rows` rows of e at a time and recomputed in backward, so the
-    [B l, d] centre rows of the whole global micro-batch never exist at once (0.8 GB at 160
-    ranks, L/14, l = 8, and 3x that while autograd's backward ran). Backward writes one dense
-    [n, d] gradient for both reads.
-    Why not keep only the local pairs (about B l / world) in a fixed-capacity buffer: a rank can
-    hold more than any capacity short of B l (tiny k, skewed clusters), and an exact fallback
-    that does not read the count on the host must itself be shaped for B l. So every rank
-    still does the B l d multiply-adds of the positives (masked where a label is not local),
-    l / |S| of the negatives' B |S| d (8 / 625 at 160 ranks), while its memory for them is one
-    chunk (docs/partialfc_memory.md)."""
+    [B l, d] rows of the global micro-batch never exist (0.8 GB at 160 ranks, L/14, l = 8, 3x
+    that in autograd's backward); one dense [n, d] gradient for both reads. Why not only the
+    local pairs (~B l / world) in a fixed-capacity buffer: a rank can hold up to B l of them
+    (tiny k, skewed clusters), and an exact fallback that does not read the count on the host
+    must itself be shaped for B l. So each rank still does the B l d multiply-adds (masked where
+    a label is not local), l / |S| of the negatives' (8 / 625 at 160 ranks), in the memory of
+    one chunk (docs/partialfc_memory.md)."""
 
     @staticmethod
     def forward(ctx, weight, e, lab, index, rows):
@@ -209,9 +205,8 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(init_centres(self.start, self.num_local, embed_dim, seed))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
         self.index = None  # local indices of the last forward's S (-1: a candidate left unused)
-        # centre values per chunk of the positives (_CentreRows); None: 2^24 (64 MB fp32) on a GPU,
-        # where each chunk costs ~20 kernel launches, 2^20 elsewhere: a CPU's caches hold the
-        # chunk, 3x faster than 2^24 (1.5 vs 4.7 s at 160 ranks' shapes, one core)
+        # centre values per chunk of the positives (_CentreRows); None: 2^24 (64 MB fp32) on a GPU
+        # (a chunk is ~20 kernel launches), else 2^20: in cache, 3x faster (1.5 vs 4.7 s, W = 160)
         self.positive_chunk = None
         self.stats = {}
 
