@@ -102,6 +102,66 @@ class _ScaleGrad(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # MLCD / MLC over partial (sampled, sharded) class centres
 
+class _CentreRows(torch.autograd.Function):
+    """Both reads of a rank's centres w [n, d]: c [B, l], c[b, j] = w[lab[b, j]] . e[b] /
+    |w[lab[b, j]]| (lab: local indices, e: unit rows), and w[index], the rows of S, with gradient.
+    The positives are computed `rows` rows of e at a time and recomputed in backward, so the
+    [B l, d] rows of the global micro-batch never exist (0.8 GB at 160 ranks, L/14, l = 8, 3x
+    that in autograd's backward); one dense [n, d] gradient for both reads. Why not only the
+    local pairs (~B l / world) in a fixed-capacity buffer: a rank can hold up to B l of them
+    (tiny k, skewed clusters), and an exact fallback that does not read the count on the host
+    must itself be shaped for B l. So each rank still does the B l d multiply-adds (masked where
+    a label is not local), l / |S| of the negatives' (8 / 625 at 160 ranks), in the memory of
+    one chunk (docs/partialfc_memory.md)."""
+
+    @staticmethod
+    def forward(ctx, weight, e, lab, index, rows):
+        B, l = lab.shape
+        c = torch.empty(B, l, dtype=e.dtype, device=e.device)
+        with torch.autocast(e.device.type, enabled=False):  # fp32 dot: only B l d of the work
+            for lo in range(0, B, rows):
+                w = weight.index_select(0, lab[lo:lo + rows].flatten()).to(e.dtype)
+                w = w.view(-1, l, e.shape[1])
+                dot = torch.bmm(w, e[lo:lo + rows].unsqueeze(2)).squeeze(2)
+                c[lo:lo + rows] = dot / w.norm(dim=2).clamp_min(1e-12)
+        ctx.save_for_backward(weight, e, lab, index, c)
+        ctx.rows = rows
+        return c, weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_c, grad_neg):
+        # autograd's formula for dot / max(|w|, eps), eps = 1e-12: d/de = w / |w|_eps,
+        # d/dw = (e - c [|w| >= eps] w / |w|_eps) / |w|_eps
+        weight, e, lab, index, c = ctx.saved_tensors
+        B, l = lab.shape
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[0] else None
+        grad_e = torch.empty_like(e) if ctx.needs_input_grad[1] else None
+        if grad_w is not None:
+            grad_w.index_add_(0, index, grad_neg.to(weight.dtype))
+        with torch.autocast(e.device.type, enabled=False):
+            _positive_grads(weight, e, lab, c, grad_c, grad_w, grad_e, ctx.rows)
+        return grad_w, grad_e, None, None, None
+
+
+def _positive_grads(weight, e, lab, c, grad_c, grad_w, grad_e, rows):
+    """_CentreRows' backward of the positives, `rows` rows of e at a time: adds into grad_w
+    [n, d], writes grad_e [B, d] (either may be None)."""
+    B, l = lab.shape
+    for lo in range(0, B, rows):
+        sl = slice(lo, lo + rows)
+        idx = lab[sl].flatten()
+        w = weight.index_select(0, idx).to(e.dtype).view(-1, l, e.shape[1])
+        norm = w.norm(dim=2)
+        inv = 1.0 / norm.clamp_min(1e-12)
+        g = grad_c[sl] * inv  # d(loss)/d(dot)
+        if grad_e is not None:
+            grad_e[sl] = torch.bmm(g.unsqueeze(1), w).squeeze(1)
+        if grad_w is not None:  # w becomes its own gradient, in place: one [rows l, d] buffer
+            w.mul_((-g * c[sl] * inv * (norm >= 1e-12)).unsqueeze(2))
+            w.addcmul_(g.unsqueeze(2), e[sl].unsqueeze(1))
+            grad_w.index_add_(0, idx, w.view(idx.numel(), -1).to(weight.dtype))
+
+
 def init_centres(start, n, d, seed, block=4096):
     """Rows start..start+n of a k x d matrix of N(0, 0.01^2) centres drawn block by block, block b
     from a generator seeded with (seed, b): the global matrix is the same whatever the number of
@@ -145,6 +205,9 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(init_centres(self.start, self.num_local, embed_dim, seed))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
         self.index = None  # local indices of the last forward's S (-1: a candidate left unused)
+        # centre values per chunk of the positives (_CentreRows); None: 2^24 (64 MB fp32) on a GPU
+        # (a chunk is ~20 kernel launches), else 2^20: in cache, 3x faster (1.5 vs 4.7 s, W = 160)
+        self.positive_chunk = None
         self.stats = {}
 
     def _apply(self, fn, *args, **kwargs):
@@ -245,16 +308,14 @@ class PartialFC(nn.Module):
         self.index = index if valid is None else index.masked_fill(~valid, -1)
         N = index.numel()
 
-        # cosines; under autocast the matmuls run in bf16, everything after them in fp32
+        # cosines; under autocast the negatives' matmul runs in bf16, everything else in fp32
         e = F.normalize(x.to(dt), dim=1)
-        # one gather for both (its backward writes one dense [n_r, d] gradient, not two)
-        rows = self.weight.index_select(0, torch.cat([local_lab.flatten(), index]))
-        w_pos, w_neg = rows.split([B * l, N])
         # positives: each row against its own labels' centres [B, l], so a positive always counts
-        # (w.e / |w|: F.normalize's formula without a normalised copy of the [B l, d] rows)
-        w_pos = w_pos.view(B, l, -1)
-        c_pos = torch.bmm(w_pos, e.unsqueeze(2)).squeeze(2).to(dt)
-        c_pos = (c_pos / w_pos.norm(dim=2).clamp_min(1e-12)).clamp(-1.0, 1.0)
+        # (w.e / |w|: F.normalize's formula), and the rows of S, in one autograd node
+        chunk = self.positive_chunk or (2**24 if dev.type == 'cuda' else 2**20)
+        c_pos, w_neg = _CentreRows.apply(self.weight, e, local_lab, index,
+                                         max(1, chunk // (l * self.embed_dim)))
+        c_pos = c_pos.clamp(-1.0, 1.0)
         # negatives: every row against S [B, |S|], never [B, k] when sample_ratio < 1
         cos = (e @ F.normalize(w_neg, dim=1).t()).to(dt)
         # a row's own labels are not its negatives: find their columns in S (N: not in S)

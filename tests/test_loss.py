@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from loss import PartialFC, clip_loss, init_centres, shard_range
+from loss import PartialFC, _CentreRows, clip_loss, init_centres, shard_range
 from sync_count import count_syncs
 
 SCALE, MARGIN = 64.0, 0.3
@@ -224,6 +224,72 @@ def test_sampled_matches_reference_float64(old, loss_type, B, l, k, ratio):
         assert pfc.weight.grad[c].abs().max() > 0
 
 
+@pytest.mark.parametrize('rows', [1, 5, 12])
+def test_positives_in_chunks_match_reference_float64(rows):
+    # the positives are scored `rows` rows of the batch at a time (12 = all at once), also in
+    # backward: the same loss and gradients as Eq. 5 in float64, whatever the chunk
+    g = torch.Generator().manual_seed(21)
+    B, d, k, l = 12, 16, 60, 8
+    emb = torch.randn(B, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    labels = make_labels(g, B, l, k)
+    pfc = PartialFC(d, k, sample_ratio=0.2).double()
+    pfc.positive_chunk = rows * l * d
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+    e1 = emb.clone().requires_grad_()
+    loss = pfc(e1, labels)
+    loss.backward()
+    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
+    ref = ref_loss(e2, w2, labels, 'mlcd', neg_mask(labels, scored_set(pfc), k))
+    ref.backward()
+    assert close(loss.detach(), ref.detach(), 1e-9)
+    assert close(e1.grad, e2.grad, 1e-8) and close(pfc.weight.grad, w2.grad, 1e-8)
+
+
+def test_centre_rows_gradient_is_the_numerical_one():
+    # _CentreRows' hand-written backward against finite differences (float64): cosines of each
+    # row with its labels' centres, chunked, a centre used by several rows and one twice in a
+    # row, plus the rows of S
+    g = torch.Generator().manual_seed(22)
+    B, d, n, l = 7, 5, 9, 3
+    weight = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    e = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    lab = torch.randint(0, n, (B, l), generator=g)
+    lab[0, 1] = lab[0, 0]
+    index = torch.tensor([1, 4, 8])
+    for rows in (1, 3, B):
+        c, w_neg = _CentreRows.apply(weight, e, lab, index, rows)
+        want = (weight[lab] * e[:, None]).sum(2) / weight[lab].norm(dim=2)
+        assert close(c.detach(), want.detach(), 1e-12) and torch.equal(w_neg, weight[index])
+        assert torch.autograd.gradcheck(lambda w, x: _CentreRows.apply(w, x, lab, index, rows),
+                                        (weight, e))
+
+
+def test_no_global_positive_rows():
+    # a rank keeps no [B l, d] copy of its centres (B: the global micro-batch): the positives are
+    # scored a chunk at a time; the biggest tensor of forward + backward is B x d, the embeddings
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaxNumel(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    MaxNumel.biggest = max(MaxNumel.biggest, t.numel())
+            return out
+
+    B, d, k, l = 256, 64, 200, 8
+    pfc = PartialFC(d, k, sample_ratio=0.1)
+    pfc.positive_chunk = 16 * l * d
+    emb = torch.randn(B, d, requires_grad=True)
+    with MaxNumel():
+        pfc(emb, torch.randint(0, k, (B, l))).backward()
+    assert MaxNumel.biggest == B * d < B * l * d // 4
+
+
 def test_index_is_the_negative_set():
     # index= scores a given S; a row's label outside S is still its positive
     g = torch.Generator().manual_seed(4)
@@ -405,9 +471,11 @@ def test_sync_counter_sees_syncs():
 @pytest.mark.parametrize('ratio', [0.3, 1.0])
 @pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
 def test_no_host_sync(old, ratio, loss_type):
-    # forward + backward of PartialFC: nothing that reads a device value on the host
+    # forward + backward of PartialFC: nothing that reads a device value on the host (the
+    # positives in chunks of 4 rows: 2 chunks)
     g = torch.Generator().manual_seed(9)
     pfc = PartialFC(8, 40, sample_ratio=ratio, loss_type=loss_type, batch_positives_as_negatives=old)
+    pfc.positive_chunk = 4 * 4 * 8
     emb = torch.randn(6, 8, generator=g, requires_grad=True)
     labels = make_labels(g, 6, 4, 40)
     with count_syncs() as syncs:
@@ -612,6 +680,7 @@ def _worker(rank, port, out_dir):
         with torch.no_grad():
             pfc.weight.copy_(weight[pfc.start:pfc.start + pfc.num_local])
         pfc.generator.manual_seed(10 * i + rank)
+        pfc.positive_chunk = 3 * l * D  # the positives 3 rows at a time; 1 process: all at once
         with count_syncs() as syncs:  # collectives, but nothing that waits on a device value
             loss = pfc(model(x[rows]), labels[rows])
             loss.backward()
