@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loss import PartialFC, _CentreRows, clip_loss, init_centres, shard_range
 from sync_count import count_syncs
@@ -266,21 +267,21 @@ def test_centre_rows_gradient_is_the_numerical_one():
                                         (weight, e))
 
 
+class MaxNumel(TorchDispatchMode):
+    """Records the element count of the biggest tensor any op makes while it is active."""
+    biggest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                MaxNumel.biggest = max(MaxNumel.biggest, t.numel())
+        return out
+
+
 def test_no_global_positive_rows():
     # a rank keeps no [B l, d] copy of its centres (B: the global micro-batch): the positives are
     # scored a chunk at a time; the biggest tensor of forward + backward is B x d, the embeddings
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MaxNumel(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    MaxNumel.biggest = max(MaxNumel.biggest, t.numel())
-            return out
-
     B, d, k, l = 256, 64, 200, 8
     pfc = PartialFC(d, k, sample_ratio=0.1)
     pfc.positive_chunk = 16 * l * d
@@ -486,18 +487,6 @@ def test_no_host_sync(old, ratio, loss_type):
 
 
 def test_no_batch_by_k_tensor_when_sampling():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MaxNumel(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    MaxNumel.biggest = max(MaxNumel.biggest, t.numel())
-            return out
-
     B, d, k = 256, 4, 100_000
     for old in (False, True):
         pfc = PartialFC(d, k, sample_ratio=0.01, batch_positives_as_negatives=old)
