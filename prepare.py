@@ -429,6 +429,7 @@ if __name__ == '__main__':
     overwrite = False       # rebuild a finished output
     max_pixels = Image.MAX_IMAGE_PIXELS  # larger images are skipped (decompression bombs)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    common.check_writable('out', out)  # a file, a read-only folder: one line before any work
     try:
         meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
                      workers=workers or None, overwrite=overwrite, max_pixels=max_pixels)
