@@ -200,7 +200,7 @@ setup = dict(loss=loss, lock_image=locked, text=use_text, aug_dim=aug_dim,
 run_setup = dict(model=model, vision_checkpoint='' if model else vision_checkpoint,
                  vision_act=vision_act, image_size=image_size, text_preset=text_preset,
                  text_width=text_width, text_layers=text_layers, text_heads=text_heads,
-                 views=views, logit_scale_max=logit_scale_max)
+                 views=views)
 common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
 ckpt = None
 if init_from == 'resume':

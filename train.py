@@ -131,7 +131,6 @@ if not 1 <= num_positives <= all_labels.shape[1]:
     stop(f'config error: num_positives {num_positives} but {labels_path} has '
          f'{all_labels.shape[1]} columns')
 labels = all_labels[:, :num_positives]  # the l nearest centres, nearest first
-common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
 if master:  # the first line of the run
     print(f'global batch {global_batch_size} = {world} rank(s) x {accum} accumulation step(s) x '
           f'{micro_batch_size} images' + (f' ({batch_note})' if batch_note else ''))
@@ -171,11 +170,12 @@ if label_max >= num_classes or label_min < -1:
     stop(f'{labels_path}: label ids span [{label_min}, {label_max}] but num_classes is '
          f'{num_classes} (ids must be in [0, num_classes), -1 = none)')
 
-# what defines this run: a resume must ask for the same (the rest may change: README)
-run_setup = dict(labels=labels_fingerprint, num_classes=num_classes,
-                 num_positives=num_positives, loss_type=loss_type, sample_ratio=sample_ratio,
-                 margin=margin, scale=scale, model=model, image_size=image_size,
-                 batch_positives_as_negatives=batch_positives_as_negatives)
+common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
+# what defines this run: a resume must ask for the same (the rest, margin and scale included,
+# may change like the learning rate: README)
+run_setup = dict(labels=labels_fingerprint, num_classes=num_classes, num_positives=num_positives,
+                 loss_type=loss_type, sample_ratio=sample_ratio, model=model,
+                 image_size=image_size, batch_positives_as_negatives=batch_positives_as_negatives)
 
 # -----------------------------------------------------------------------------
 # the image tower

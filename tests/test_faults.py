@@ -215,7 +215,7 @@ def test_a_second_run_on_a_busy_out_dir_stops_naming_the_holder(data):
             p = run(args + extra, out, expect_ok=False)
             one_line(p, f'out_dir={out} is in use by another run',
                      f'host {socket.gethostname()}, process {first.pid}')
-            assert 'global batch' not in p.stdout  # stopped before any work
+            assert 'steps per epoch' not in p.stdout  # stopped before any work
         assert first.poll() is None
     finally:
         first.kill()
