@@ -59,7 +59,7 @@ assign_batch = 65536  # rows per search (bounds RAM); the torch search also keep
 search = 'auto'  # nearest-centre search: 'faiss' or 'torch' (matmul + top-k on device); auto: faiss,
 #                  torch on CUDA when faiss has no GPUs, or when faiss is not installed
 force = False  # redo every phase even if finished
-timeout_minutes = 30  # a collective that waits longer than this fails instead of hanging
+timeout_minutes = 30.0  # a collective that waits longer than this fails instead of hanging
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
@@ -70,6 +70,8 @@ common.check_device(device)  # before anything is made: one line, no out_dir
 # every phase splits its work evenly over the ranks: no rank waits long for another
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
+common.exit_on_signals('finished phases are kept; the same command continues')
+common.check_writable('out_dir', out_dir)
 if search == 'auto':
     search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
               else 'faiss')
@@ -162,13 +164,16 @@ else:
     if not os.path.exists(meta_path):
         fail(f'no dataset at data_dir={data_dir}: {meta_path} is missing '
              '(write one with prepare.py)')
-    meta = json.load(open(meta_path))
-    for s in meta.get('shards', []):
-        for key in ('images', 'texts') if teacher_text else ('images',):
-            if s.get(key) and not os.path.exists(os.path.join(data_dir, s[key])):
-                fail(f'missing shard {os.path.join(data_dir, s[key])} listed in {meta_path}')
+    try:
+        missing = [os.path.join(data_dir, s[key]) for s in json.load(open(meta_path))['shards']
+                   for key in (('images', 'texts') if teacher_text else ('images',))
+                   if s.get(key) and not os.path.exists(os.path.join(data_dir, s[key]))]
+    except Exception:  # not JSON, not a dataset's meta.json: open_dataset says what is wrong
+        missing = []
+    if missing:
+        fail(f'missing shard {missing[0]} listed in {meta_path}')
     import data
-    ds = data.Dataset(data_dir, max_open_shards)
+    ds = common.open_dataset('data_dir', data_dir, max_open_shards)
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
         fail(f'teacher_text=True but the dataset {data_dir} has no texts')
@@ -190,10 +195,19 @@ if num_positives < 1 or num_positives > num_classes:
 cls_path = classes_path or (os.path.join(data_dir, 'classes.npy') if data_dir and not embeddings_path else '')
 if classes_path and not os.path.exists(classes_path):
     fail(f'classes_path {classes_path} does not exist')
-if cls_path and os.path.exists(cls_path) and np.load(cls_path, mmap_mode='r').shape != (N,):
-    fail(f'{cls_path} has {np.load(cls_path, mmap_mode="r").shape} entries but there are N={N} images')
+if cls_path and os.path.exists(cls_path):
+    try:
+        y = np.load(cls_path, mmap_mode='r')
+    except Exception as e:
+        fail(f'{cls_path} is not a .npy array ({str(e).splitlines()[0][:120]})')
+    if y.shape != (N,):
+        fail(f'{cls_path} has {y.shape} entries but there are N={N} images')
+    if y.dtype.kind not in 'iu' or N and y.min() < 0:
+        fail(f'{cls_path} must hold class ids >= 0 (int), got {y.dtype} with minimum {y.min()}')
+    del y
 
-os.makedirs(out_dir, exist_ok=True)  # only now: a run refused above leaves no empty folder
+# only now: a run refused above leaves no empty folder; the lock, and one folder for all ranks
+common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
 
 # -----------------------------------------------------------------------------
 # which phases run: a phase runs if forced, unfinished, or anything before it ran in this run
@@ -211,7 +225,11 @@ outputs = {'embed': emb_path, 'kmeans': cen_path, 'assign': lab_path}
 state_path = lambda p: os.path.join(out_dir, f'phase_{p}.json')
 todo, upstream = {}, False
 for p in ('embed', 'kmeans', 'assign'):
-    st = json.load(open(state_path(p))) if os.path.exists(state_path(p)) else None
+    try:  # a phase file that is not ours (unreadable, foreign) means the phase is not done
+        st = json.load(open(state_path(p)))
+        st = st if isinstance(st, dict) and isinstance(st.get('config'), dict) else None
+    except (OSError, ValueError, RecursionError):
+        st = None
     if force or upstream or st is None or not os.path.exists(outputs[p]):
         todo[p] = upstream = True
         continue
@@ -302,8 +320,8 @@ if todo['embed']:
         import checkpoints
         try:
             vision, text = checkpoints.from_pretrained(teacher)
-        except ValueError as e:
-            fail(f'teacher {teacher} cannot be loaded: {e}')
+        except Exception as e:  # not a checkpoint: ValueError, or the reader's own errors
+            fail(f'teacher {teacher} cannot be loaded: {str(e).splitlines()[0][:200]}')
         vision = vision.to(device).eval()
         d = vision.embed_dim
         if teacher_text:

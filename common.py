@@ -13,14 +13,17 @@ import os
 
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-import datetime  # noqa: E402 (after the environment is set)
+import atexit  # noqa: E402 (after the environment is set)
+import datetime  # noqa: E402
 import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -49,6 +52,7 @@ def stop(msg):
     are closed first, so that the message is the last line."""
     for bar in list(getattr(tqdm, '_instances', ())):
         bar.close()
+    torchrun_report(msg)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     raise SystemExit(msg)
@@ -76,6 +80,17 @@ def check_device(device, key='device'):
     if i >= n:
         what = f'cuda:{index}' if index else f'torchrun local rank {i}'
         stop(f'{key}={device}: {what} needs {i + 1} GPUs, {n} visible; available here: {here}')
+
+
+def torchrun_report(msg):
+    """Under torchrun, the line also goes to the error file torchrun reads: its failure report
+    (printed after ours, with torchrun's own traceback) then names it as the root cause instead
+    of 'To enable traceback see: ...'."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, 'w') as f:
+                json.dump({'message': msg, 'timestamp': int(time.time())}, f)
 
 
 # -----------------------------------------------------------------------------
@@ -110,11 +125,14 @@ def lost_rank(kind, e, tb, rank, timeout_minutes):
         return sys.__excepthook__(kind, e, tb)
     # to the real stderr: init_process_group wraps this hook and points sys.stderr at a buffer
     # that it would print only after we return, and we do not return
-    sys.__stderr__.write(  # a newline first: a progress bar may be mid-line
-        f'\nrank {rank}: lost contact with another rank (no answer within timeout_minutes='
-        f'{timeout_minutes:g}, or its connection closed): a rank died, was stopped or OOM-killed, '
-        f'or the network failed; see the other ranks\' output ({text.splitlines()[0][-160:]})\n')
+    msg = (f'rank {rank}: lost contact with another rank (no answer within timeout_minutes='
+           f'{timeout_minutes:g}, or its connection closed): a rank died, was stopped or '
+           f'OOM-killed, or the network failed; see the other ranks\' output '
+           f'({text.splitlines()[0][-160:]})')
+    sys.__stderr__.write(f'\n{msg}\n')  # a newline first: a progress bar may be mid-line
     sys.__stderr__.flush()
+    torchrun_report(msg)
+    release_out_dir()
     os._exit(1)  # not sys.exit: tearing down a process group with a peer gone can hang
 
 
@@ -320,10 +338,12 @@ def catch_signals():
         global signalled
         name = signal.Signals(signum).name
         if signalled is not None:
-            sys.stderr.write(f'\n{name} after {signalled}: exiting now; the last checkpoint is '
-                             'unchanged\n')
+            msg = f'{name} after {signalled}: exiting now; the last checkpoint is unchanged'
+            sys.stderr.write(f'\n{msg}\n')
             sys.stderr.flush()
-            os._exit(128 + signum)
+            torchrun_report(msg)
+            release_out_dir()
+            os._exit(128 + signum)  # as a shell reports a process ended by that signal
         signalled = name
         sys.stderr.write(f'\n{name}: stopping after this step with a checkpoint (send it again to '
                          'exit at once)\n')
@@ -332,26 +352,203 @@ def catch_signals():
         signal.signal(s, handler)
 
 
+def exit_on_signals(kept):
+    """For stages without a training loop (cluster.py, probe.py): SIGTERM / SIGINT end the
+    process at once with one line (exit status 1) instead of a KeyboardInterrupt traceback;
+    every file is written atomically, so what is on disk is whole. `kept` says what remains."""
+    def handler(signum, frame):
+        msg = f'stopped by {signal.Signals(signum).name}: {kept}'
+        sys.stderr.write(f'\n{msg}\n')
+        sys.stderr.flush()
+        torchrun_report(msg)
+        release_out_dir()
+        os._exit(1)  # not SystemExit: it could surface inside a collective and hang the teardown
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
 # -----------------------------------------------------------------------------
 # files
 
-def check_out_dir(out_dir, init_from, overwrite):
-    """Before any work. out_dir must be writable: a file is created and removed in it or, while
-    it does not exist, in its nearest existing parent (out_dir itself is created only when there
-    is something to write). A new run must not replace a run's checkpoint without being told."""
-    parent = os.path.abspath(out_dir)
+def check_writable(key, path):
+    """Before any work: the folder `path` (setting `key`) must be writable: a file is created
+    and removed in it or, while it does not exist, in its nearest existing parent (the folder
+    itself is created only when there is something to write)."""
+    parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        stop(f'out_dir={out_dir}: {parent} is not a directory')
+        stop(f'{key}={path}: {parent} is not a directory')
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        stop(f'out_dir={out_dir}: cannot write in {parent} ({e.strerror})')
+        stop(f'{key}={path}: cannot write in {parent} ({e.strerror})')
+
+
+def check_out_dir(out_dir, init_from, overwrite):
+    """Before any work. out_dir must be writable (check_writable). A new run must not replace a
+    run's checkpoint without being told."""
+    check_writable('out_dir', out_dir)
     if init_from != 'resume' and not overwrite and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
         stop(f'out_dir={out_dir} holds a checkpoint (ckpt.pt) that a new run would replace: '
              'continue it with --init_from=resume, or start over with --overwrite=True')
+
+
+LOCK = '.lock'  # out_dir's lock file: who holds it (host, process id, since when)
+held_lock = None  # (fd, path) while this process holds an out_dir's lock
+
+
+def claim_out_dir(out_dir, ddp, rank, world, timeout_minutes=30.0):
+    """Once the inputs are checked, before the first write: out_dir is created, rank 0 takes
+    its lock, and under DDP every rank must see the same folder. The lock is an flock on
+    out_dir/.lock, which the operating system releases when the process ends, however it ends:
+    a second run on the same out_dir (a resubmitted job) stops at once, naming the holder."""
+    msg = [None]
+    if rank == 0:
+        msg[0] = take_lock(out_dir)
+    if ddp:
+        dist.broadcast_object_list(msg, src=0)
+    if msg[0]:
+        stop(msg[0])
+    if ddp:
+        check_shared(out_dir, rank, world, min(60.0, 15 * timeout_minutes))
+
+
+def take_lock(out_dir):
+    """None once this process holds out_dir's lock, else the line saying why not."""
+    global held_lock
+    path = os.path.join(out_dir, LOCK)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 300).decode(errors='replace').strip() or 'starting up'
+                os.close(fd)
+                return (f'out_dir={out_dir} is in use by another run ({holder}): wait for it to '
+                        'end, or use another out_dir')
+            try:  # the file we locked is still the one at path (the holder removes it on exit)
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'host {socket.gethostname()}, process {os.getpid()}, since '
+                     f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n'.encode())
+    except OSError as e:
+        return f'out_dir={out_dir}: cannot write ({e.strerror})'
+    held_lock = (fd, path)
+    atexit.register(release_out_dir)
+    return None
+
+
+def release_out_dir():
+    """Remove the lock file, then let go of the lock (in that order: a process that opened the
+    old file meanwhile sees that it is gone and takes a new one). A kill -9 leaves the file,
+    unlocked: the next run takes it."""
+    global held_lock
+    if held_lock is not None:
+        fd, path = held_lock
+        held_lock = None
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        os.close(fd)
+
+
+def check_shared(out_dir, rank, world, wait_s):
+    """Every rank writes a token file into out_dir and must find every other rank's: ranks on
+    nodes whose out_dir is another folder (a local disk, another working directory) would keep
+    their centre shards where a resume never finds them. A network file system may show a new
+    file late (attribute caches: up to 60 s on NFS), so a rank looks again for up to wait_s."""
+    token = [secrets.token_hex(6)]
+    dist.broadcast_object_list(token, src=0)
+    name = lambda r: os.path.join(out_dir, f'.rank{r}_of_{world}_{token[0]}')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(name(rank), 'w').close()
+    except OSError:
+        pass  # this rank then misses its own file, which the line below reports
+    dist.barrier()
+    t0 = time.time()
+    while True:
+        seen = [r for r in range(world) if os.path.exists(name(r))]
+        if len(seen) == world or time.time() - t0 > wait_s:
+            break
+        time.sleep(0.5)
+    views = [None] * world
+    dist.all_gather_object(views, (socket.gethostname(), os.path.abspath(out_dir), seen))
+    with contextlib.suppress(OSError):
+        os.remove(name(rank))
+    bad = [(r, v) for r, v in enumerate(views) if len(v[2]) != world]
+    if bad:
+        say = '; '.join(f'rank {r} (host {h}, {p}) sees the files of ranks {s}'
+                        for r, (h, p, s) in bad[:4])
+        stop(f'out_dir={out_dir} is not one folder that every rank sees: {say}; put out_dir on a '
+             'file system shared by every node (centre shards and ckpt.pt live there)')
+
+
+def load_checkpoint(path, what, keys):
+    """load() of a checkpoint that must be a dict holding `keys` (a state dict, a tensor or
+    another stage's checkpoint would otherwise fail later with a KeyError)."""
+    ck = load(path, what)
+    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if missing:
+        stop(f'{what}: {path} is not a checkpoint of this script (it has no '
+             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+    return ck
+
+
+def check_same_run(ckpt_path, was, now):
+    """A resume must continue the run in ckpt_path: `now` (what defines the run, as this
+    command sets it) must equal `was` (as recorded when the run started); keys an older
+    checkpoint did not record are not compared. Stops with one line listing every difference."""
+    plain = lambda x: json.loads(json.dumps(x))  # tuples and lists compare equal
+    diff = [f'{k}={plain(was[k])!r} (now {plain(v)!r})' for k, v in now.items()
+            if k in was and plain(was[k]) != plain(v)]
+    if diff:
+        stop(f"{ckpt_path}: written with {', '.join(diff)}; resume with the settings it was "
+             'written with, or start a new run in another out_dir')
+
+
+def sample_rows(n, rows=65536):
+    """Up to `rows` evenly spaced row indices of [0, n) (all of a smaller n), for fingerprint."""
+    return np.unique(np.linspace(0, n - 1, min(n, rows)).round().astype(np.int64))
+
+
+def fingerprint(array, sample):
+    """SHA-256 (16 hex digits) of an array's dtype and shape and of its rows at sample_rows:
+    65,536 rows that every rank reads anyway, and two clusterings, which differ in most rows,
+    never share it."""
+    h = hashlib.sha256(f'{array.dtype.str} {list(array.shape)}'.encode())
+    h.update(np.ascontiguousarray(sample).tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_sha256(obj):
+    """Hex digest of a checkpoint's nested dicts, lists, tensors and plain values, in a fixed
+    order (dict keys sorted): a centre shard's checksum covers its RNG and sampler state too."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                h.update(repr(k).encode())
+                visit(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b'[%d' % len(x))
+            for v in x:
+                visit(v)
+        elif isinstance(x, torch.Tensor):
+            h.update(f'{x.dtype}{list(x.shape)}'.encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(repr(x).encode())
+    visit(obj)
+    return h.hexdigest()
 
 
 def load(path, what, mmap=False):
@@ -370,14 +567,31 @@ def load(path, what, mmap=False):
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """A file opened under a temporary name (path + '.tmp'), flushed to disk and renamed onto
-    path when the block ends: readers see the old file or the new one, and a crash leaves the
-    old one. An error inside the block leaves path untouched."""
+    path, then the folder is fsynced, when the block ends: readers see the old file or the new
+    one, and a crash leaves the old one. An error inside the block leaves path untouched (and
+    no temporary file)."""
     tmp = path + '.tmp'
-    with open(tmp, mode) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or '.')
+
+
+def fsync_dir(path):
+    """fsync a folder: a rename is an entry in its folder, which a power loss can lose until the
+    folder itself reaches the disk (file systems differ; ext4 without this may keep the old)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path):
@@ -445,12 +659,14 @@ def set_rng_state(state, device):
     random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
 
 
-def open_dataset(key, path):
+def open_dataset(key, path, max_open_shards=None):
     """data.Dataset(path); its errors become one line that names the setting the path came
     from (`data_dir=data/x: no meta.json ...`)."""
-    from data import Dataset
+    from data import MAX_OPEN_SHARDS, Dataset
     try:
-        return Dataset(path)
+        return Dataset(path, max_open_shards or MAX_OPEN_SHARDS)
+    except RecursionError:  # json's parser on thousands of nested brackets
+        stop(f'{key}={path}: meta.json is nested too deeply to be a dataset description')
     except (ValueError, OSError) as e:
         stop(f"{key}={path}: {str(e).removeprefix(str(path) + ': ')}")
 
@@ -499,10 +715,14 @@ def trim_log(path, step):
 def start_log(path, step):
     """Rank 0, before the loop. A resume (step > 0) drops the records past the checkpoint and a
     torn last line (trim_log); a new run removes the log of the run it replaces."""
-    if step > 0 and trim_log(path, step):
-        print(f'{path}: dropped unreadable line(s), e.g. one cut short by a full disk')
-    elif step == 0 and os.path.exists(path):
-        os.remove(path)
+    try:
+        if step > 0 and trim_log(path, step):
+            print(f'{path}: dropped unreadable line(s), e.g. one cut short by a full disk')
+        elif step == 0 and os.path.exists(path):
+            os.remove(path)
+    except OSError as e:  # a full disk: atomic_open left the log as it was
+        stop(f'{path}: write failed ({e.strerror}) while dropping the records past step {step}; '
+             'the log and the checkpoint are unchanged')
 
 
 def log_line(path, record):

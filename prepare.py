@@ -601,6 +601,7 @@ if __name__ == '__main__':
     part = 0                # tars: build only the tars s with s % parts == part (one machine)
     parts = 1               # machines sharing out; then a run without part/parts writes meta.json
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    common.check_writable('out', out)  # a file, a read-only folder: one line before any work
     try:
         meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
                      workers=workers or None, overwrite=overwrite, max_pixels=max_pixels,

@@ -68,19 +68,15 @@ batch_size = 256
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 cache_features = False  # keep features in out_dir and reuse them on the next run
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
+timeout_minutes = 30.0  # torchrun: a rank waiting this long for another (dead, stopped) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes
-ddp = int(os.environ.get('RANK', -1)) != -1
-rank, world = 0, 1
-if ddp:
-    if device.startswith('cuda'):
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-    rank, world = dist.get_rank(), dist.get_world_size()
+ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
+common.exit_on_signals('probe.json is written only at the end (cached features are whole)')
+common.check_writable('out_dir', out_dir)
 torch.manual_seed(seed)
 if not checkpoint:
     raise SystemExit('probe.py: set --checkpoint=<path> (or --checkpoint=pixels)')
@@ -94,6 +90,9 @@ for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test
                ('retrieval_dir', retrieval_dir)):
     if d and not os.path.exists(os.path.join(d, 'meta.json')):
         raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with prepare.py)')
+    y = common.open_dataset(key, d).classes if d else None  # bad meta.json, shards: one line
+    if y is not None and len(y) and y.min() < 0:
+        common.stop(f'{key}={d}: classes.npy holds {y.min()}; every image needs a class id >= 0')
 if train_dir and not test_dir:
     raise SystemExit('probe.py: the linear probe needs --test_dir as well as --train_dir')
 
@@ -106,13 +105,14 @@ else:
     try:
         vision, text = checkpoints.from_pretrained(checkpoint, image_size=image_size or None,
                                                    act=act or None)
-    except ValueError as e:
-        raise SystemExit(f'probe.py: checkpoint: {e}')
+    except Exception as e:  # not a checkpoint: ValueError, or the reader's own errors
+        raise SystemExit(f"probe.py: checkpoint: {str(e).splitlines()[0][:200]}")
     vision.to(device).eval().requires_grad_(False)
     if text is not None:
         text.to(device).eval().requires_grad_(False)
     size = vision.image_size
-os.makedirs(out_dir, exist_ok=True)  # only now: a run refused above leaves no empty folder
+# only now: a run refused above leaves no empty folder; the lock, and one folder for all ranks
+common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
 
 memo = {}
 

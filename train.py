@@ -139,21 +139,28 @@ if master:  # the first line of the run
 
 
 def label_range():
-    """(min, max) label id over the whole file; each rank scans its slice, then all-reduce."""
+    """(min, max) label id over the whole file, and the labels' fingerprint (what a resume
+    compares): each rank scans its slice and keeps its rows of common.sample_rows, then
+    all-reduce and all-gather."""
     lo, hi = torch.tensor([1 << 62]), torch.tensor([-(1 << 62)])
     s, n = shard_range(len(labels), rank, world)
+    idx, mine = common.sample_rows(len(labels)), [np.asarray(labels[:0])]
     for i in range(s, s + n, 1 << 20):
         chunk = np.asarray(labels[i:min(i + (1 << 20), s + n)])
         lo = torch.minimum(lo, torch.tensor([int(chunk.min())]))
         hi = torch.maximum(hi, torch.tensor([int(chunk.max())]))
+        mine.append(chunk[idx[(idx >= i) & (idx < i + len(chunk))] - i])
+    rows = [np.concatenate(mine)]
     if ddp:  # gloo and nccl both reduce int64; MIN as MAX of the negation keeps one op kind
         both = torch.cat([-lo, hi]).to(device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         lo, hi = -both[:1].cpu(), both[1:].cpu()
-    return int(lo), int(hi)
+        rows = [None] * world
+        dist.all_gather_object(rows, np.concatenate(mine))
+    return int(lo), int(hi), common.fingerprint(labels, np.concatenate(rows))
 
 
-label_min, label_max = label_range()
+label_min, label_max, labels_fingerprint = label_range()
 if label_max < 0:
     stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] with class ids, but every id is '
          '-1 (no label)')
@@ -165,11 +172,21 @@ if label_max >= num_classes or label_min < -1:
     stop(f'{labels_path}: label ids span [{label_min}, {label_max}] but num_classes is '
          f'{num_classes} (ids must be in [0, num_classes), -1 = none)')
 
+common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
+# what defines this run: a resume must ask for the same (the rest, margin and scale included,
+# may change like the learning rate: README)
+run_setup = dict(labels=labels_fingerprint, num_classes=num_classes, num_positives=num_positives,
+                 loss_type=loss_type, sample_ratio=sample_ratio, model=model,
+                 image_size=image_size, batch_positives_as_negatives=batch_positives_as_negatives)
+
 # -----------------------------------------------------------------------------
 # the image tower
 ckpt = None
 if init_from == 'resume':
-    ckpt = common.load(ckpt_path, 'init_from=resume')
+    ckpt = common.load_checkpoint(ckpt_path, 'init_from=resume', (
+        'vision_config', 'vision', 'optimizer', 'step', 'world_size', 'num_classes', 'embed_dim',
+        'centres', 'rng'))
+    common.check_same_run(ckpt_path, ckpt.get('run_setup', {}), run_setup)
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
 elif init_from == 'scratch':
@@ -245,10 +262,12 @@ def load_centres(ckpt, start, n):
         if (sh['start'], sh['rows'], sh['step']) != (s0, n0, ckpt['step']):
             stop(f"{path}: holds rows {sh['start']}+{sh['rows']} of step {sh['step']}, expected "
                  f"{s0}+{n0} of step {ckpt['step']}")
-        if 'centres_sha256' in ckpt and common.sha256(
-                sh['weight'], sh['exp_avg'], sh['exp_avg_sq']) != ckpt['centres_sha256'][r_old]:
-            stop(f'{path}: its centres do not match the checksum in {ckpt_path} (the file changed '
-                 'after it was written)')
+        key = 'shards_sha256' if 'shards_sha256' in ckpt else 'centres_sha256'  # older: centres
+        got = (common.state_sha256(sh) if key == 'shards_sha256' else
+               common.sha256(sh['weight'], sh['exp_avg'], sh['exp_avg_sq']))
+        if key in ckpt and got != ckpt[key][r_old]:
+            stop(f'{path}: its centres, Adam moments or RNG state do not match the checksum in '
+                 f'{ckpt_path} (the file changed after it was written)')
         w[lo - start:hi - start] = sh['weight'][lo - s0:hi - s0]
         m[lo - start:hi - start] = sh['exp_avg'][lo - s0:hi - s0]
         v[lo - start:hi - start] = sh['exp_avg_sq'][lo - s0:hi - s0]
@@ -314,18 +333,17 @@ def save_checkpoint():
              'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
              'generator': pfc.generator.get_state(), 'rng': rng_state(device)}
     common.save(shard, os.path.join(out_dir, names[rank]))
-    sums = [common.sha256(shard['weight'], shard['exp_avg'], shard['exp_avg_sq'])]
+    sums = [common.state_sha256(shard)]  # the whole shard: centres, Adam, sampler and RNG state
     if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it
         sums = [None] * world
-        dist.all_gather_object(sums, common.sha256(shard['weight'], shard['exp_avg'],
-                                                   shard['exp_avg_sq']))
+        dist.all_gather_object(sums, common.state_sha256(shard))
     if master:
         common.save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
                      'optimizer': optimizer.state_dict(), 'step': step,
                      'epoch': step / steps_per_epoch, 'world_size': world, 'run_id': run_id,
                      'global_batch_size': global_batch_size, 'num_classes': num_classes,
-                     'embed_dim': embed_dim, 'centres': names, 'centres_sha256': sums,
-                     'rng': rng_state(device), 'config': config}, ckpt_path)
+                     'embed_dim': embed_dim, 'centres': names, 'shards_sha256': sums,
+                     'run_setup': run_setup, 'rng': rng_state(device), 'config': config}, ckpt_path)
         for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
             if os.path.basename(f) not in names:
                 os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
