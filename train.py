@@ -5,7 +5,7 @@ of the image (labels.npy from cluster.py) being positives and a random fraction 
 negatives (PartialFC, loss.py). The image tower is replicated with DDP; the centres are sharded
 over ranks and never replicated.
 
-One CPU process:   python train.py config/tiny_synthetic.py
+One CPU process:   python train.py config/tiny.py --data_dir=D --labels_dir=C  (see the config)
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 train.py config/vitl14.py
 Several nodes:     torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 train.py ...
                    (out_dir must be on a file system every rank sees: centre shards live there)
