@@ -103,7 +103,7 @@ def data_plan(meta, quick=False):
     B = asked('BATCH', 2) or max(2, min(MAX_BATCH, power_of_two_at_most(N / 10)))
     if B > N:
         raise SystemExit(f'BATCH={B}: must be at most the {N} training images')
-    images = min(2 * N, 2_000) if quick else min(EPOCHS * N, MAX_IMAGES)
+    images = min(N, 1_000) if quick else min(EPOCHS * N, MAX_IMAGES)  # quick: one epoch
     steps = asked('STEPS') or max(2, math.ceil(images / B))
     return dict(
         N=N, K=K, BATCH=B, STEPS=steps,
