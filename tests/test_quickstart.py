@@ -192,3 +192,23 @@ def test_own_captioned_images_get_lit_and_retrieval_on_held_out_pairs(tmp_path):
     assert 'linear_probe' not in probe and 'zero_shot' not in probe
     assert 0 <= probe['retrieval']['i2t_R@1'] <= probe['retrieval']['i2t_R@10'] <= 1
     assert probe['retrieval']['n'] == 10
+
+
+def test_dropping_over_a_tenth_of_an_epoch_is_warned_once(tmp_path, capsys):
+    """60 images in global batches of 32 leave 28 out of every epoch: one warning, from rank 0;
+    batches of 8 leave 4 (7%): none."""
+    import data
+    import prepare
+    d = str(tmp_path / 'd')
+    prepare.build('synthetic', d, image_size=16, count=60, workers=1, progress=False)
+    data._warned.clear()
+    capsys.readouterr()
+    data.Loader(d, 8, 16)
+    data.Loader(d, 16, 16, rank=1, world_size=2)
+    assert capsys.readouterr().err == ''
+    data.Loader(d, 16, 16, rank=0, world_size=2)
+    data.Loader(d, 32, 16)  # the same global batch: said once
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'warning: {d}: 60 images make 1 batch(es) of 32 per epoch; each epoch leaves '
+                   'out 28 (47%, other images each epoch): a batch that divides 60, or one of at '
+                   'most 6, loses less']
