@@ -212,3 +212,15 @@ def test_dropping_over_a_tenth_of_an_epoch_is_warned_once(tmp_path, capsys):
     assert err == [f'warning: {d}: 60 images make 1 batch(es) of 32 per epoch; each epoch leaves '
                    'out 28 (47%, other images each epoch): a batch that divides 60, or one of at '
                    'most 6, loses less']
+
+
+def test_holdout_is_stratified_seeded_and_never_takes_a_whole_class():
+    """round(f * n_c) rows of every class, the same for the same seed, other rows for another;
+    a class of one stays whole in the training part; without classes, a share of all rows."""
+    from prepare import holdout_rows
+    classes = np.repeat([0, 1, 2, 3], [40, 11, 2, 1])
+    held = holdout_rows(classes, len(classes), 0.2, seed=0)
+    assert np.bincount(classes[held], minlength=4).tolist() == [8, 2, 1, 0]
+    assert np.array_equal(held, holdout_rows(classes, len(classes), 0.2, seed=0))
+    assert not np.array_equal(held, holdout_rows(classes, len(classes), 0.2, seed=1))
+    assert len(holdout_rows(None, 48, 0.2, seed=0)) == 10 and len(np.unique(held)) == len(held)
