@@ -438,6 +438,7 @@ class Loader:
             raise ValueError(f'{data_dir}: {len(self.ds)} images < one global batch '
                              f'({batch_size} x {world_size})')
         _warn_upsampling(data_dir, self.ds.image_size, image_size)
+        _warn_dropped(data_dir, len(self.ds), batch_size * world_size, rank)
         # grid_sample on an accelerator; on a CPU the uint8 path is faster (bench/bench_loader.py)
         self._grid = self.device.type != 'cpu'
 
@@ -516,6 +517,19 @@ def _warn_upsampling(data_dir, stored, size):
         _warned.add(key)
         print(f'warning: {data_dir} stores {stored}x{stored} images; image_size={size} upsamples '
               f'them (rebuild the shards at image_size >= {size} for real detail)', file=sys.stderr)
+
+
+def _warn_dropped(data_dir, n, batch, rank=0):
+    # the last partial global batch of every epoch is dropped: on small data that can be half of
+    # it (60 images in batches of 32: 28 left out); say so past 10%, once, on the first rank
+    dropped = n % batch
+    key = ('dropped', os.path.abspath(data_dir), n, batch)
+    if rank == 0 and dropped > 0.1 * n and key not in _warned:
+        _warned.add(key)
+        print(f'warning: {data_dir}: {n} images make {n // batch} batch(es) of {batch} per epoch; '
+              f'each epoch leaves out {dropped} ({100 * dropped / n:.0f}%, other images each '
+              f'epoch): a batch that divides {n}, or one of at most {n // 10}, loses less',
+              file=sys.stderr)
 
 
 def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4,

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import posixpath
 import re
+import shutil
 import sys
 import tarfile
 import threading
@@ -583,6 +584,86 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     return meta
 
 # -----------------------------------------------------------------------------
+# a held-out part: a seeded share of every class moved into a second dataset, so that a linear
+# probe is tested on images that neither pre-training nor the probe's fit has seen
+
+
+def holdout_rows(classes, n, fraction, seed):
+    """Sorted ids of the held-out rows: round(fraction * n_c) of each class c (at least one, never
+    a whole class), drawn with `seed`; without classes (None), of all n rows."""
+    groups = [np.arange(n)] if classes is None else [np.flatnonzero(classes == c)
+                                                    for c in np.unique(classes)]
+    rng, held = np.random.default_rng(seed), []
+    for rows in groups:
+        m = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        held.append(rng.permutation(rows)[:m])
+    return np.sort(np.concatenate(held)).astype(np.int64)
+
+
+def write_rows(src_dir, rows, out, split, chunk=1024):
+    """A dataset of the given rows of the finished dataset src_dir: new shards, the same meta
+    (plus `split`), meta.json last. Rows are copied `chunk` at a time (bounded memory)."""
+    from data import Dataset
+    ds = Dataset(src_dir)
+    # tar builds have one shard per tar and no shard_size: keep the largest tar's
+    per_shard = (ds.meta['build'].get('shard_size')
+                 or max(sh['count'] for sh in ds.meta['shards']))
+    has_text = ds.meta['has_text']
+    os.makedirs(out, exist_ok=True)
+    _clear(out)
+    shards = []
+    for s, a in enumerate(range(0, len(rows), per_shard)):
+        idx = rows[a:a + per_shard]
+        shard, texts = _ImageShard(os.path.join(out, shard_file('images', s)), ds.image_size), []
+        for b in range(0, len(idx), chunk):
+            for img in ds.images(idx[b:b + chunk]):
+                shard.write(img)
+            if has_text:
+                texts.append(ds.texts(idx[b:b + chunk]).astype(np.uint16))
+        shard.close()
+        if has_text:
+            _atomic(os.path.join(out, shard_file('texts', s)),
+                    lambda f: np.save(f, np.concatenate(texts)))
+        shards.append(dict(images=shard_file('images', s), count=len(idx),
+                           texts=shard_file('texts', s) if has_text else None))
+    if ds.classes is not None:
+        _atomic(os.path.join(out, 'classes.npy'),
+                lambda f: np.save(f, ds.classes[rows].astype(np.int32)))
+    meta = dict(ds.meta, count=len(rows), shards=shards, split=split)
+    if split['part'] == 'holdout':  # what was skipped is listed once, in the other part
+        meta['skipped'] = dict(count=0, reasons={}, items=[])
+    common.save_json(os.path.join(out, 'meta.json'), meta)
+    return meta
+
+
+def build_holdout(src, out, fraction, seed=0, overwrite=False, **kwargs):
+    """build() into <out>.all, then split it: <out>_holdout gets `fraction` of every class (seeded
+    by `seed`), <out> the rest, and <out>.all is removed. Returns (meta of out, meta of holdout).
+    An interrupted build resumes in <out>.all; an interrupted split starts the split again."""
+    if not 0 < fraction < 1:
+        raise ValueError(f'--holdout={fraction}: must be a fraction in (0, 1), e.g. 0.2')
+    out = out.rstrip('/')
+    held_dir, full = out + '_holdout', out + '.all'
+    for d in (out, held_dir):
+        if os.path.exists(os.path.join(d, 'meta.json')) and not overwrite:
+            raise ValueError(f'{d}/meta.json exists: {d} holds a finished dataset; pass '
+                             '--overwrite=True to rebuild it')
+    if os.path.exists(os.path.join(full, 'meta.json')) and not overwrite:
+        meta = json.load(open(os.path.join(full, 'meta.json')))  # built; the split was cut short
+    else:
+        meta = build(src, full, seed=seed, overwrite=overwrite, **kwargs)
+    cp = os.path.join(full, 'classes.npy')
+    held = holdout_rows(np.load(cp) if os.path.exists(cp) else None, meta['count'], fraction, seed)
+    if len(held) == 0:
+        raise ValueError(f'--holdout={fraction}: {meta["count"]} image(s) leave none to hold out')
+    split = dict(fraction=fraction, seed=seed, of=meta['count'], stratified=os.path.exists(cp))
+    hmeta = write_rows(full, held, held_dir, dict(split, part='holdout'))
+    keep = np.setdiff1d(np.arange(meta['count']), held)
+    meta = write_rows(full, keep, out, dict(split, part='train'))
+    shutil.rmtree(full)
+    return meta, hmeta
+
+# -----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':
@@ -593,19 +674,28 @@ if __name__ == '__main__':
     out = 'data/synthetic'  # output directory
     image_size = 224        # stored side: shorter side resized to this, centre-cropped
     count = 10000           # synthetic only: number of images
-    seed = 0                # synthetic only
+    seed = 0                # synthetic images; the holdout draw
     shard_size = 10000      # source items per shard (resume granularity); tars: one shard each
     workers = 0             # decoding processes (0: one per CPU core)
     overwrite = False       # rebuild a finished output
     max_pixels = Image.MAX_IMAGE_PIXELS  # larger images are skipped (decompression bombs)
     part = 0                # tars: build only the tars s with s % parts == part (one machine)
     parts = 1               # machines sharing out; then a run without part/parts writes meta.json
+    holdout = 0.0           # > 0: this share of every class (drawn with seed) goes to a second
+    #                         dataset, <out>_holdout, to test a probe on; <out> keeps the rest
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     common.check_writable('out', out)  # a file, a read-only folder: one line before any work
     try:
-        meta = build(src, out, image_size=image_size, count=count, seed=seed, shard_size=shard_size,
-                     workers=workers or None, overwrite=overwrite, max_pixels=max_pixels,
-                     part=part, parts=parts)
+        kwargs = dict(image_size=image_size, count=count, shard_size=shard_size,
+                      workers=workers or None, max_pixels=max_pixels)
+        if holdout and parts > 1:
+            raise ValueError(f'holdout={holdout}: splits a whole build; build the parts first, '
+                             'then run with --holdout and without part/parts')
+        if holdout:
+            meta, held = build_holdout(src, out, holdout, seed=seed, overwrite=overwrite, **kwargs)
+        else:
+            meta = build(src, out, seed=seed, overwrite=overwrite, part=part, parts=parts,
+                         **kwargs)
     except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
     if meta is None:
@@ -618,10 +708,12 @@ if __name__ == '__main__':
                   classes=len(meta['classnames']) if meta['classnames'] else None,
                   skipped=meta['skipped']['count'], skipped_reasons=meta['skipped']['reasons'],
                   seconds=meta['build']['seconds'], images_per_s=meta['build']['images_per_s'])
+    if holdout:
+        result.update(holdout=out.rstrip('/') + '_holdout', holdout_count=held['count'])
     print(json.dumps(result))
     items = meta['skipped']['items']
     if items:  # named here too, not only in meta.json: the first 5 (reason in short)
-        names = ', '.join(f"{k} ({r.split(':')[0]})" for k, r in items[:5])
+        names = ', '.join(f"{k} ({r.split(':')[0]})" for k, r, *_url in items[:5])
         more = f', and {len(items) - 5} more' if len(items) > 5 else ''
         print(f"skipped {len(items)} input(s): {names}{more} (all in {out}/meta.json)",
               file=sys.stderr)

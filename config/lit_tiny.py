@@ -1,10 +1,11 @@
-# LiT on the built-in synthetic set with the tiny ViT-T/4 tower, a few minutes on a CPU:
+# LiT on the tiny ViT-T/4 tower of config/tiny.py, a few minutes on a CPU, any captioned dataset:
 #   python prepare.py --src=synthetic --out=data/synthetic --image_size=32 --count=10000
-#   python cluster.py ... && python train.py config/tiny_synthetic.py   # the image tower: out/tiny/ckpt.pt
-#   python lit.py config/lit_tiny.py [--precompute_features=True]
-#   python probe.py --checkpoint=out/lit_tiny/ckpt.pt --test_dir=data/synthetic --retrieval_dir=data/synthetic
+#   python cluster.py ... && python train.py config/tiny.py --data_dir=data/synthetic ...
+#       (the image tower: out/tiny/ckpt.pt)
+#   python lit.py config/lit_tiny.py --data_dir=data/synthetic [--precompute_features=True]
+#   python probe.py --checkpoint=out/lit_tiny/ckpt.pt --test_dir=data/synthetic \
+#       --retrieval_dir=data/synthetic
 out_dir = 'out/lit_tiny'
-data_dir = 'data/synthetic'
 vision_checkpoint = 'out/tiny/ckpt.pt'  # any image tower checkpoints.from_pretrained reads
 global_batch_size = 128
 epochs = 2

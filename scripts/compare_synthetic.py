@@ -94,7 +94,7 @@ stage('cluster', f'{out}/cluster/cluster.json',
 rows = []  # (label, probe name, cpu stages, image-tower trainer)
 # MLCD: every centre a negative (r = 1): with only 300 centres r = 0.1 leaves 30
 stage('mlcd', f'{out}/mlcd/train.json',
-      [py, 'train.py', 'config/tiny_synthetic.py', f'--data_dir={D}', f'--labels_dir={out}/cluster',
+      [py, 'train.py', 'config/tiny.py', f'--data_dir={D}', f'--labels_dir={out}/cluster',
        f'--out_dir={out}/mlcd', f'--max_steps={steps}', f'--global_batch_size={batch}',
        f'--micro_batch_size={batch}', f'--image_size={image_size}', f'--eval_data_dir={T}',
        '--eval_interval=0', '--sample_ratio=1.0', f'--threads={threads}', *resume('mlcd')])

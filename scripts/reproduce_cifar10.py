@@ -15,6 +15,20 @@ Input: `cifar` is a .tar.gz of CIFAR-10 as image folders, cifar10/{train,test}/<
 Output in `out`: data/, clusters, one folder per run (train.py / lit.py / probe.py outputs and
 their console logs), results.json, results.md and results.png. Finished runs are skipped and an
 interrupted training resumes, so the script can be stopped and started again at any time.
+
+The runs (folder names, for --only; _sS is the seed, S < seeds) and the table row each makes:
+  mlcd_sS                 MLCD (Eq. 5), l = 8, r = 0.1 (seed 0 is also r = 0.1 and l = 8 of
+                          the sweeps)
+  mlc_sS                  MLC (Eq. 4), l = 8, r = 0.1
+  unicom_sS               single label, l = 1 (UNICOM's loss: Eq. 4 with one positive)
+  mlcd_r1_sS              MLCD, l = 8, r = 1.0 (seed 0 also: r = 1.0 of the k = 1,000 sweep)
+  simclr_sS, uniclip_sS   SimCLR; UniCLIP's image-image part (2 views, instance discrimination)
+  mlcd_t_sS               MLCD on clusters of the SimCLR tower (seed 0), with teacher=True
+  supervised_sS           the true labels, 10-way softmax without margin (reference)
+  random_sS, pixels       random-init ViT-T/8; raw pixels (3,072-d)
+  sweep_r0.01, sweep_r0.5             r sweep, k = 1,000 (with mlcd_s0 and mlcd_r1_s0)
+  sweep_k10x_r0.1, sweep_k10x_r1.0    r sweep, k = 10,000
+  sweep_l1, sweep_l2, sweep_l4, sweep_l16   l sweep, MLCD (Eq. 5), r = 0.1 (with mlcd_s0 for l = 8)
 """
 import os
 import subprocess
@@ -38,15 +52,19 @@ quick = False  # 200 + 50 images per class, a few steps: checks every stage end 
 seeds = 3  # seeds of every variant in the main table (the sweeps use seed 0)
 sweeps = True  # Table 5b / 5c at one seed: r in 0.01 0.1 0.5 1.0, l in 1 2 4 8 16; r in 0.1 1.0 at 10 k
 teacher = True  # also MLCD on clusters of the SimCLR tower (seed 0): a learned teacher, as the paper's
-only = ''  # comma-separated run names (e.g. 'mlcd_s2,pixels'): do just these; '' does all
+only = ''  # comma-separated run names (e.g. 'mlcd_s2,pixels'): do just these; '' does all.
+            # The names are listed at the top of this script (python scripts/reproduce_cifar10.py -h)
 steps = 1400  # optimizer steps of every pre-training run (same images seen by every variant)
 batch = 256
 model = 'ViT-T/8'  # 32 px, 17 tokens, 0.8M parameters
 k = 1000  # clusters of the pixels teacher
 jobs = 1  # runs at a time (2 on a 2-core machine; several share one GPU well: the tower is tiny)
 threads = 1  # CPU threads per run
-device = 'cpu'  # 'cuda': every stage on the GPU (bf16 autocast in training)
+device = 'cpu'  # 'cuda': every stage on the GPU (bf16 autocast in training). One seed gives
+                # another number on each (MLCD l = 8, seed 0: 45.29 on the CPU, 46.22 on the GPU)
 probe_iters = 1000  # L-BFGS iterations per probe fit (CLIP's 1,000)
+if {'-h', '--help'} & set(sys.argv[1:]):
+    print(__doc__.strip() + '\n')  # the run names, then the settings
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
 common.check_device(device)  # here, not in the first stage's log
 # -----------------------------------------------------------------------------
@@ -70,12 +88,20 @@ FEATURES = 'pooled:standardize,cls:standardize,embed:standardize'
 
 
 def run(cmd, log=None):
-    """Run a command from the repository root on `threads` threads; its output to `log` (or ours)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    """Run a command from the repository root on `threads` threads; its output to `log` (or ours).
+    In a log, a progress bar's carriage returns become line ends (tqdm redraws a bar with '\r':
+    a 1,400-step run made one line of its whole log) and the bars redraw every 30 s at most."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT, TQDM_MININTERVAL='30')
     print('+ ' + ' '.join(cmd), flush=True)
-    with open(log, 'a') if log else open(os.devnull, 'w') as f:
-        p = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=env,
-                           stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
+    if log:
+        with open(log, 'ab') as f, subprocess.Popen(
+                [sys.executable] + cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT) as p:
+            for chunk in iter(lambda: p.stdout.read1(1 << 16), b''):
+                f.write(chunk.replace(b'\r\n', b'\n').replace(b'\r', b'\n'))
+                f.flush()
+    else:
+        p = subprocess.run([sys.executable] + cmd, cwd=ROOT, env=env)
     if p.returncode:
         raise SystemExit(f'reproduce_cifar10.py: failed (exit {p.returncode}): {" ".join(cmd)}'
                          + (f'; see {log}' if log else ''))
@@ -154,6 +180,36 @@ def pool(tasks):
 
 
 # -----------------------------------------------------------------------------
+# the plan: every run's name checked, and only what the selected runs lack is done
+TEACHER = os.path.join(out, 'cluster_simclr')  # clusters of the SimCLR tower (seed 0): step 4
+TEACHER_RUNS = [(f'mlcd_t_s{s}', 'train.py', [f'--labels_dir={TEACHER}', f'--seed={s}',
+                 '--loss_type=mlcd', '--num_positives=8', '--sample_ratio=0.1'], s)
+                for s in range(seeds)] if teacher else []
+BASELINES = [f'random_s{s}' for s in range(seeds)] + ['pixels']
+NAMES = BASELINES + [r[0] for r in variants() + TEACHER_RUNS]
+selected = [n.strip() for n in only.split(',') if n.strip()]
+unknown = [n for n in selected if n not in NAMES]
+if unknown:
+    raise SystemExit(f'only={only}: no run named {", ".join(unknown)}; the runs are '
+                     f'{", ".join(NAMES)}')
+trained = lambda r: any(os.path.exists(os.path.join(out, r[0], f))  # noqa: E731
+                        for f in ('train.json', 'lit.json'))
+wanted = lambda name: not selected or name in selected  # noqa: E731
+probed = lambda name: os.path.exists(os.path.join(out, name, 'probe.json'))  # noqa: E731
+todo = [r for r in variants() + TEACHER_RUNS if wanted(r[0]) and not trained(r)]
+labels_of = lambda r: next((a.split('=', 1)[1] for a in r[2]  # noqa: E731
+                            if a.startswith('--labels_dir=')), None)
+need_labels = {labels_of(r) for r in todo} - {None}  # the clusterings the training runs read
+clusterings = [c for c in (LABELS, LABELS_10K, TRUE, TEACHER) if c in need_labels
+               and not os.path.exists(os.path.join(c, 'labels.npy'))]
+n_probes = sum(wanted(n) and not probed(n) for n in NAMES)
+print(f'to do: {"the data, " if not os.path.exists(os.path.join(T, "meta.json")) else ""}'
+      f'{len(clusterings)} clustering(s), {len(todo)} of {len(NAMES) - len(BASELINES)} '
+      f'pre-training runs ({steps} steps x {batch} images each), {n_probes} probe(s); {jobs} at a '
+      f'time. At ~500 images/s per job (one core of an idle machine) that is about '
+      f'{len(todo) * steps * batch / 500 / 3600 / max(1, jobs):.1f} h of training on a CPU.',
+      flush=True)
+
 # 1. data: unpack (members checked: no absolute paths or '..'), split, build uint8 shards
 if not os.path.exists(os.path.join(T, 'meta.json')):
     if not os.path.exists(cifar):
@@ -188,32 +244,22 @@ if not os.path.exists(os.path.join(T, 'meta.json')):
 
 # 2. labels: the pixels teacher's k clusters (l = 16 kept: the l sweep reads the first l), 10 k
 #    clusters for the r sweep's second row, and the true classes as a 'clustering' for the
-#    supervised reference
-if not os.path.exists(os.path.join(LABELS, 'labels.npy')):
+#    supervised reference; each only if a run still to be trained reads it
+if LABELS in clusterings:
     run(['cluster.py', f'--data_dir={D}', f'--out_dir={LABELS}', '--teacher=pixels',
          f'--num_classes={k}', '--num_positives=16', f'--device={device}'])
-if sweeps and not os.path.exists(os.path.join(LABELS_10K, 'labels.npy')):
+if LABELS_10K in clusterings:
     run(['cluster.py', f'--data_dir={D}', f'--out_dir={LABELS_10K}', '--teacher=pixels',
          f'--num_classes={10 * k}', '--num_positives=8', f'--device={device}'])
-if not os.path.exists(os.path.join(TRUE, 'labels.npy')):
+if TRUE in clusterings:
     os.makedirs(TRUE, exist_ok=True)
     classes = np.load(os.path.join(D, 'classes.npy'))
     np.save(os.path.join(TRUE, 'labels.npy'), classes[:, None].astype(np.int32))
 
-# 3. the plan: each run is pre-trained, then probed (so that a run cut short leaves whole
-#    results); what is nearest to done first: the untrained baselines, probes of trained runs,
-#    then training, seed 0 of every variant before the other seeds
-trained = lambda r: any(os.path.exists(os.path.join(out, r[0], f))  # noqa: E731
-                        for f in ('train.json', 'lit.json'))
-wanted = lambda name: not only or name in only.split(',')  # noqa: E731
-RUNS = sorted(variants(), key=lambda r: (not trained(r), r[3]))
-todo = [r for r in RUNS if not trained(r) and wanted(r[0])]
-print(f'{len(RUNS)} pre-training runs of {steps} steps x {batch} images ({len(todo)} to do), '
-      f'{jobs} at a time, each probed, after {seeds + 1} probes of random-init towers and pixels. '
-      f'At ~500 images/s per job (one core of an idle machine) that is about '
-      f'{len(todo) * steps * batch / 500 / 3600 / max(1, jobs):.1f} h of training on a CPU.', flush=True)
 
-
+# 3. each run is pre-trained, then probed (so that a run cut short leaves whole results); what is
+#    nearest to done first: the untrained baselines, probes of trained runs, then training, seed 0
+#    of every variant before the other seeds
 def train_and_probe(name, script, args, seed):
     train(name, script, args, seed)
     probe(name, os.path.join(out, name, 'ckpt.pt'))
@@ -231,24 +277,22 @@ def random_init(name, seed):
     probe(name, ck)
 
 
+RUNS = sorted(variants(), key=lambda r: (not trained(r), r[3]))
 tasks = [(random_init, (f'random_s{s}', s)) for s in range(seeds)] + [(probe, ('pixels', 'pixels'))]
 tasks += [(train_and_probe, r) for r in RUNS]
 failed = pool([t for t in tasks if wanted(t[1][0])])
 
 # 4. a learned teacher: the paper clusters with a CLIP tower and its MLCD tower surpasses that
 #    teacher. Here the teacher is the SimCLR tower of seed 0 (its projected embedding)
-TEACHER = os.path.join(out, 'cluster_simclr')
-teacher_runs = [(f'mlcd_t_s{s}', 'train.py', [f'--labels_dir={TEACHER}', f'--seed={s}', '--loss_type=mlcd',
-                 '--num_positives=8', '--sample_ratio=0.1'], s) for s in range(seeds)]
-teacher_runs = [r for r in teacher_runs if wanted(r[0])] if teacher else []
-if teacher_runs and os.path.exists(os.path.join(out, 'simclr_s0', 'lit.json')):
-    if not os.path.exists(os.path.join(TEACHER, 'labels.npy')):
+teacher_runs = [r for r in TEACHER_RUNS if wanted(r[0])]
+if TEACHER in clusterings and not os.path.exists(os.path.join(out, 'simclr_s0', 'lit.json')):
+    failed.append('cluster_simclr (simclr_s0 is not trained)')
+elif teacher_runs:
+    if TEACHER in clusterings:
         run(['cluster.py', f'--data_dir={D}', f'--out_dir={TEACHER}',
              f'--teacher={os.path.join(out, "simclr_s0", "ckpt.pt")}', f'--num_classes={k}',
              '--num_positives=8', f'--device={device}'], os.path.join(out, 'cluster_simclr.log'))
     failed += pool([(train_and_probe, r) for r in teacher_runs])
-elif teacher_runs:
-    failed.append('cluster_simclr (simclr_s0 is not trained)')
 
 # 5. the tables
 subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'plot_cifar10.py'), out], check=True)

@@ -1,6 +1,7 @@
 """
 One results table for a pipeline directory: every <sub>/<stage>.json the stage scripts wrote
-(cluster.json, train.json, lit.json, probe.json), a few headline numbers each.
+(data.json, cluster.json, train.json, lit.json, probe.json), a few headline numbers each, in
+pipeline order (data, cluster, train, lit, probe; runs of one stage in the order they finished).
     python scripts/summary.py out/quickstart
 Prints the table and ends with one JSON line of the same numbers (also <dir>/summary.json).
 """
@@ -8,8 +9,10 @@ import json
 import os
 import sys
 
-# stage -> [(label, path into the JSON, scale)]
+# stage -> [(label, path into the JSON, scale)], in pipeline order
 METRICS = {
+    'data': [('images', ('count',), 1), ('skipped', ('skipped',), 1),
+             ('held out', ('holdout_count',), 1)],
     'cluster': [('k', ('k',), 1), ('purity %', ('purity',), 100), ('NMI', ('nmi',), 1)],
     'train': [('steps', ('step',), 1), ('loss', ('loss',), 1), ('pos cos', ('pos_cos',), 1),
               ('neg cos', ('neg_cos',), 1), ('kNN top-1 %', ('knn_acc',), 100),
@@ -30,19 +33,27 @@ def get(d, path):
     return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
+def results(root):
+    """[(stage, sub, path)] of every result file, stage by stage, each stage's in the order its
+    files were written (a re-run that skips a stage leaves the files and so the order alone)."""
+    found = []
+    for s, stage in enumerate(METRICS):
+        for sub in os.listdir(root):
+            path = os.path.join(root, sub, f'{stage}.json')
+            if os.path.exists(path):
+                found.append((s, os.stat(path).st_mtime_ns, sub, stage, path))
+    return [(stage, sub, path) for _, _, sub, stage, path in sorted(found)]
+
+
 def main(root):
     rows, out = [], {}
-    for sub in sorted(os.listdir(root)):
-        for stage, metrics in METRICS.items():
-            path = os.path.join(root, sub, f'{stage}.json')
-            if not os.path.exists(path):
-                continue
-            res = json.load(open(path))
-            for label, keys, scale in metrics:
-                v = get(res, keys)
-                if v is not None:
-                    rows.append((sub, stage, label, v * scale))
-                    out[f'{sub}/{label}'] = v * scale
+    for stage, sub, path in results(root):
+        res = json.load(open(path))
+        for label, keys, scale in METRICS[stage]:
+            v = get(res, keys)
+            if v is not None:
+                rows.append((sub, stage, label, v * scale))
+                out[f'{sub}/{label}'] = v * scale
     if not rows:
         raise SystemExit(f'summary.py: no <stage>.json results under {root}')
     print(f"\n{'run':<18} {'stage':<8} {'metric':<22} {'value':>10}")

@@ -2,8 +2,15 @@
 import json
 import os
 import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data import Dataset  # noqa: E402
 
 
 def test_quickstart_runs_every_stage(tmp_path):
@@ -44,3 +51,176 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert '+ python' not in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == summary
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p.name != 'summary.json')
+
+
+# -----------------------------------------------------------------------------
+# SRC=<your images>: the settings come from the data, and the pipeline adapts to what it holds
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import quickstart_plan  # noqa: E402
+
+
+def shapes(root, per_class, classes=(0, 1, 2), size=32):
+    """Class folders of the synthetic set's shapes as PNG files: [(path, caption, class)]."""
+    from PIL import Image
+    from synthetic import SHAPES, synthetic_one
+    made, counts, i = [], {c: 0 for c in classes}, 0
+    while min(counts.values()) < per_class:
+        img, caption, c = synthetic_one(i, size, 7)
+        i += 1
+        if c not in counts or counts[c] == per_class:
+            continue
+        os.makedirs(root / SHAPES[c], exist_ok=True)
+        path = root / SHAPES[c] / f'{i:04d}.png'
+        Image.fromarray(img).save(path)
+        made.append((path, caption, c))
+        counts[c] += 1
+    return made
+
+
+def quickstart(src, out, **env):
+    env = dict(os.environ, SRC=str(src), OUT=str(out), QUICK='1', THREADS='1', **env)
+    r = subprocess.run(['bash', 'scripts/quickstart.sh'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_plan_fits_the_settings_to_the_data(monkeypatch):
+    """k < N, a batch <= N that drops < 10% of an epoch, steps from the image budget; asked
+    values win and are checked."""
+    for n in (8, 13, 96, 999, 5000, 400_000):
+        p = quickstart_plan.data_plan({'count': n, 'image_size': 24, 'classnames': None})
+        assert 2 <= p['K'] < n and 2 <= p['BATCH'] <= n and p['IMAGE_SIZE'] == 24
+        assert n % p['BATCH'] <= max(0.1 * n, 1) or n < 20  # >= 10 batches per epoch
+        seen = min(quickstart_plan.EPOCHS * n, quickstart_plan.MAX_IMAGES)
+        assert p['STEPS'] == max(2, -(-seen // p['BATCH']))
+        assert 1 <= p['L'] <= 8 and p['L'] < p['K'] and p['WARMUP'] < p['STEPS']
+    p = quickstart_plan.data_plan({'count': 5000, 'image_size': 32, 'classnames': ['a', 'b']})
+    assert (p['K'], p['BATCH'], p['STEPS'], p['L'], p['CLASSES']) == (250, 128, 391, 8, 1)
+    assert quickstart_plan.data_plan({'count': 96, 'image_size': 32}, quick=True)['STEPS'] == 12
+    monkeypatch.setenv('K', '40')
+    monkeypatch.setenv('BATCH', '64')
+    assert quickstart_plan.data_plan({'count': 96, 'image_size': 32})[
+        'K'] == 40 and quickstart_plan.data_plan({'count': 96, 'image_size': 32})['BATCH'] == 64
+    for key, value, words in (('K', '96', 'K=96: must be fewer clusters than the 96'),
+                              ('BATCH', '97', 'BATCH=97: must be at most the 96'),
+                              ('K', 'ten', 'K=ten: must be an integer >= 2')):
+        monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit, match=words):
+            quickstart_plan.data_plan({'count': 96, 'image_size': 32})
+        monkeypatch.delenv(key)
+    with pytest.raises(SystemExit, match='7 training images: the quickstart needs at least 8'):
+        quickstart_plan.data_plan({'count': 7, 'image_size': 32})
+
+
+def test_plan_keeps_the_sources_resolution_up_to_the_towers(tmp_path, monkeypatch):
+    """Images of 20 px stay at 20; of 40 px are stored at the tower's 32; IMAGE_SIZE wins."""
+    from PIL import Image
+    for side, want in ((20, 20), (40, 32), (6, 8)):
+        d = tmp_path / f'side{side}' / 'a'
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new('RGB', (side + 4 * i, side)).save(d / f'{i}.png')  # shorter side: `side`
+        plan, note = quickstart_plan.source_plan(str(d.parent))
+        assert plan == dict(IMAGE_SIZE=want, HOLDOUT=0.2, CLASSES=1, TEXT=0)
+        assert note.startswith(f'images of about {side} px: stored and trained at {want} px')
+        assert ('IMAGE_SIZE=64 asks for more' in note) == (side > 32)
+    flat = tmp_path / 'side20' / 'a'  # no class folders and no captions: nothing to test on
+    assert quickstart_plan.source_plan(str(flat))[0]['HOLDOUT'] == 0
+    monkeypatch.setenv('IMAGE_SIZE', '48')
+    assert quickstart_plan.source_plan(str(flat))[0]['IMAGE_SIZE'] == 48
+    monkeypatch.setenv('IMAGE_SIZE', '30')
+    with pytest.raises(SystemExit, match='IMAGE_SIZE=30: must be a multiple of 4'):
+        quickstart_plan.source_plan(str(flat))
+
+
+def test_own_class_folders_run_end_to_end_and_probe_on_held_out_images(tmp_path):
+    """3 classes x 40 images: 8 of each held out; pre-training, kNN and the probe at the data's
+    32 px; LiT skipped with a line; the summary in pipeline order; a re-run skips every stage."""
+    shapes(tmp_path / 'shapes', 40)
+    out = tmp_path / 'qs'
+    r = quickstart(tmp_path / 'shapes', out)
+    assert 'skip: LiT, zero-shot and retrieval: ' in r.stderr and 'has no captions' in r.stderr
+    assert 'images of about 32 px: stored and trained at 32 px' in r.stderr
+
+    # the held-out part: 8 of every class, none of its images in the training part
+    train, held = Dataset(str(out / 'data')), Dataset(str(out / 'data_holdout'))
+    assert np.bincount(train.classes).tolist() == [32] * 3
+    assert np.bincount(held.classes).tolist() == [8] * 3
+    seen = {x.tobytes() for x in train.images(np.arange(len(train)))}
+    assert not seen & {x.tobytes() for x in held.images(np.arange(len(held)))}
+    # the plan's settings reached the stages
+    plan = quickstart_plan.data_plan(train.meta, quick=True)
+    assert json.load(open(out / 'cluster' / 'cluster.json'))['k'] == plan['K'] < 96
+    result = json.load(open(out / 'train_mlcd' / 'train.json'))
+    assert (result['step'], result['global_batch_size']) == (plan['STEPS'], plan['BATCH'])
+    assert torch.load(out / 'train_mlcd' / 'ckpt.pt', weights_only=True)[
+        'vision_config']['image_size'] == 32
+    assert '(k = 3; the majority class alone: 0.3333)' in r.stdout  # 8 per class held out
+    # the probes: fitted on the 96 training images, tested on the 24 held out
+    for probe in ('probe', 'probe_pixels'):
+        lp = json.load(open(out / probe / 'probe.json'))['linear_probe']
+        assert (lp['n_train'] + lp['n_val'], lp['n_test']) == (96, 24) and 0 <= lp['top1'] <= 1
+    assert not (out / 'lit').exists()
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    subs = list(dict.fromkeys(k.split('/')[0] for k in summary))
+    assert subs == ['data', 'cluster', 'train_mlcd', 'probe', 'probe_pixels']
+
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pt', '.json')}
+    r = quickstart(tmp_path / 'shapes', out)
+    for stage in ('data/meta.json', 'cluster/cluster.json', 'train_mlcd/train.json',
+                  'probe/probe.json', 'probe_pixels/probe.json'):
+        assert f'skip: {out / stage} exists' in r.stderr
+    assert '+ python' not in r.stderr and json.loads(r.stdout.strip().splitlines()[-1]) == summary
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p.name != 'summary.json')
+
+
+def test_own_captioned_images_get_lit_and_retrieval_on_held_out_pairs(tmp_path):
+    """A path<TAB>caption list: LiT on the MLCD tower, retrieval on the 20% held out; no classes,
+    so the linear probe is skipped with a line."""
+    made = shapes(tmp_path / 'img', 16)
+    with open(tmp_path / 'captions.tsv', 'w') as f:
+        f.writelines(f'{os.path.relpath(p, tmp_path)}\t{caption}\n' for p, caption, _ in made)
+    out = tmp_path / 'qs'
+    r = quickstart(tmp_path / 'captions.tsv', out)
+    assert 'skip: linear probe and zero-shot: ' in r.stderr and 'skip: LiT' not in r.stderr
+    assert (len(Dataset(str(out / 'data'))), len(Dataset(str(out / 'data_holdout')))) == (38, 10)
+    lit = json.load(open(out / 'lit' / 'lit.json'))
+    assert lit['vision_unchanged'] is True
+    probe = json.load(open(out / 'probe' / 'probe.json'))
+    assert 'linear_probe' not in probe and 'zero_shot' not in probe
+    assert 0 <= probe['retrieval']['i2t_R@1'] <= probe['retrieval']['i2t_R@10'] <= 1
+    assert probe['retrieval']['n'] == 10
+
+
+def test_dropping_over_a_tenth_of_an_epoch_is_warned_once(tmp_path, capsys):
+    """60 images in global batches of 32 leave 28 out of every epoch: one warning, from rank 0;
+    batches of 8 leave 4 (7%): none."""
+    import data
+    import prepare
+    d = str(tmp_path / 'd')
+    prepare.build('synthetic', d, image_size=16, count=60, workers=1, progress=False)
+    data._warned.clear()
+    capsys.readouterr()
+    data.Loader(d, 8, 16)
+    data.Loader(d, 16, 16, rank=1, world_size=2)
+    assert capsys.readouterr().err == ''
+    data.Loader(d, 16, 16, rank=0, world_size=2)
+    data.Loader(d, 32, 16)  # the same global batch: said once
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'warning: {d}: 60 images make 1 batch(es) of 32 per epoch; each epoch leaves '
+                   'out 28 (47%, other images each epoch): a batch that divides 60, or one of at '
+                   'most 6, loses less']
+
+
+def test_holdout_is_stratified_seeded_and_never_takes_a_whole_class():
+    """round(f * n_c) rows of every class, the same for the same seed, other rows for another;
+    a class of one stays whole in the training part; without classes, a share of all rows."""
+    from prepare import holdout_rows
+    classes = np.repeat([0, 1, 2, 3], [40, 11, 2, 1])
+    held = holdout_rows(classes, len(classes), 0.2, seed=0)
+    assert np.bincount(classes[held], minlength=4).tolist() == [8, 2, 1, 0]
+    assert np.array_equal(held, holdout_rows(classes, len(classes), 0.2, seed=0))
+    assert not np.array_equal(held, holdout_rows(classes, len(classes), 0.2, seed=1))
+    assert len(holdout_rows(None, 48, 0.2, seed=0)) == 10 and len(np.unique(held)) == len(held)

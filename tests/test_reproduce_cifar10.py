@@ -1,8 +1,10 @@
 """End to end: scripts/reproduce_cifar10.py in its quick mode on the real CIFAR-10 images (200
 training and 50 test images per class, 30 steps): every variant, both sweeps, the learned-teacher
-stage, the tables; a second run does nothing; `only` redoes just the runs it names."""
+stage, the tables; a second run does nothing; `only` redoes just the runs it names, and only the
+clusterings they need; an unknown name stops before anything is written."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,19 +14,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
 
 
-def reproduce(out, *args):
+def reproduce(out, *args, ok=True):
     cmd = [sys.executable, 'scripts/reproduce_cifar10.py', '--quick=True', f'--out={out}', '--seeds=2',
            '--jobs=2', f'--cifar={CIFAR}', *args]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
                        text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout if ok else r.stderr
+
+
+def plan(log):
+    """The plan line's counts: clusterings, pre-training runs to do, of all, probes."""
+    line = next(x for x in log.splitlines() if x.startswith('to do: '))
+    n = [int(w) for w in line.replace('(', ' ').split() if w.isdigit()]
+    return n[0], n[1], n[2], n[5]
+
+
+def test_help_lists_every_run_and_an_unknown_name_stops_before_any_work(tmp_path):
+    """--help names the runs; --only with an unknown name is one line listing the valid ones."""
+    r = subprocess.run([sys.executable, 'scripts/reproduce_cifar10.py', '--help'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for name in ('mlcd_sS', 'unicom_sS', 'mlcd_t_sS', 'sweep_l1', 'sweep_k10x_r1.0', 'pixels',
+                 '--only='):
+        assert name in r.stdout, name
+    err = reproduce(tmp_path / 'x', '--only=mlcd_s0,mlcd_s7', ok=False).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('only=mlcd_s0,mlcd_s7: no run named mlcd_s7; the '
+                                               'runs are random_s0, random_s1, pixels, mlcd_s0, ')
+    assert 'mlcd_t_s1' in err[0] and 'mlcd_s2' not in err[0]  # the names of these settings
+    assert not (tmp_path / 'x').exists()
 
 
 @pytest.mark.skipif(not os.path.exists(CIFAR), reason=f'{CIFAR} (CIFAR-10 as image folders) is absent')
 def test_quick_reproduction(tmp_path):
     out = tmp_path / 'c10'
-    reproduce(out)
+    log = reproduce(out)
+    # the plan: 4 clusterings (pixels, 10 k pixels, true labels, SimCLR), 24 runs, 27 probes
+    assert plan(log) == (4, 24, 24, 27)
     R = json.load(open(out / 'results.json'))
     for name in ('mlcd', 'mlc', 'unicom', 'mlcd_r1', 'simclr', 'uniclip', 'supervised', 'mlcd_t', 'random'):
         assert R[name]['seeds'] == 2, name
@@ -46,17 +72,32 @@ def test_quick_reproduction(tmp_path):
     assert set(p['linear_probes']) == {'pooled:standardize', 'cls:standardize', 'embed:standardize'}
     assert p['linear_probe']['n_test'] == 500
     assert json.load(open(out / 'sweep_l2' / 'train.json'))['step'] == 30
+    # a console log is lines, not one line of progress-bar redraws
+    text = open(out / 'sweep_l2' / 'stdout.log', 'rb').read()
+    assert b'\r' not in text and b'\nstep 30 epoch 0.9' in text  # train.py's line, whole
 
     # a second run finds everything done: it runs no stage and changes no result
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pt', '.json', '.npy')
               and p.name != 'results.json'}
     log = reproduce(out)
     assert not [line for line in log.splitlines() if line.startswith('+ ')]  # only the table is redrawn
+    assert plan(log) == (0, 0, 24, 0)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
     # `only` redoes what it names and nothing else
     os.remove(out / 'mlc_s1' / 'probe.json')
     log = reproduce(out, '--only=mlc_s1')
     assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == ['probe.py']
+    assert plan(log) == (0, 0, 24, 1)
     assert (out / 'mlc_s1' / 'probe.json').exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if 'mlc_s1' not in str(p))
+
+    # only the clusterings the named runs read: sweep_l2 retrained needs the k = 50 pixel clusters,
+    # not the 10 k ones nor the true labels (both removed here, and not made again)
+    for d in ('sweep_l2', 'cluster_pixels_k10x', 'true_labels', 'cluster_pixels'):
+        shutil.rmtree(out / d)
+    log = reproduce(out, '--only=sweep_l2')
+    assert plan(log) == (1, 1, 24, 1)
+    assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == [
+        'cluster.py', 'train.py', 'probe.py']
+    assert not (out / 'cluster_pixels_k10x').exists() and not (out / 'true_labels').exists()

@@ -201,7 +201,7 @@ def test_bad_inputs_stop_with_a_message(data):
     assert [s for s, _, _ in losses(out)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize('name', ['vitb32', 'vitb16', 'vitl14', 'tiny_synthetic', 'cifar10'])
+@pytest.mark.parametrize('name', ['vitb32', 'vitb16', 'vitl14', 'tiny', 'cifar10'])
 def test_config_files(name):
     """Every config file holds only known keys of the right types; the paper ones match Tables 9-10."""
     p = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', '--help'], cwd=ROOT,
