@@ -396,7 +396,7 @@ def check_out_dir(out_dir, init_from, overwrite):
 
 
 LOCK = '.lock'  # out_dir's lock file: who holds it (host, process id, since when)
-held_lock = None  # (fd, path) while this process holds an out_dir's lock
+held_lock = None  # (fd, path, made) while this process holds an out_dir's lock (made: it made out_dir)
 
 
 def claim_out_dir(out_dir, ddp, rank, world, timeout_minutes=30.0):
@@ -419,6 +419,7 @@ def take_lock(out_dir):
     """None once this process holds out_dir's lock, else the line saying why not."""
     global held_lock
     path = os.path.join(out_dir, LOCK)
+    made = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         while True:
@@ -441,7 +442,7 @@ def take_lock(out_dir):
                      f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n'.encode())
     except OSError as e:
         return f'out_dir={out_dir}: cannot write ({e.strerror})'
-    held_lock = (fd, path)
+    held_lock = (fd, path, made)
     atexit.register(release_out_dir)
     return None
 
@@ -449,14 +450,18 @@ def take_lock(out_dir):
 def release_out_dir():
     """Remove the lock file, then let go of the lock (in that order: a process that opened the
     old file meanwhile sees that it is gone and takes a new one). A kill -9 leaves the file,
-    unlocked: the next run takes it."""
+    unlocked: the next run takes it. An out_dir this run made and left empty (a stop on input
+    found bad only when first read, e.g. a shard's header) is removed too."""
     global held_lock
     if held_lock is not None:
-        fd, path = held_lock
+        fd, path, made = held_lock
         held_lock = None
         with contextlib.suppress(OSError):
             os.remove(path)
         os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                os.rmdir(os.path.dirname(path))
 
 
 def check_shared(out_dir, rank, world, wait_s):

@@ -334,7 +334,7 @@ def extract(vision, data_dir, batch_size, image_size, device, rank=0, world_size
     embeds its contiguous slice (data.eval_batches) and rank 0 gathers the whole set; the other
     ranks get None."""
     import data
-    N = len(data.Dataset(data_dir))
+    N = len(data.Dataset(data_dir, max_open_shards))
     start, n = shard_range(N, rank, world_size)  # data.eval_batches' slice
     out = None
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=str(device).startswith('cuda'))

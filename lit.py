@@ -185,7 +185,7 @@ def check_tokens(vocab_size):
 
 # -----------------------------------------------------------------------------
 # the image tower (frozen or trained) and the text tower
-dataset = common.open_dataset('data_dir', data_dir)
+dataset = common.open_dataset('data_dir', data_dir, max_open_shards)
 has_text = bool(dataset.meta.get('has_text'))
 if loss == 'clip' and not has_text:
     stop(f"data_dir={data_dir}: has no captions (texts_*.npy); {'LiT' if locked else 'CLIP'} needs "

@@ -90,7 +90,8 @@ for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test
                ('retrieval_dir', retrieval_dir)):
     if d and not os.path.exists(os.path.join(d, 'meta.json')):
         raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with prepare.py)')
-    y = common.open_dataset(key, d).classes if d else None  # bad meta.json, shards: one line
+    # bad meta.json, shards: one line
+    y = common.open_dataset(key, d, max_open_shards).classes if d else None
     if y is not None and len(y) and y.min() < 0:
         common.stop(f'{key}={d}: classes.npy holds {y.min()}; every image needs a class id >= 0')
 if train_dir and not test_dir:
@@ -98,7 +99,8 @@ if train_dir and not test_dir:
 
 if checkpoint == 'pixels':
     vision = text = None
-    size = image_size or data.Dataset(train_dir or test_dir or retrieval_dir).image_size
+    size = image_size or data.Dataset(train_dir or test_dir or retrieval_dir,
+                                      max_open_shards).image_size
 else:
     if not os.path.exists(checkpoint):
         raise SystemExit(f'probe.py: checkpoint {checkpoint} does not exist')
@@ -141,15 +143,16 @@ def features_of(d, desc=''):
     return memo[d]
 
 def labels_of(d):
-    ds = data.Dataset(d)
+    ds = data.Dataset(d, max_open_shards)
     if ds.classes is None:
         raise SystemExit(f'probe.py: {d} has no classes.npy; classification needs labels')
     return np.asarray(ds.classes, np.int64), ds.classnames
 
 # every dataset's features first (all ranks take part), then rank 0 alone evaluates
-zero_shot_on = zero_shot and test_dir and text is not None and data.Dataset(test_dir).classnames
+zero_shot_on = (zero_shot and test_dir and text is not None
+                and data.Dataset(test_dir, max_open_shards).classnames)
 retrieval_on = (retrieval_dir and text is not None
-                and data.Dataset(retrieval_dir).meta.get('has_text'))
+                and data.Dataset(retrieval_dir, max_open_shards).meta.get('has_text'))
 needed = [train_dir, val_dir, test_dir] if train_dir else []
 needed += [test_dir] if zero_shot_on else []
 needed += [retrieval_dir] if retrieval_on else []

@@ -113,8 +113,9 @@ log_path = os.path.join(out_dir, 'log.jsonl')
 
 # -----------------------------------------------------------------------------
 # data and labels, checked before any work
-dataset = common.open_dataset('data_dir', data_dir)
-if eval_data_dir and common.open_dataset('eval_data_dir', eval_data_dir).classes is None:
+dataset = common.open_dataset('data_dir', data_dir, max_open_shards)
+if eval_data_dir and common.open_dataset('eval_data_dir', eval_data_dir,
+                                         max_open_shards).classes is None:
     stop(f'eval_data_dir={eval_data_dir}: no classes.npy, so no kNN accuracy (it needs classes)')
 labels_path = os.path.join(labels_dir, 'labels.npy')
 if not os.path.exists(labels_path):
@@ -358,7 +359,7 @@ def knn_accuracy():
     features are all-gathered, each rank scores its own slice against all of them, and the
     counts of correct votes are summed: no rank waits while another works. Returns (accuracy,
     the k used, the majority class's share: the accuracy of a vote that ignores the image)."""
-    ds = Dataset(eval_data_dir)
+    ds = Dataset(eval_data_dir, max_open_shards)
     start, n = shard_range(len(ds), rank, world)  # eval_batches' slice
     raw_vision.eval()
     mine = torch.zeros(n, embed_dim, device=device)

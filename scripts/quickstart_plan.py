@@ -40,7 +40,7 @@ def shorter_sides(src, n=SAMPLE):
     import io
     from PIL import Image
     import prepare
-    kind, items, tars, _, _ = prepare._open_source(src)
+    kind, items, tars, _, _, _ = prepare._open_source(src)
     if kind == 'tar':  # streamed: the first n images
         payloads = []
         for it in prepare._tar_source(tars[:1], lambda i: False):
@@ -66,7 +66,7 @@ def source_plan(src):
     """IMAGE_SIZE (stored and trained), HOLDOUT (0: nothing to evaluate on), CLASSES, TEXT."""
     import prepare
     try:
-        kind, items, _, classnames, has_text = prepare._open_source(src)
+        kind, items, _, _, classnames, has_text = prepare._open_source(src)
     except ValueError as e:
         raise SystemExit(f'SRC={src}: {str(e).removeprefix(f"--src={src}: ")}')
     if kind == 'synthetic':

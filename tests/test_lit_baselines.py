@@ -134,8 +134,8 @@ def test_uniclip_and_simclr_train_without_captions(setup):
     start, _ = checkpoints.from_pretrained(str(setup / 'vision.pt'), image_size=16)
     before = view_loss(start, str(setup / 'img'))
     for name, args in (('uni_img', UNICLIP), ('sim_img', ['--loss=simclr', '--color_jitter=0.5'])):
-        result, log = lit(setup, name, *args, '--max_steps=10', '--image_size=16', data_dir='img')
-        assert result['setup']['text'] is False and result['views'] == 2 and len(log) == 10
+        result, log = lit(setup, name, *args, '--max_steps=20', '--image_size=16', data_dir='img')
+        assert result['setup']['text'] is False and result['views'] == 2 and len(log) == 20
         ck = ckpt(setup, name)
         assert 'text' not in ck and ck['vision_config']['image_size'] == 16
         vision, text = checkpoints.from_pretrained(str(setup / name / 'ckpt.pt'))
