@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prepare  # noqa: E402
+import prepare
+import sources  # noqa: E402
 from synthetic import synthetic_one  # noqa: E402
 from tokenizer import tokenize  # noqa: E402
 
@@ -79,11 +80,11 @@ def stages():
     """One process, one tar: seconds per sample in each stage of a tar shard."""
     path = os.path.join(tar_dir, '00000.tar')
     t = time.perf_counter()
-    items = list(prepare._tar_items(path, 2 ** 30))
+    items = list(sources._tar_items(path, 2 ** 30))
     read = time.perf_counter() - t
     t = time.perf_counter()
     for _, _, data, _, _ in items:
-        prepare.decode(data, image_size)
+        sources.decode(data, image_size)
     dec = time.perf_counter() - t
     t = time.perf_counter()
     for _, _, _, caption, _ in items:
@@ -96,7 +97,7 @@ def stages():
 if __name__ == '__main__':
     make_tars()
     n = n_tars * per_tar
-    jpeg_kb = np.mean([len(d) for _, _, d, _, _ in prepare._tar_items(
+    jpeg_kb = np.mean([len(d) for _, _, d, _, _ in sources._tar_items(
         os.path.join(tar_dir, '00000.tar'), 2 ** 30)]) / 1024
     src = os.path.join(tar_dir, '*.tar')
     out = os.path.join(os.path.dirname(tar_dir), 'bench_prepare_out')

@@ -39,13 +39,13 @@ def shorter_sides(src, n=SAMPLE):
     """The shorter side of up to n images spread over the source (headers only, no decoding)."""
     import io
     from PIL import Image
-    import prepare
-    kind, items, tars, _, _, _ = prepare._open_source(src)
-    if kind == 'tar':  # streamed: the first n images
+    import sources
+    kind, items, tars, _, _, _ = sources._open_source(src)
+    if kind == 'tar':  # streamed: the first n images of the first tar
         payloads = []
-        for it in prepare._tar_source(tars[:1], lambda i: False):
-            if it[2] == 'bytes':
-                payloads.append(it[3])
+        for key, what, payload, caption, url in sources._tar_items(tars[0], 2 ** 28):
+            if what == 'bytes':
+                payloads.append(payload)
             if len(payloads) == n:
                 break
         opened = (io.BytesIO(p) for p in payloads)
@@ -64,9 +64,9 @@ def shorter_sides(src, n=SAMPLE):
 
 def source_plan(src):
     """IMAGE_SIZE (stored and trained), HOLDOUT (0: nothing to evaluate on), CLASSES, TEXT."""
-    import prepare
+    import sources
     try:
-        kind, items, _, _, classnames, has_text = prepare._open_source(src)
+        kind, items, _, _, classnames, has_text = sources._open_source(src)
     except ValueError as e:
         raise SystemExit(f'SRC={src}: {str(e).removeprefix(f"--src={src}: ")}')
     if kind == 'synthetic':

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
-import prepare  # noqa: E402
+import sources  # noqa: E402
 import transforms  # noqa: E402
 import model  # noqa: E402
 
@@ -62,8 +62,8 @@ def load_images(data_dir, images, num_images, indices, size):
         out = []
         for path in images.split(','):
             try:
-                out.append(prepare.decode(open(path, 'rb').read(), size))
-            except (OSError, prepare.Skip) as e:
+                out.append(sources.decode(open(path, 'rb').read(), size))
+            except (OSError, sources.Skip) as e:
                 raise SystemExit(f'visualize.py: {path}: {e}')
         return np.stack(out)
     try:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import prepare
+import sources
 import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,7 @@ def files(out):
 
 def test_brace_expansion_equals_an_explicit_product():
     def ex(p):
-        return list(prepare.expand_braces(p))
+        return list(sources.expand_braces(p))
     n = ['0', '1', '2']
     xyz = ['x', 'y', 'z']
     padded = ['08', '09', '10', '11']
@@ -86,7 +87,7 @@ def test_brace_expansion_equals_an_explicit_product():
     assert ex('{1..3}{,.bak}') == ['1', '1.bak', '2', '2.bak', '3', '3.bak']
     assert ex('{x}/a{b}') == ['{x}/a{b}'] and ex('plain.tar') == ['plain.tar']  # no ',' or '..': literal
     with pytest.raises(ValueError, match=r'^--src=x::a\{1,2\.tar: unbalanced braces in a\{1,2\.tar$'):
-        prepare.tar_paths('x::a{1,2.tar')
+        sources.tar_paths('x::a{1,2.tar')
 
 
 def test_brace_glob_and_list_forms_select_the_same_tars(tmp_path):
@@ -97,9 +98,9 @@ def test_brace_glob_and_list_forms_select_the_same_tars(tmp_path):
     for src in [f'{d}/{{00000..00005}}.tar', f'{d}/*.tar', f'{d}/0000[0-5].tar',
                 f'{d}/{{00000..00002}}.tar::{d}/0000[3-5].tar', '::'.join(want),
                 f'{d}/{{00000,00001,00002,00003,00004,00005}}.tar']:
-        assert prepare.tar_paths(src) == (want, []), src
+        assert sources.tar_paths(src) == (want, []), src
     # the order given is kept: open_clip reads '::' parts one after the other
-    assert prepare.tar_paths(f'{d}/00003.tar::{d}/{{00000..00001}}.tar')[0] == [want[3], want[0], want[1]]
+    assert sources.tar_paths(f'{d}/00003.tar::{d}/{{00000..00001}}.tar')[0] == [want[3], want[0], want[1]]
 
 
 def test_a_range_matching_no_file_names_the_pattern_and_the_count(tmp_path):

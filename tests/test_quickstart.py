@@ -135,6 +135,24 @@ def test_plan_keeps_the_sources_resolution_up_to_the_towers(tmp_path, monkeypatc
         quickstart_plan.source_plan(str(flat))
 
 
+
+def test_plan_reads_a_tars_images_and_captions(tmp_path):
+    """A webdataset tar (key.jpg + key.txt): the first images' size, captions to evaluate on."""
+    import io
+    import tarfile
+    from PIL import Image
+    with tarfile.open(tmp_path / 'shard.tar', 'w') as tf:
+        for i in range(4):
+            jpg, txt = io.BytesIO(), f'a caption {i}'.encode()
+            Image.new('RGB', (24 + i, 24)).save(jpg, 'JPEG')
+            for name, data in ((f'{i:04d}.jpg', jpg.getvalue()), (f'{i:04d}.txt', txt)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    plan, note = quickstart_plan.source_plan(str(tmp_path / 'shard.tar'))
+    assert plan == dict(IMAGE_SIZE=24, HOLDOUT=0.2, CLASSES=0, TEXT=1)
+    assert note.startswith('images of about 24 px')
+
 def test_own_class_folders_run_end_to_end_and_probe_on_held_out_images(tmp_path):
     """3 classes x 40 images: 8 of each held out; pre-training, kNN and the probe at the data's
     32 px; LiT skipped with a line; the summary in pipeline order; a re-run skips every stage."""
