@@ -39,7 +39,6 @@ import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -47,7 +46,7 @@ from checkpoints import from_pretrained
 from common import rng_state, set_rng_state, shard_range, stop
 from data import Loader, eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
-from model import PRESETS, AugAwareVision, TextTransformer, VisionTransformer
+from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
@@ -151,19 +150,6 @@ def state_hash(module):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-class Towers(nn.Module):
-    """The trained towers as one module, so that DDP wraps them (and all-reduces their gradients)
-    together: vision (an AugAwareVision) is None when locked, text None without captions."""
-
-    def __init__(self, vision, text):
-        super().__init__()
-        self.vision, self.text = vision, text
-
-    def forward(self, images, aug, texts):
-        return (None if images is None else self.vision(images, aug),
-                None if texts is None else self.text(texts))
 
 
 def check_tokens(vocab_size):

@@ -358,3 +358,17 @@ class AugAwareVision(nn.Module):
         if self.aug_dim:
             out.ln_post.bias += self.mlp(self.identity[None].to(p.dtype))[0]
         return out
+
+
+class Towers(nn.Module):
+    """The trained towers as one module, so that DDP wraps them (and all-reduces their gradients)
+    together (lit.py): vision (an AugAwareVision) is None when locked, text None without
+    captions."""
+
+    def __init__(self, vision, text):
+        super().__init__()
+        self.vision, self.text = vision, text
+
+    def forward(self, images, aug, texts):
+        return (None if images is None else self.vision(images, aug),
+                None if texts is None else self.text(texts))

@@ -24,7 +24,7 @@ import model
 import prepare
 from data import eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
-from model import AugAwareVision, TextTransformer, VisionTransformer
+from model import AugAwareVision, TextTransformer, Towers, VisionTransformer
 from sync_count import count_syncs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,16 +34,6 @@ B, WORLD, D, CTX, VOCAB = 12, 2, 8, 10, 40  # global batch, ranks, embedding, te
 
 # -----------------------------------------------------------------------------
 # float64: the gradient cache against the one-shot step, lit.py's four modes
-
-class Towers(nn.Module):  # as lit.py's: one module, so that DDP wraps both towers
-    def __init__(self, vision, text):
-        super().__init__()
-        self.vision, self.text = vision, text
-
-    def forward(self, images, aug, texts):
-        return (None if images is None else self.vision(images, aug),
-                None if texts is None else self.text(texts))
-
 
 def build(mode):
     """The towers, the loss's own parameters and a global batch of B rows, in float64; the same
