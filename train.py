@@ -84,6 +84,7 @@ seed = 1337
 augment = 'rrc'  # 'rrc' (random resized crop + flip) | 'pad_crop' (reflect-pad, crop, flip) | 'flip' | 'none'
 crop_scale = (0.4, 1.0)  # 'rrc': range of the crop's area fraction
 pad = 4  # 'pad_crop': pixels of reflection padding on each side (CIFAR's recipe at 32 px)
+color_jitter = 0.0  # SimCLR's colour distortion strength after the crop (0: off; SimCLR: 0.5)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
 compile = False  # torch.compile the image tower
@@ -211,7 +212,8 @@ else:
     try:
         loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
                         world_size=world, seed=seed, augment=augment, device=device,
-                        scale=tuple(crop_scale), pad=pad, max_open_shards=max_open_shards)
+                        scale=tuple(crop_scale), pad=pad, color_jitter=color_jitter,
+                        max_open_shards=max_open_shards)
     except ValueError as e:  # a bad augmentation setting
         stop(f'config error: {e}')
     steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps

@@ -17,6 +17,14 @@ VARIANTS = [  # run name (before _s<seed>), label
     ('unicom', 'single label l=1 (UNICOM)'), ('mlcd_r1', 'MLCD l=8 r=1.0'),
     ('simclr', 'SimCLR, 2 views (instance)'), ('uniclip', 'UniCLIP image-image, 2 views (instance)'),
     ('mlcd_t', 'MLCD l=8 r=0.1, SimCLR-tower teacher'), ('random', 'random-init ViT'), ('pixels', 'raw pixels'), ('supervised', 'true labels (reference)'),
+    # does the student pass its teacher: SimCLR given more steps, and students with one change
+    ('simclr_2x', 'SimCLR, 2x steps'), ('simclr_4x', 'SimCLR, 4x steps'), ('student_k300', 'student: k=300'),
+    ('student_k3000', 'student: k=3000'), ('student_l4', 'student: l=4'),
+    ('student_pooled', 'student: clusters of the pooled feature'),
+    ('student_v8', 'student: clusters of the mean of 8 views'),
+    ('student_jitter', 'student: + colour jitter 0.5'), ('student_2x', 'student: 2x steps'),
+    ('student_4x', 'student: 4x steps'),
+    ('student_round2', "student: a second round (the student's clusters)"),
 ]
 COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#bcbd22', '#8c564b',
            '#7f7f7f', '#17becf']
@@ -122,7 +130,7 @@ def draw(root, rows, sweeps, feat):
     Y = lambda v: y0 - 340 * (v - lo) / (hi - lo)
     g.text((x0, 8), f'CIFAR-10 linear probe top-1 % ({feat}), mean and range of seeds', fill='black')
     for i, (name, label, acc, _) in enumerate(rows):
-        x, col = x0 + i * (bw + 8), COLOURS[[n for n, _ in VARIANTS].index(name)]
+        x, col = x0 + i * (bw + 8), COLOURS[[n for n, _ in VARIANTS].index(name) % len(COLOURS)]
         g.rectangle([x, Y(np.mean(acc[feat])), x + bw, y0], fill=col)
         if len(acc[feat]) > 1:
             g.line([x + bw / 2, Y(max(acc[feat])), x + bw / 2, Y(min(acc[feat]))], fill='black', width=2)
@@ -162,7 +170,7 @@ def draw(root, rows, sweeps, feat):
         g.text((px0 + 4, py1 - 12), f'{lo:.2f}', fill='#999999')
         g.text((px1 - 60, py1 + 4), f'step {smax}', fill='#999999')
         for n, c in series:
-            col = COLOURS[[v for v, _ in VARIANTS].index(n)]
+            col = COLOURS[[v for v, _ in VARIANTS].index(n) % len(COLOURS)]
             g.line([(X(r['step']), Yc(r['pos_cos'])) for r in c], fill=col, width=3)
             g.line([(X(r['step']), Yc(r['neg_cos'])) for r in c], fill=col, width=1)
     img.save(os.path.join(root, 'results.png'))

@@ -24,6 +24,14 @@ The runs (folder names, for --only; _sS is the seed, S < seeds) and the table ro
   mlcd_r1_sS              MLCD, l = 8, r = 1.0 (seed 0 also: r = 1.0 of the k = 1,000 sweep)
   simclr_sS, uniclip_sS   SimCLR; UniCLIP's image-image part (2 views, instance discrimination)
   mlcd_t_sS               MLCD on clusters of the SimCLR tower (seed 0), with teacher=True
+  simclr_2x_s0, simclr_4x_s0   with teacher=True: SimCLR for 2, 4 x the steps (the teacher given
+                          a student's extra steps)
+  student_<v>_s0          with teacher=True: does the student pass its teacher? MLCD on the SimCLR
+                          tower's clusters with one change (v): k300, k3000 (k = 300, 3,000), l4
+                          (l = 4), pooled (clusters of the feature before the projection), v8 (of
+                          the mean feature of 8 views), jitter (colour jitter 0.5 in training),
+                          2x, 4x (2, 4 x the steps; also seeds 1, 2), round2 (clusters of
+                          mlcd_t_s0's tower)
   supervised_sS           the true labels, 10-way softmax without margin (reference)
   random_sS, pixels       random-init ViT-T/8; raw pixels (3,072-d)
   sweep_r0.01, sweep_r0.5             r sweep, k = 1,000 (with mlcd_s0 and mlcd_r1_s0)
@@ -124,6 +132,9 @@ def variants():
     runs = [(f'{n}_s{s}', 'train.py', [f'--labels_dir={lab}', f'--seed={s}'] + a, s)
             for n, lab, a in main for s in range(seeds)]
     runs += [(f'{n}_s{s}', 'lit.py', a + [f'--seed={s}'], s) for n, a in INSTANCE for s in range(seeds)]
+    if teacher:  # the teacher given a student's extra steps: SimCLR for 2 and 4 times as long
+        runs += [(f'simclr_{m}x_s0', 'lit.py', INSTANCE[0][1] + [f'--max_steps={m * steps}', '--seed=0'], 0)
+                 for m in (2, 4)]
     if sweeps:
         for r in (0.01, 0.5):
             runs.append((f'sweep_r{r}', 'train.py', [f'--labels_dir={LABELS}', '--seed=0',
@@ -181,10 +192,29 @@ def pool(tasks):
 
 # -----------------------------------------------------------------------------
 # the plan: every run's name checked, and only what the selected runs lack is done
-TEACHER = os.path.join(out, 'cluster_simclr')  # clusters of the SimCLR tower (seed 0): step 4
-TEACHER_RUNS = [(f'mlcd_t_s{s}', 'train.py', [f'--labels_dir={TEACHER}', f'--seed={s}',
-                 '--loss_type=mlcd', '--num_positives=8', '--sample_ratio=0.1'], s)
-                for s in range(seeds)] if teacher else []
+# the learned teachers' clusterings (step 4), name -> (the run whose tower embeds, k, feature, views
+# averaged), and the runs on them: does MLCD on a trained tower's clusters pass that tower?
+LEARNED = {'cluster_simclr': ('simclr_s0', k, 'embed', 1),  # the paper's recipe (cluster.py's pass)
+           'cluster_simclr_k300': ('simclr_s0', 300, 'embed', 1),
+           'cluster_simclr_k3000': ('simclr_s0', 3 * k, 'embed', 1),
+           'cluster_simclr_pooled': ('simclr_s0', k, 'pooled', 1),  # before the projection
+           'cluster_simclr_v8': ('simclr_s0', k, 'embed', 8),  # mean of the plain + 7 augmented views
+           'cluster_student': ('mlcd_t_s0', k, 'embed', 1)}  # a second round: the student's clusters
+STUDENTS = [  # name, clustering, train.py arguments after the shared MLCD ones, seeds
+    ('mlcd_t', 'cluster_simclr', [], seeds),
+    ('student_jitter', 'cluster_simclr', ['--color_jitter=0.5'], 1),  # SimCLR's colour distortion
+    ('student_v8', 'cluster_simclr_v8', [], 1),
+    ('student_pooled', 'cluster_simclr_pooled', [], 1),
+    ('student_k300', 'cluster_simclr_k300', [], 1),
+    ('student_k3000', 'cluster_simclr_k3000', [], 1),
+    ('student_l4', 'cluster_simclr', ['--num_positives=4'], 1),
+    ('student_2x', 'cluster_simclr', [f'--max_steps={2 * steps}'], seeds),  # both passed it on val
+    ('student_4x', 'cluster_simclr', [f'--max_steps={4 * steps}'], seeds),
+    ('student_round2', 'cluster_student', [], 1),
+]
+TEACHER_RUNS = [(f'{n}_s{s}', 'train.py', [f'--labels_dir={os.path.join(out, c)}', f'--seed={s}',
+                 '--loss_type=mlcd', '--num_positives=8', '--sample_ratio=0.1'] + a, s)
+                for n, c, a, ns in STUDENTS for s in range(ns)] if teacher else []
 BASELINES = [f'random_s{s}' for s in range(seeds)] + ['pixels']
 NAMES = BASELINES + [r[0] for r in variants() + TEACHER_RUNS]
 selected = [n.strip() for n in only.split(',') if n.strip()]
@@ -200,14 +230,17 @@ todo = [r for r in variants() + TEACHER_RUNS if wanted(r[0]) and not trained(r)]
 labels_of = lambda r: next((a.split('=', 1)[1] for a in r[2]  # noqa: E731
                             if a.startswith('--labels_dir=')), None)
 need_labels = {labels_of(r) for r in todo} - {None}  # the clusterings the training runs read
-clusterings = [c for c in (LABELS, LABELS_10K, TRUE, TEACHER) if c in need_labels
+clusterings = [c for c in [LABELS, LABELS_10K, TRUE] + [os.path.join(out, c) for c in LEARNED]
+               if c in need_labels
                and not os.path.exists(os.path.join(c, 'labels.npy'))]
 n_probes = sum(wanted(n) and not probed(n) for n in NAMES)
+steps_of = lambda r: int(next((a.split('=', 1)[1] for a in reversed(r[2])  # noqa: E731
+                                if a.startswith('--max_steps=')), steps))
 print(f'to do: {"the data, " if not os.path.exists(os.path.join(T, "meta.json")) else ""}'
       f'{len(clusterings)} clustering(s), {len(todo)} of {len(NAMES) - len(BASELINES)} '
-      f'pre-training runs ({steps} steps x {batch} images each), {n_probes} probe(s); {jobs} at a '
-      f'time. At ~500 images/s per job (one core of an idle machine) that is about '
-      f'{len(todo) * steps * batch / 500 / 3600 / max(1, jobs):.1f} h of training on a CPU.',
+      f'pre-training runs ({sum(map(steps_of, todo))} steps x {batch} images in all), {n_probes} '
+      f'probe(s); {jobs} at a time. At ~500 images/s per job (one core of an idle machine) that is '
+      f'about {sum(map(steps_of, todo)) * batch / 500 / 3600 / max(1, jobs):.1f} h of training on a CPU.',
       flush=True)
 
 # 1. data: unpack (members checked: no absolute paths or '..'), split, build uint8 shards
@@ -282,17 +315,34 @@ tasks = [(random_init, (f'random_s{s}', s)) for s in range(seeds)] + [(probe, ('
 tasks += [(train_and_probe, r) for r in RUNS]
 failed = pool([t for t in tasks if wanted(t[1][0])])
 
-# 4. a learned teacher: the paper clusters with a CLIP tower and its MLCD tower surpasses that
-#    teacher. Here the teacher is the SimCLR tower of seed 0 (its projected embedding)
-teacher_runs = [r for r in TEACHER_RUNS if wanted(r[0])]
-if TEACHER in clusterings and not os.path.exists(os.path.join(out, 'simclr_s0', 'lit.json')):
-    failed.append('cluster_simclr (simclr_s0 is not trained)')
-elif teacher_runs:
-    if TEACHER in clusterings:
-        run(['cluster.py', f'--data_dir={D}', f'--out_dir={TEACHER}',
-             f'--teacher={os.path.join(out, "simclr_s0", "ckpt.pt")}', f'--num_classes={k}',
-             '--num_positives=8', f'--device={device}'], os.path.join(out, 'cluster_simclr.log'))
-    failed += pool([(train_and_probe, r) for r in teacher_runs])
+# 4. learned teachers: the paper clusters with a CLIP tower and its MLCD tower surpasses that
+#    teacher. Here the teachers are the SimCLR tower of seed 0 (the other clusterings of LEARNED),
+#    then the first student itself (a second round); each clustering once its tower is trained
+def learned_clusters(name):
+    run_name, kk, feature, views = LEARNED[name]
+    ck, c = os.path.join(out, run_name, 'ckpt.pt'), os.path.join(out, name)
+    src = [f'--teacher={ck}']
+    if (feature, views) != ('embed', 1):  # the tower's other feature, or a mean over views
+        src = [f'--embeddings_path={c}.npy', f'--classes_path={os.path.join(D, "classes.npy")}']
+        if not os.path.exists(c + '.npy'):
+            run(['scripts/teacher_features.py', f'--checkpoint={ck}', f'--data_dir={D}',
+                 f'--out={c}.npy', f'--feature={feature}', f'--views={views}', f'--device={device}'])
+    run(['cluster.py', f'--data_dir={D}', f'--out_dir={c}', f'--num_classes={kk}', '--num_positives=8',
+         f'--device={device}'] + src, c + '.log')
+
+
+students = {r[0] for r in TEACHER_RUNS}
+tower_of = lambda r: LEARNED[os.path.basename(labels_of(r))][0]  # noqa: E731
+for second in (False, True):  # runs on the SimCLR tower's clusters, then those on a student's
+    runs = [r for r in TEACHER_RUNS if wanted(r[0]) and (tower_of(r) in students) == second]
+    for c in sorted({labels_of(r) for r in runs} & set(clusterings)):
+        tower = LEARNED[os.path.basename(c)][0]
+        if trained((tower,)):
+            learned_clusters(os.path.basename(c))
+        else:
+            failed.append(f'{os.path.basename(c)} ({tower} is not trained)')
+    failed += pool([(train_and_probe, r) for r in runs
+                    if os.path.exists(os.path.join(labels_of(r), 'labels.npy'))])
 
 # 5. the tables
 subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'plot_cifar10.py'), out], check=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(ROOT, '..', 'shared', 'datasets', 'cifar10.tar.gz')
@@ -49,8 +50,9 @@ def test_help_lists_every_run_and_an_unknown_name_stops_before_any_work(tmp_path
 def test_quick_reproduction(tmp_path):
     out = tmp_path / 'c10'
     log = reproduce(out)
-    # the plan: 4 clusterings (pixels, 10 k pixels, true labels, SimCLR), 24 runs, 27 probes
-    assert plan(log) == (4, 24, 24, 27)
+    # the plan: 9 clusterings (pixels, 10 k pixels, true labels, 6 of learned towers), 37 runs
+    # (24 + SimCLR 2x, 4x + 9 single-change students, the 2x and 4x ones with 2 seeds), 40 probes
+    assert plan(log) == (9, 37, 37, 40)
     R = json.load(open(out / 'results.json'))
     for name in ('mlcd', 'mlc', 'unicom', 'mlcd_r1', 'simclr', 'uniclip', 'supervised', 'mlcd_t', 'random'):
         assert R[name]['seeds'] == 2, name
@@ -68,6 +70,21 @@ def test_quick_reproduction(tmp_path):
     assert (c['N'], c['k'], c['l'], c['teacher']) == (2000, 50, 16, 'pixels')
     t = json.load(open(out / 'cluster_simclr' / 'cluster.json'))
     assert (t['k'], t['l']) == (50, 8) and t['teacher'].endswith(os.path.join('simclr_s0', 'ckpt.pt'))
+    # the students: one change each; a clustering of the mean of 8 views (its purity reported), a
+    # second round on the first student's tower, 2x and 4x the steps
+    for name in ('student_jitter', 'student_v8', 'student_pooled', 'student_k300', 'student_k3000',
+                 'student_l4', 'student_2x', 'student_4x', 'student_round2', 'simclr_2x', 'simclr_4x'):
+        assert R[name]['seeds'] == (2 if name in ('student_2x', 'student_4x') else 1), name
+    steps = [R[n]['steps'] for n in ('student_2x', 'student_4x', 'simclr_2x', 'simclr_4x')]
+    assert steps == [60, 120, 60, 120]
+    v8 = json.load(open(out / 'cluster_simclr_v8' / 'cluster.json'))
+    assert v8['teacher'] == 'embeddings_path' and 0 < v8['purity'] <= 1 and v8['k'] == 50
+    assert json.load(open(out / 'cluster_simclr_k300' / 'cluster.json'))['k'] == 300
+    assert json.load(open(out / 'cluster_simclr_k3000' / 'cluster.json'))['k'] == 150  # 3 k
+    r2 = json.load(open(out / 'cluster_student' / 'cluster.json'))
+    assert r2['teacher'].endswith(os.path.join('mlcd_t_s0', 'ckpt.pt'))
+    cfg = torch.load(out / 'student_jitter_s0' / 'ckpt.pt', weights_only=True)['config']
+    assert (cfg['augment'], cfg['color_jitter']) == ('pad_crop', 0.5)
     p = json.load(open(out / 'sweep_l2' / 'probe.json'))
     assert set(p['linear_probes']) == {'pooled:standardize', 'cls:standardize', 'embed:standardize'}
     assert p['linear_probe']['n_test'] == 500
@@ -81,14 +98,14 @@ def test_quick_reproduction(tmp_path):
               and p.name != 'results.json'}
     log = reproduce(out)
     assert not [line for line in log.splitlines() if line.startswith('+ ')]  # only the table is redrawn
-    assert plan(log) == (0, 0, 24, 0)
+    assert plan(log) == (0, 0, 37, 0)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
     # `only` redoes what it names and nothing else
     os.remove(out / 'mlc_s1' / 'probe.json')
     log = reproduce(out, '--only=mlc_s1')
     assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == ['probe.py']
-    assert plan(log) == (0, 0, 24, 1)
+    assert plan(log) == (0, 0, 37, 1)
     assert (out / 'mlc_s1' / 'probe.json').exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if 'mlc_s1' not in str(p))
 
@@ -97,7 +114,7 @@ def test_quick_reproduction(tmp_path):
     for d in ('sweep_l2', 'cluster_pixels_k10x', 'true_labels', 'cluster_pixels'):
         shutil.rmtree(out / d)
     log = reproduce(out, '--only=sweep_l2')
-    assert plan(log) == (1, 1, 24, 1)
+    assert plan(log) == (1, 1, 37, 1)
     assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == [
         'cluster.py', 'train.py', 'probe.py']
     assert not (out / 'cluster_pixels_k10x').exists() and not (out / 'true_labels').exists()
