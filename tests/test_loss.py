@@ -86,6 +86,21 @@ def make_labels(g, B, l, k, lo=0, hi=None, pad=True):
             labels[1, l // 2:] = -1  # fewer than l labels
     return labels
 
+def against_reference(pfc, emb, weight, labels, reference):
+    """pfc's loss on (emb, labels) with centres `weight`, and reference(emb, weight), each
+    backpropagated from its own leaf copies: (loss, emb leaf, reference loss, its emb and weight
+    leaves); pfc.weight.grad holds the module's centre gradient."""
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+    e1 = emb.clone().requires_grad_()
+    loss = pfc(e1, labels)
+    loss.backward()
+    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
+    ref = reference(e2, w2)
+    ref.backward()
+    return loss, e1, ref, e2, w2
+
+
 
 def close(a, b, rel):
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1e-30)
@@ -106,14 +121,8 @@ def test_matches_reference_float64(loss_type, l):
     # theta + m > pi: the continuation cos(theta) - m sin(m)
     emb[3] = -weight[labels[3, 0]] + 0.01 * torch.randn(d, generator=g, dtype=torch.float64)
     pfc = PartialFC(d, k, sample_ratio=1.0, scale=SCALE, margin=MARGIN, loss_type=loss_type).double()
-    with torch.no_grad():
-        pfc.weight.copy_(weight)
-    e1 = emb.clone().requires_grad_()
-    loss = pfc(e1, labels)
-    loss.backward()
-    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
-    ref = ref_loss(e2, w2, labels, loss_type)
-    ref.backward()
+    loss, e1, ref, e2, w2 = against_reference(pfc, emb, weight, labels,
+                                              lambda e, w: ref_loss(e, w, labels, loss_type))
     assert pfc.index.tolist() == list(range(k))
     assert close(loss.detach(), ref.detach(), 1e-6)
     assert close(e1.grad, e2.grad, 1e-6)
@@ -236,14 +245,9 @@ def test_positives_in_chunks_match_reference_float64(rows):
     labels = make_labels(g, B, l, k)
     pfc = PartialFC(d, k, sample_ratio=0.2).double()
     pfc.positive_chunk = rows * l * d
-    with torch.no_grad():
-        pfc.weight.copy_(weight)
-    e1 = emb.clone().requires_grad_()
-    loss = pfc(e1, labels)
-    loss.backward()
-    w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
-    ref = ref_loss(e2, w2, labels, 'mlcd', neg_mask(labels, scored_set(pfc), k))
-    ref.backward()
+    loss, e1, ref, e2, w2 = against_reference(
+        pfc, emb, weight, labels,
+        lambda e, w: ref_loss(e, w, labels, 'mlcd', neg_mask(labels, scored_set(pfc), k)))
     assert close(loss.detach(), ref.detach(), 1e-9)
     assert close(e1.grad, e2.grad, 1e-8) and close(pfc.weight.grad, w2.grad, 1e-8)
 
