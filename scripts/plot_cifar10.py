@@ -27,7 +27,8 @@ VARIANTS = [  # run name (before _s<seed>), label
     ('student_round2', "student: a second round (the student's clusters)"),
 ]
 COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#bcbd22', '#8c564b',
-           '#7f7f7f', '#17becf']
+           '#7f7f7f', '#17becf', '#393b79', '#e7ba52', '#843c39', '#5254a3', '#8ca252', '#ad494a',
+           '#7b4173', '#637939', '#bd9e39', '#d6616b', '#a55194']  # one per bar (21 variants)
 
 
 def load(path):
@@ -119,18 +120,35 @@ def main(root):
     draw(root, rows, sweeps, feats[0])
 
 
+# the teacher and its student at 1, 2 and 4 x the steps: (run name at each length, label)
+LONGER = [(('simclr', 'simclr_2x', 'simclr_4x'), 'teacher: SimCLR'),
+          (('mlcd_t', 'student_2x', 'student_4x'), 'student: MLCD on its clusters')]
+
+
 def draw(root, rows, sweeps, feat):
-    W, H = 1900, 560
+    """Panels side by side, each only when its runs exist: bars of every variant, the r and l
+    sweeps, top-1 against steps for the teacher and its student, the cosines over training."""
+    colour = {name: COLOURS[i % len(COLOURS)] for i, (name, *_) in enumerate(rows)}
+    acc_of = {name: acc[feat] for name, _, acc, _ in rows}
+    longer = [(label, colour.get(names[0], 'black'), [(m, acc_of[n]) for m, n in zip((1, 2, 4), names)
+                                                       if n in acc_of]) for names, label in LONGER]
+    longer = [(label, col, pts) for label, col, pts in longer if len(pts) > 1]
+    series = [(n, curves(root, n)) for n, *_ in rows]
+    series = [(n, c) for n, c in series if c]
+    x0, y0, bw = 30, 400, 44
+    xs = [x0 + len(rows) * (bw + 8) + 60]  # left edge of each panel after the bars
+    for w in [250] * len(sweeps) + [300] * bool(longer) + [520] * bool(series):
+        xs.append(xs[-1] + w)
+    W, H = max(600, xs[-1]), max(560, 430 + 11 * len(rows))
     img = Image.new('RGB', (W, H), 'white')
     g = ImageDraw.Draw(img)
     # 1. bars: mean top-1 of every variant with its seeds' spread
-    x0, y0, bw = 30, 400, 44
     vals = [np.mean(acc[feat]) for _, _, acc, _ in rows]
     lo, hi = 10 * (min(vals) // 10) - 10, 10 * (max(vals) // 10 + 1)
     Y = lambda v: y0 - 340 * (v - lo) / (hi - lo)
     g.text((x0, 8), f'CIFAR-10 linear probe top-1 % ({feat}), mean and range of seeds', fill='black')
     for i, (name, label, acc, _) in enumerate(rows):
-        x, col = x0 + i * (bw + 8), COLOURS[[n for n, _ in VARIANTS].index(name) % len(COLOURS)]
+        x, col = x0 + i * (bw + 8), colour[name]
         g.rectangle([x, Y(np.mean(acc[feat])), x + bw, y0], fill=col)
         if len(acc[feat]) > 1:
             g.line([x + bw / 2, Y(max(acc[feat])), x + bw / 2, Y(min(acc[feat]))], fill='black', width=2)
@@ -139,27 +157,22 @@ def draw(root, rows, sweeps, feat):
         g.text((x + bw / 2 - 3, y0 + 4), str(i + 1), fill='black')
     g.text((x0, y0 - 340 - 12), f'{hi:.0f}', fill='#999999')
     g.text((x0, y0 + 4 - 14), f'{lo:.0f}', fill='#999999')
+    panels = iter(zip(xs, xs[1:]))
     # 2. sweeps of r and l (seed 0)
-    for j, (key, pts) in enumerate(sweeps.items()):
-        px0, py0, px1, py1 = 590 + j * 250, 40, 790 + j * 250, 400
-        g.text((px0, 8), f'MLCD top-1 % vs {key} (seed 0)', fill='black')
-        g.rectangle([px0, py0, px1, py1], outline='#999999')
-        ys = [a[feat] for _, a in pts]
-        a, b = min(ys) - 1, max(ys) + 1
-        P = [(px0 + 20 + (px1 - px0 - 40) * i / max(1, len(pts) - 1), py1 - (py1 - py0) * (y - a) / (b - a))
-             for i, y in enumerate(ys)]
-        g.line(P, fill='#1f77b4', width=2)
-        for (v, acc), (x, y) in zip(pts, P):
-            g.ellipse([x - 3, y - 3, x + 3, y + 3], fill='#1f77b4')
-            g.text((x - 10, y - 16), f'{acc[feat]:.1f}', fill='black')
-            g.text((x - 8, py1 + 4), v, fill='black')
-    # 3. mean positive (thick) and sampled-negative (thin) cosine during training, seed 0
-    px0, py0, px1, py1 = 1360, 40, 1880, 400
-    g.text((px0, 8), 'cosine during training: positives (thick), negatives (thin)', fill='black')
-    g.rectangle([px0, py0, px1, py1], outline='#999999')
-    series = [(n, curves(root, n)) for n, *_ in rows]
-    series = [(n, c) for n, c in series if c]
+    for key, pts in sweeps.items():
+        box = frame(g, next(panels), f'MLCD top-1 % vs {key} (seed 0)')
+        line(g, [(v, [a[feat]]) for v, a in pts], box, '#1f77b4')
+    # 3. top-1 against steps: the teacher and its student, each given 1, 2 and 4 x the steps
+    if longer:
+        box = frame(g, next(panels), 'top-1 % vs steps (x 1,400), mean and range of seeds')
+        ys = [y for _, _, pts in longer for _, a in pts for y in a]
+        for j, (label, col, pts) in enumerate(longer):
+            line(g, [(f'{m}x', a) for m, a in pts], box, col, (min(ys) - 1, max(ys) + 1),
+                 slots=[f'{m}x' for m in (1, 2, 4)])
+            g.text((box[0] + 6, box[1] + 6 + 12 * j), label, fill=col)
+    # 4. mean positive (thick) and sampled-negative (thin) cosine during training, seed 0
     if series:
+        px0, py0, px1, py1 = frame(g, next(panels), 'cosine during training: positives (thick), negatives (thin)', 20)
         smax = max(r['step'] for _, c in series for r in c)
         lo = min(0.0, min(r['neg_cos'] for _, c in series for r in c))
         hi = max(0.1, max(r['pos_cos'] for _, c in series for r in c))
@@ -170,11 +183,38 @@ def draw(root, rows, sweeps, feat):
         g.text((px0 + 4, py1 - 12), f'{lo:.2f}', fill='#999999')
         g.text((px1 - 60, py1 + 4), f'step {smax}', fill='#999999')
         for n, c in series:
-            col = COLOURS[[v for v, _ in VARIANTS].index(n) % len(COLOURS)]
-            g.line([(X(r['step']), Yc(r['pos_cos'])) for r in c], fill=col, width=3)
-            g.line([(X(r['step']), Yc(r['neg_cos'])) for r in c], fill=col, width=1)
+            g.line([(X(r['step']), Yc(r['pos_cos'])) for r in c], fill=colour[n], width=3)
+            g.line([(X(r['step']), Yc(r['neg_cos'])) for r in c], fill=colour[n], width=1)
     img.save(os.path.join(root, 'results.png'))
     print(f"wrote {os.path.join(root, 'results.json')}, results.md and results.png")
+
+
+def frame(g, edges, title, gap=50):
+    """A panel's title and outline between its left edge and the next panel's (less a gap): its box."""
+    box = (edges[0], 40, edges[1] - gap, 400)
+    g.text((box[0], 8), title, fill='black')
+    g.rectangle(box, outline='#999999')
+    return box
+
+
+def line(g, pts, box, col, span=None, slots=None):
+    """One series in a panel: (x label, [value of each seed]) per point, the mean joined by a line
+    with the seeds' range as a bar; x positions are evenly spaced over `slots` (default: the points)."""
+    px0, py0, px1, py1 = box
+    slots = slots or [v for v, _ in pts]
+    means = [np.mean(a) for _, a in pts]
+    a, b = span or (min(means) - 1, max(means) + 1)
+    X = lambda v: px0 + 20 + (px1 - px0 - 40) * slots.index(v) / max(1, len(slots) - 1)
+    Yp = lambda y: py1 - (py1 - py0) * (y - a) / (b - a)
+    P = [(X(v), Yp(m)) for (v, _), m in zip(pts, means)]
+    g.line(P, fill=col, width=2)
+    for (v, acc), m, (x, y) in zip(pts, means, P):
+        g.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        if len(acc) > 1:
+            g.line([x, Yp(max(acc)), x, Yp(min(acc))], fill=col, width=1)
+        g.text((x - 10, y - 16), f'{m:.1f}', fill='black')
+    for v in slots:
+        g.text((X(v) - 8, py1 + 4), v, fill='black')
 
 
 if __name__ == '__main__':
