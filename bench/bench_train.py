@@ -6,7 +6,10 @@ config/cifar10.py's tower and recipe (ViT-T/8, batch 256, l = 8, r = 0.1, pad-an
         (the median over log intervals, the first one left out)
   bare: the same tower, loss and optimizer in a plain loop over the images held in memory as one
         uint8 tensor, the same augmentation written inline; median step after 5 warm-up steps
-Both on `threads` threads, one after the other, `runs` times; the medians are reported.
+  simclr: lit.py with config/simclr_cifar10.py (the CIFAR-10 reproduction's teacher: SimCLR, two
+        views of each image) at the same tower and batch, timed like ours: what a student's step
+        costs against its teacher's
+All on `threads` threads, one after the other, `runs` times; the medians are reported.
 
     python bench/bench_train.py --data_dir=out/cifar10/data/train --labels_dir=out/cifar10/cluster_pixels
 
@@ -41,15 +44,24 @@ torch.set_num_threads(threads)
 B, L, R, K = 256, 8, 0.1, 1000  # config/cifar10.py
 
 
-def ours():
+def logged(script, config, extra=()):
+    """img/s of one of our stage scripts run for `steps` steps: the median over its log intervals."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, 'train.py', 'config/cifar10.py', f'--data_dir={data_dir}',
-               f'--labels_dir={labels_dir}', f'--out_dir={out}', f'--max_steps={steps}',
-               '--log_interval=10', f'--ckpt_interval={10 * steps}', f'--threads={threads}']
+        cmd = [sys.executable, script, config, f'--data_dir={data_dir}', f'--out_dir={out}',
+               f'--max_steps={steps}', '--log_interval=10', f'--ckpt_interval={10 * steps}',
+               f'--threads={threads}', *extra]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
         log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
         return float(np.median([r['images_per_s'] for r in log if 'images_per_s' in r][1:]))
+
+
+def ours():
+    return logged('train.py', 'config/cifar10.py', [f'--labels_dir={labels_dir}'])
+
+
+def simclr():  # the SimCLR teacher's step at the same batch: two views of each image, lit.py
+    return logged('lit.py', 'config/simclr_cifar10.py', ['--image_size=32', '--model=ViT-T/8'])
 
 
 def bare():
@@ -78,11 +90,13 @@ def bare():
     return B / float(np.median(times[5:]))
 
 
-res = {'ours': [], 'bare': []}
+res = {'ours': [], 'bare': [], 'simclr': []}
 for _ in range(runs):
     res['ours'].append(ours())
     res['bare'].append(bare())
+    res['simclr'].append(simclr())
 med = {k: float(np.median(v)) for k, v in res.items()}
 print(json.dumps({'threads': threads, 'steps': steps, 'runs': runs, 'ours_img_s': med['ours'],
                   'bare_img_s': med['bare'], 'ours_over_bare': med['ours'] / med['bare'],
+                  'simclr_img_s': med['simclr'], 'ours_over_simclr': med['ours'] / med['simclr'],
                   'all': res}))
