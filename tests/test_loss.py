@@ -86,6 +86,7 @@ def make_labels(g, B, l, k, lo=0, hi=None, pad=True):
             labels[1, l // 2:] = -1  # fewer than l labels
     return labels
 
+
 def against_reference(pfc, emb, weight, labels, reference):
     """pfc's loss on (emb, labels) with centres `weight`, and reference(emb, weight), each
     backpropagated from its own leaf copies: (loss, emb leaf, reference loss, its emb and weight
@@ -99,7 +100,6 @@ def against_reference(pfc, emb, weight, labels, reference):
     ref = reference(e2, w2)
     ref.backward()
     return loss, e1, ref, e2, w2
-
 
 
 def close(a, b, rel):
