@@ -404,7 +404,36 @@ def resize_pos_embed(pos_embed, grid):
 
 
 def _load_weights(path):
-    """a state dict (or our checkpoint dict) from a file; never unpickles arbitrary objects."""
+    """a state dict (or our checkpoint dict) from a file; never unpickles arbitrary objects. An
+    empty, truncated or unreadable file is a one-line ValueError naming it."""
+    try:
+        if os.path.getsize(path) == 0:  # torch.load would say "EOFError: "
+            raise ValueError(f'{path}: empty file (0 bytes)')
+        return _read_weights(path)
+    except FileNotFoundError:
+        raise ValueError(f'{path}: missing') from None
+    except ValueError as e:
+        if str(e).startswith(path):  # ours, already naming the file
+            raise
+        raise ValueError(f'{path}: truncated or not a checkpoint ({_reader_line(e)})') from None
+    except Exception as e:  # the readers' own: RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f'{path}: truncated or not a checkpoint ({_reader_line(e)})') from None
+
+
+def _reader_line(e, limit=120):
+    """A reader's error, short: torch's zip reader appends four sentences of advice to "failed
+    reading zip archive: failed finding central directory"; a weights_only refusal opens with a
+    paragraph on PyTorch 2.6 and gives the reason (the global or opcode refused) below it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Weights only load failed'):
+        lines = [x for x in (line.split('WeightsUnpickler error:')[-1].strip()
+                             for line in lines[1:]) if x]
+    msg = lines[0].split('. ')[0].rstrip('.') if lines else ''
+    msg = f'{type(e).__name__}: {msg}' if msg else type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit - 3] + '...'
+
+
+def _read_weights(path):
     if path.endswith('.safetensors'):
         try:
             from safetensors.torch import load_file
@@ -416,12 +445,7 @@ def _load_weights(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith('constants.pkl') for n in z.namelist()):
                 return _torchscript_weights(z, path)  # OpenAI's released CLIP .pt files
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f'{path}: not a readable checkpoint (torch.load weights_only=True: '
-                         f'{type(e).__name__}: {first})') from None
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 # A TorchScript archive (OpenAI's CLIP .pt files) is a zip: <name>/data.pkl pickles the module tree
