@@ -11,7 +11,10 @@ Phases, each kept on disk in out_dir and skipped when re-run:
                                                               sample; kmeans_state.npz resumes it)
   assign  -> labels.npy int32 [N, l], nearest centre first   (all ranks, streamed in chunks)
   report  -> cluster.json (always recomputed, it is cheap)
-A finished phase leaves phase_<name>.json holding the settings that produced it. Re-running
+Each output is written under <name>.tmp and renamed when whole: a file of the final name is
+complete, and a run that maps it (train.py) keeps the file it opened when force=True replaces it.
+A finished phase leaves phase_<name>.json holding the settings that produced it and the data's
+fingerprint (provenance.py), which train.py checks against its data_dir. Re-running
 with the same settings skips it; with different settings the run stops and names them: an
 out_dir is ONE clustering that train.py runs point at, so it is never silently overwritten.
 Cluster differently into a new out_dir (embeddings_path=<old>/embeddings.npy reuses the
@@ -26,6 +29,7 @@ import signal
 import resource
 
 import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import provenance
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -70,7 +74,7 @@ common.check_device(device)  # before anything is made: one line, no out_dir
 # every phase splits its work evenly over the ranks: no rank waits long for another
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
-common.exit_on_signals('finished phases are kept; the same command continues')
+common.exit_on_signals('finished phases are kept; the same command continues', master)
 common.check_writable('out_dir', out_dir)
 if search == 'auto':
     search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
@@ -141,6 +145,32 @@ def searcher(cen):
 
 
 gpu_res = faiss.StandardGpuResources() if use_gpu_faiss else None
+emb_tmp = emb_path + '.tmp'
+bad_rows = [0, []]  # this rank's non-finite feature rows: count, the first few
+
+
+def check_finite(x, start):
+    # a NaN or Inf feature would become NaN centres and one label for every image (the torch
+    # search) or a faiss error: counted here, refused before any k-means work
+    bad = np.flatnonzero(~np.isfinite(x).all(1))
+    if len(bad):
+        bad_rows[0] += len(bad)
+        bad_rows[1] = (bad_rows[1] + (start + bad[:5]).tolist())[:5]
+
+
+def refuse_non_finite():
+    seen = [bad_rows]
+    if ddp:
+        seen = [None] * world
+        dist.all_gather_object(seen, bad_rows)
+    n = sum(c for c, _ in seen)
+    if n:
+        first = sorted(r for _, rows in seen for r in rows)[:5]
+        if master and os.path.exists(emb_tmp):
+            os.remove(emb_tmp)
+        fail(f"{embeddings_path and f'embeddings_path={embeddings_path}' or f'teacher={teacher}'}: "
+             f"{n:,} feature row(s) are not finite (NaN or Inf), first rows {first}; nothing was "
+             'clustered: fix the features (or the teacher) and run again')
 
 
 # -----------------------------------------------------------------------------
@@ -161,9 +191,8 @@ if embeddings_path:
         fail(f'embeddings_path {embeddings_path} is the output of this out_dir; cluster it into another out_dir')
 else:
     meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(meta_path):
-        fail(f'no dataset at data_dir={data_dir}: {meta_path} is missing '
-             '(write one with prepare.py)')
+    if not os.path.exists(meta_path):  # no dataset, or an unfinished build: its one line
+        common.open_dataset('data_dir', data_dir)
     try:
         missing = [os.path.join(data_dir, s[key]) for s in json.load(open(meta_path))['shards']
                    for key in (('images', 'texts') if teacher_text else ('images',))
@@ -206,6 +235,22 @@ if cls_path and os.path.exists(cls_path):
         fail(f'{cls_path} must hold class ids >= 0 (int), got {y.dtype} with minimum {y.min()}')
     del y
 
+# what the labels will name as their data (provenance.py): data_dir's fingerprint, read over all
+# ranks; with embeddings_path, data_dir's when it holds N rows (the rows the features are of)
+data_fp = None
+if ds is not None or os.path.exists(os.path.join(data_dir, 'meta.json')):
+    try:
+        data_fp = provenance.data_fingerprint(data_dir, rank, world)
+    except (ValueError, KeyError, TypeError) as e:
+        if ds is not None:
+            fail(f'data_dir={data_dir}: {e}')
+    if data_fp is not None and data_fp['count'] != N:
+        data_fp = None
+    if embeddings_path and master:
+        print(f'the labels will name data_dir={data_dir} as their data' if data_fp else
+              f'embeddings_path: data_dir={data_dir} does not hold its {N:,} rows, so the labels '
+              'name no data and train.py checks only the row count')
+
 # only now: a run refused above leaves no empty folder; the lock, and one folder for all ranks
 common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
 
@@ -230,6 +275,8 @@ for p in ('embed', 'kmeans', 'assign'):
         st = st if isinstance(st, dict) and isinstance(st.get('config'), dict) else None
     except (OSError, ValueError, RecursionError):
         st = None
+    if p == 'embed':
+        st_embed = st or {}
     if force or upstream or st is None or not os.path.exists(outputs[p]):
         todo[p] = upstream = True
         continue
@@ -244,15 +291,23 @@ for p in ('embed', 'kmeans', 'assign'):
     if shape != st['shape']:
         fail(f'{outputs[p]} is {shape} but {state_path(p)} recorded {st["shape"]}: the file changed; force=True redoes it')
     todo[p] = False
+if not todo['embed'] and data_fp is not None and st_embed.get('data'):
+    line = provenance.same_data(f'{state_path("embed")} (the embeddings)', st_embed['data'],
+                                data_fp, data_dir)
+    if line:
+        fail(f'{line}; pass force=True to redo every phase here, or use a new out_dir')
 barrier()  # every rank has decided before rank 0 removes any state below
 
 
 def start_phase(p):
-    # a phase about to rewrite its file invalidates itself and everything downstream
+    # a phase about to rewrite its file invalidates itself and everything downstream: their
+    # records and outputs go (a run that maps an output keeps its open file), so no consumer
+    # ever reads a mix of old and new
     if master:
         for q in ('embed', 'kmeans', 'assign')[('embed', 'kmeans', 'assign').index(p):]:
-            if os.path.exists(state_path(q)):
-                os.remove(state_path(q))
+            for f in (state_path(q), outputs[q], outputs[q] + '.tmp'):
+                if os.path.exists(f):
+                    os.remove(f)
         if p == 'embed' and os.path.exists(kms_path):  # k-means state of the old embeddings
             os.remove(kms_path)
     barrier()
@@ -262,8 +317,11 @@ def start_phase(p):
 def finish_phase(p, shape, t0, **extra):
     barrier()  # all ranks' rows are on disk
     if master:
-        common.save_json(state_path(p), dict(config=keys[p], shape=list(shape),
+        if os.path.exists(outputs[p] + '.tmp'):  # whole now: under its final name
+            common.rename(outputs[p] + '.tmp', outputs[p])
+        common.save_json(state_path(p), dict(config=keys[p], shape=list(shape), data=data_fp,
                                              seconds=round(time.time() - t0, 2), **extra))
+    barrier()  # the file is under its final name before any rank reads it
     times[p] = round(time.time() - t0, 2)
 
 
@@ -278,11 +336,13 @@ if todo['embed']:
     t0 = start_phase('embed')
     if embeddings_path:  # user features: normalise into our own float16 file, ranks split rows
         d = np.load(embeddings_path, mmap_mode='r').shape[1]
-        npy_create(emb_path, (N, d), np.float16)
+        npy_create(emb_tmp, (N, d), np.float16)
         r0, r1 = rank_rows(N)
         for i in common.progress(range(r0, r1, assign_batch), desc='embed (copy)',
                                  disable=not master):
-            npy_write(emb_path, i, l2n(npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))))
+            x = npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))
+            check_finite(x, i)
+            npy_write(emb_tmp, i, l2n(x))
             kill_point('embed')
     elif teacher == 'pixels':
         # Downsampled pixels + PCA: a deterministic teacher that needs no checkpoint. Each image is
@@ -304,17 +364,17 @@ if todo['embed']:
             evals, evecs = np.linalg.eigh(ss / n - np.outer(mean, mean))  # covariance, ascending
             comps = evecs[:, ::-1][:, :pca_dim]
             comps *= np.where(comps[np.abs(comps).argmax(0), np.arange(pca_dim)] < 0, -1, 1)  # fix signs
-            with common.atomic_open(pca_path) as fh:
-                np.savez(fh, mean=mean, components=comps, explained=evals[::-1][:pca_dim] / evals.sum())
+            common.write_atomic(pca_path, lambda fh: np.savez(
+                fh, mean=mean, components=comps, explained=evals[::-1][:pca_dim] / evals.sum()))
         barrier()
         pca = np.load(pca_path)
         d = pca_dim
-        npy_create(emb_path, (N, d), np.float16)
+        npy_create(emb_tmp, (N, d), np.float16)
         r0, r1 = rank_rows(N)
         for i in common.progress(range(r0, r1, batch_size), desc='embed (pixels)',
                                  disable=not master):
             x = pool(np.arange(i, min(i + batch_size, r1)))
-            npy_write(emb_path, i, l2n((x - pca['mean']) @ pca['components']))
+            npy_write(emb_tmp, i, l2n((x - pca['mean']) @ pca['components']))
             kill_point('embed')
     else:
         import checkpoints
@@ -330,7 +390,7 @@ if todo['embed']:
             if text.embed_dim != d:
                 fail(f'teacher {teacher}: image embed_dim {vision.embed_dim} != text embed_dim {text.embed_dim}')
             text = text.to(device).eval()
-        npy_create(emb_path, (N, d), np.float16)
+        npy_create(emb_tmp, (N, d), np.float16)
         autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
         r0, r1 = rank_rows(N)
         batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device,
@@ -344,8 +404,11 @@ if todo['embed']:
                     e = F.normalize((e + F.normalize(text(ids).float(), dim=-1)) / 2, dim=-1)
             index = index.cpu().numpy()
             assert (np.diff(index) == 1).all(), 'eval_batches yields contiguous rows'
-            npy_write(emb_path, int(index[0]), e.cpu().numpy())
+            e = e.cpu().numpy()
+            check_finite(e, int(index[0]))
+            npy_write(emb_tmp, int(index[0]), e)
             kill_point('embed')
+    refuse_non_finite()
     finish_phase('embed', (N, d), t0)
 d = np.load(emb_path, mmap_mode='r').shape[1]
 k, l = num_classes, num_positives
@@ -468,14 +531,13 @@ if todo['kmeans']:
         objs.append(float(obj) / n)  # mean cosine of a point to its centre, before this update
         pbar.set_postfix(mean_cos=f'{objs[-1]:.4f}', empty=n_empty)
         if master and ((it + 1) % kmeans_ckpt_interval == 0) and it + 1 < niter:
-            with common.atomic_open(kms_path) as fh:
-                np.savez(fh, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
-                         config=json.dumps(keys['kmeans']))
+            common.write_atomic(kms_path, lambda fh: np.savez(
+                fh, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
+                config=json.dumps(keys['kmeans'])))
         kill_point('kmeans')
     kmeans_obj = objs[-1]
     if master:
-        with common.atomic_open(cen_path) as fh:
-            np.save(fh, C.cpu().numpy())
+        common.write_atomic(cen_path, lambda fh: np.save(fh, C.cpu().numpy()))
     del x
     finish_phase('kmeans', (k, d), t0, mean_cos=kmeans_obj)
     if master and os.path.exists(kms_path):
@@ -491,12 +553,12 @@ if master and kmeans_obj is None:
 if todo['assign']:
     t0 = start_phase('assign')
     f = searcher(cen)
-    npy_create(lab_path, (N, l), np.int32)
+    npy_create(lab_path + '.tmp', (N, l), np.int32)
     r0, r1 = rank_rows(N)
     for i in common.progress(range(r0, r1, chunk_rows), desc=f'assign top-{l}',
                              disable=not master):
         _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
-        npy_write(lab_path, i, I.cpu().numpy().astype(np.int32))
+        npy_write(lab_path + '.tmp', i, I.cpu().numpy().astype(np.int32))
         kill_point('assign')
     finish_phase('assign', (N, l), t0)
 

@@ -21,6 +21,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -47,15 +48,16 @@ def set_threads(threads):
     return threads
 
 
-def stop(msg):
+def stop(msg, say=True):
     """Leave with a one-line message (exit status 1); files on disk are not touched. Progress bars
-    are closed first, so that the message is the last line."""
+    are closed first, so that the message is the last line. say=False: exit status 1 without the
+    line (the other ranks of a stop that rank 0 reports)."""
     for bar in list(getattr(tqdm, '_instances', ())):
         bar.close()
     torchrun_report(msg)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    raise SystemExit(msg)
+    raise SystemExit(msg if say else 1)
 
 
 def check_device(device, key='device'):
@@ -125,10 +127,11 @@ def lost_rank(kind, e, tb, rank, timeout_minutes):
         return sys.__excepthook__(kind, e, tb)
     # to the real stderr: init_process_group wraps this hook and points sys.stderr at a buffer
     # that it would print only after we return, and we do not return
+    cause = re.sub(r'\s*GLHF!.*$', '', text.splitlines()[0] if text else '')  # gloo's sign-off
     msg = (f'rank {rank}: lost contact with another rank (no answer within timeout_minutes='
            f'{timeout_minutes:g}, or its connection closed): a rank died, was stopped or '
            f'OOM-killed, or the network failed; see the other ranks\' output '
-           f'({text.splitlines()[0][-160:]})')
+           f'({cause[-160:]})')
     sys.__stderr__.write(f'\n{msg}\n')  # a newline first: a progress bar may be mid-line
     sys.__stderr__.flush()
     torchrun_report(msg)
@@ -321,49 +324,64 @@ def stop_unsaved(step, ckpt_path):
          + last_good(ckpt_path))
 
 
-def stop_signalled(step, max_steps, ckpt_path):
+def stop_signalled(step, max_steps, ckpt_path, master=True):
+    """The one line (rank 0's; the other ranks exit quietly) after the signal's checkpoint."""
     stop(f'stopped by {signalled or "a signal to another rank"} after step {step} of '
          f'{max_steps}; checkpoint {ckpt_path} written: continue with the same command and '
-         '--init_from=resume')
+         '--init_from=resume', say=master)
 
 
-signalled = None  # the name of the first SIGTERM / SIGINT received, once one has come
+signalled = None  # the name of the first SIGTERM / SIGINT / SIGHUP received, once one has come
+# SIGHUP: a closed terminal or ssh session; its default action kills at once and loses every step
+# since the last checkpoint, so it is treated like a preemption
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def catch_signals():
-    """From now on the first SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) only sets
-    `signalled`; the training loop reads it once per step (folded into the step's one device
-    read, so all ranks agree on the step), checkpoints and exits. A second signal exits at once."""
+def catch_signals(master=True):
+    """From now on the first SIGTERM, SIGINT or SIGHUP (a cluster's preemption, Ctrl-C, a closed
+    terminal) only sets `signalled`; the training loop reads it once per step (folded into the
+    step's one device read, so all ranks agree on the step), checkpoints and exits. A second
+    signal exits at once. Only rank 0 (master) prints: torchrun passes a signal to every rank."""
     def handler(signum, frame):
         global signalled
         name = signal.Signals(signum).name
         if signalled is not None:
             msg = f'{name} after {signalled}: exiting now; the last checkpoint is unchanged'
-            sys.stderr.write(f'\n{msg}\n')
-            sys.stderr.flush()
+            if master:
+                say(f'\n{msg}')
             torchrun_report(msg)
             release_out_dir()
             os._exit(128 + signum)  # as a shell reports a process ended by that signal
         signalled = name
-        sys.stderr.write(f'\n{name}: stopping after this step with a checkpoint (send it again to '
-                         'exit at once)\n')
-        sys.stderr.flush()
-    for s in (signal.SIGTERM, signal.SIGINT):
+        if master:
+            say(f'\n{name}: stopping after this step with a checkpoint (send it again to '
+                'exit at once)')
+    for s in SIGNALS:
         signal.signal(s, handler)
 
 
-def exit_on_signals(kept):
-    """For stages without a training loop (cluster.py, probe.py): SIGTERM / SIGINT end the
-    process at once with one line (exit status 1) instead of a KeyboardInterrupt traceback;
-    every file is written atomically, so what is on disk is whole. `kept` says what remains."""
+def say(line):
+    """A line on stderr at once, from a signal handler (print is not safe there)."""
+    try:
+        sys.stderr.write(line + '\n')
+        sys.stderr.flush()
+    except (OSError, ValueError):  # SIGHUP: the terminal that stderr went to is gone
+        pass
+
+
+def exit_on_signals(kept, master=True):
+    """For stages without a training loop (cluster.py, probe.py): SIGTERM, SIGINT and SIGHUP end
+    the process at once with one line (rank 0's; exit status 1) instead of a KeyboardInterrupt
+    traceback; every file is written whole or under a temporary name, so what is on disk under
+    its final name is whole. `kept` says what remains."""
     def handler(signum, frame):
         msg = f'stopped by {signal.Signals(signum).name}: {kept}'
-        sys.stderr.write(f'\n{msg}\n')
-        sys.stderr.flush()
+        if master:
+            say(f'\n{msg}')
         torchrun_report(msg)
         release_out_dir()
         os._exit(1)  # not SystemExit: it could surface inside a collective and hang the teardown
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in SIGNALS:
         signal.signal(s, handler)
 
 
@@ -376,6 +394,9 @@ def check_writable(key, path):
     itself is created only when there is something to write)."""
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
+        if os.path.islink(parent):  # makedirs would say 'File exists'
+            stop(f'{key}={path}: {parent} is a symbolic link to {os.readlink(parent)}, which '
+                 'does not exist')
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         stop(f'{key}={path}: {parent} is not a directory')
@@ -624,7 +645,10 @@ def npy_create(path, shape, dtype):
     fills its own rows with npy_write. Returns once every rank can open it (a barrier)."""
     ddp = dist.is_available() and dist.is_initialized()
     if not ddp or dist.get_rank() == 0:
-        np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
+        try:
+            np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape).flush()
+        except OSError as e:
+            stop(f'{path}: cannot be created ({e.strerror}); finished files are kept')
     if ddp:
         dist.barrier()
 
@@ -638,13 +662,17 @@ def npy_write(path, start, values):
     offset = m.offset + start * m.strides[0]
     del m
     buf = memoryview(values).cast('B')
-    fd = os.open(path, os.O_WRONLY)
     try:
-        while buf:  # Linux writes at most 2 GiB per call
-            n = os.pwrite(fd, buf, offset)
-            buf, offset = buf[n:], offset + n
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while buf:  # Linux writes at most 2 GiB per call
+                n = os.pwrite(fd, buf, offset)
+                buf, offset = buf[n:], offset + n
+        finally:
+            os.close(fd)
+    except OSError as e:  # a full disk: a file allocated sparse fills as it is written
+        stop(f'{path}: write failed ({e.strerror}); it stays unfinished under this name, finished '
+             'files are kept')
 
 
 def rng_state(device):
@@ -676,10 +704,38 @@ def open_dataset(key, path, max_open_shards=None):
         stop(f"{key}={path}: {str(e).removeprefix(str(path) + ': ')}")
 
 
+def json_safe(x):
+    """x with every non-finite float as None: JSON has no NaN (json.dump would write a bare NaN
+    that strict readers refuse)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_atomic(path, write, mode='wb'):
+    """write(f) through atomic_open; a failed write (a full disk) stops with one line and leaves
+    the previous file, if any, as it was."""
+    try:
+        with atomic_open(path, mode) as f:
+            write(f)
+    except OSError as e:
+        stop(f'{path}: write failed ({e.strerror}); the previous file, if any, is unchanged')
+
+
 def save_json(path, obj, **kwargs):
-    """json.dump through atomic_open: readers see the old file or the new one."""
-    with atomic_open(path, 'w') as f:
-        json.dump(obj, f, **kwargs)
+    """json.dump through write_atomic: readers see the old file or the new one."""
+    write_atomic(path, lambda f: json.dump(json_safe(obj), f, allow_nan=False, **kwargs), 'w')
+
+
+def rename(tmp, path):
+    """A file written whole under a temporary name takes its final name (atomic_open's commit for
+    files that several ranks fill, e.g. with npy_write)."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or '.')
 
 
 def sha256(*tensors):

@@ -139,6 +139,10 @@ class Dataset:
 
     def __init__(self, data_dir, max_open_shards=MAX_OPEN_SHARDS):
         path = os.path.join(data_dir, 'meta.json')
+        if os.path.exists(os.path.join(data_dir, 'build.json')) and not os.path.exists(path):
+            raise ValueError(f'{data_dir}: prepare.py has not finished there (build.json but no '
+                             'meta.json): re-run the same prepare.py command, it continues where '
+                             'it stopped')
         if not os.path.exists(path):
             raise ValueError(f'{data_dir}: no meta.json (build it with: '
                              f'python prepare.py --src=... --out={data_dir})')

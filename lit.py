@@ -47,6 +47,7 @@ from common import rng_state, set_rng_state, shard_range, stop
 from data import Loader, eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
+import provenance
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
@@ -152,21 +153,20 @@ def state_hash(module):
     return h.hexdigest()
 
 
-def check_tokens(vocab_size):
-    """Every caption token id < vocab_size: each rank scans its contiguous slice of the ids, the
-    maxima are all-reduced. ~1.2M captions/s per process from the page cache (2-core machine):
+def fingerprint_and_tokens(vocab_size):
+    """data_dir's fingerprint (provenance.py), with every caption in it when the text tower is
+    trained: the same pass checks that every token id is < vocab_size. Each rank reads its share
+    of the shards, through files it opens and closes itself (no shard maps beside the loader's).
     LAION-400M's 62 GB of ids take ~40 s on 8 ranks, if the disk reads 1.5 GB/s."""
-    a, n = shard_range(len(dataset), rank, world)
-    hi = torch.zeros((), dtype=torch.long, device=device)
-    for i in range(a, a + n, 1 << 16):
-        ids = dataset.texts(np.arange(i, min(i + (1 << 16), a + n)))
-        hi = torch.maximum(hi, torch.tensor(int(ids.max()), device=device))
-    if ddp:
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if hi.item() >= vocab_size:
-        stop(f'data_dir={data_dir}: caption token ids reach {hi.item()}, but the text tower has '
-             f'vocab_size={vocab_size} (ids 0..{vocab_size - 1}): the texts_*.npy shards are not '
-             'of its tokenizer')
+    try:
+        fp = provenance.data_fingerprint(data_dir, rank, world, all_texts=bool(vocab_size))
+    except ValueError as e:
+        stop(str(e))
+    if vocab_size and fp['max_token'] >= vocab_size:
+        stop(f"data_dir={data_dir}: caption token ids reach {fp['max_token']}, but the text tower "
+             f'has vocab_size={vocab_size} (ids 0..{vocab_size - 1}): the texts_*.npy shards are '
+             'not of its tokenizer')
+    return fp
 
 
 # -----------------------------------------------------------------------------
@@ -231,8 +231,11 @@ elif init_from == 'scratch':
     tcfg = tcfg if use_text else None
 else:
     stop(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-if tcfg:  # a caption token the text tower has no embedding for would fail deep in a step
-    check_tokens(tcfg['vocab_size'])
+# a caption token the text tower has no embedding for would fail deep in a step; a resume must
+# read the data (captions included) its checkpoint was trained on
+data_fingerprint = fingerprint_and_tokens(tcfg['vocab_size'] if tcfg else 0)
+if ckpt is not None:
+    provenance.check_resume(ckpt, data_fingerprint, ckpt_path, data_dir)
 vision.to(device)
 vision_sha256 = None
 if locked:
@@ -289,9 +292,11 @@ def embed_all():
     float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
     larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank writes its
     contiguous slice as whole rows (common.npy_write). Reused by later runs (a resume) when
-    image_features.json names the same tower, data and resolution."""
+    image_features.json names the same tower, images (their fingerprint) and resolution. Written
+    under a temporary name and renamed when every rank's rows are in: the file is whole or absent."""
     path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
     key = {'vision_sha256': vision_sha256, 'data_dir': os.path.abspath(data_dir), 'count': len(dataset),
+           'images': provenance.short(data_fingerprint, images_only=True),
            'image_size': vision.image_size}
     if os.path.exists(stamp) and json.load(open(stamp)) == key:
         return np.load(path, mmap_mode='r')
@@ -299,7 +304,7 @@ def embed_all():
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(stamp):
             os.remove(stamp)
-    common.npy_create(path, (len(dataset), vision.embed_dim), np.float32)  # with a barrier
+    common.npy_create(path + '.tmp', (len(dataset), vision.embed_dim), np.float32)  # a barrier
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
     batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
                            device=device, max_open_shards=max_open_shards)
@@ -307,11 +312,14 @@ def embed_all():
                                        total=math.ceil(n / 256), leave=False):
         with ctx:
             rows = vision(images).float().cpu().numpy()
-        common.npy_write(path, int(idx[0]), rows)  # idx: consecutive rows
+        common.npy_write(path + '.tmp', int(idx[0]), rows)  # idx: consecutive rows
     if ddp:
         dist.barrier()
     if master:
+        common.rename(path + '.tmp', path)
         common.save_json(stamp, key)
+    if ddp:
+        dist.barrier()  # under its final name before any rank maps it
     return np.load(path, mmap_mode='r')
 
 
@@ -380,7 +388,8 @@ def save_checkpoint():
               'optimizer': optimizer.state_dict(), 'step': step, 'epoch': step / steps_per_epoch,
               'world_size': world, 'rng': rngs, 'run_id': run_id,
               'global_batch_size': global_batch_size, 'setup': setup, 'run_setup': run_setup,
-              'vision_sha256': vision_sha256, 'vision_source': vision_source, 'config': config}
+              'vision_sha256': vision_sha256, 'vision_source': vision_source,
+              'data': data_fingerprint, 'config': config}
         if aug_dim:  # the tower and its augmentation MLP as trained, for a resume
             ck['aug_vision'] = trained_vision.state_dict()
         if text is not None:
@@ -480,7 +489,7 @@ t_log, t_loop, pairs, steps_run, ckpt_s = time.time(), time.time(), 0, 0, 0.0
 saved = None
 end = min(max_steps, stop_at) if stop_at else max_steps
 n_t = sum(p.numel() for p in temps)
-common.catch_signals()  # SIGTERM / SIGINT: finish the step, checkpoint, exit
+common.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     if epoch != batches_epoch:
@@ -558,7 +567,7 @@ while step < end:
         t_log += time.time() - t0
         ckpt_s += time.time() - t0
     if stopping:
-        common.stop_signalled(step, max_steps, ckpt_path)
+        common.stop_signalled(step, max_steps, ckpt_path, master)
 loop_s = time.time() - t_loop - ckpt_s  # training steps only: no checkpoint writing
 pbar.close()
 if batches is not None:

@@ -75,7 +75,7 @@ common.check_device(device)  # before anything is made: one line, no out_dir
 
 # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
-common.exit_on_signals('probe.json is written only at the end (cached features are whole)')
+common.exit_on_signals('probe.json is written only at the end (cached features are whole)', rank == 0)
 common.check_writable('out_dir', out_dir)
 torch.manual_seed(seed)
 if not checkpoint:

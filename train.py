@@ -34,6 +34,7 @@ from common import rng_state, set_rng_state, shard_range, stop
 from data import Dataset, Loader, eval_batches
 from loss import PartialFC
 from model import PRESETS, VisionTransformer
+import provenance
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
@@ -118,6 +119,9 @@ dataset = common.open_dataset('data_dir', data_dir, max_open_shards)
 if eval_data_dir and common.open_dataset('eval_data_dir', eval_data_dir,
                                          max_open_shards).classes is None:
     stop(f'eval_data_dir={eval_data_dir}: no classes.npy, so no kNN accuracy (it needs classes)')
+# labels of finished cluster.py work on this very data (provenance.py); the fingerprint of the data
+# goes into every checkpoint, so that a resume on other data is refused
+data_fingerprint = provenance.labels_data(labels_dir, data_dir, rank, world)
 labels_path = os.path.join(labels_dir, 'labels.npy')
 if not os.path.exists(labels_path):
     stop(f'labels_dir={labels_dir}: no labels.npy (run cluster.py with out_dir={labels_dir})')
@@ -189,6 +193,7 @@ if init_from == 'resume':
         'vision_config', 'vision', 'optimizer', 'step', 'world_size', 'num_classes', 'embed_dim',
         'centres', 'rng'))
     common.check_same_run(ckpt_path, ckpt.get('run_setup', {}), run_setup)
+    provenance.check_resume(ckpt, data_fingerprint, ckpt_path, data_dir)
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
 elif init_from == 'scratch':
@@ -346,7 +351,8 @@ def save_checkpoint():
                      'epoch': step / steps_per_epoch, 'world_size': world, 'run_id': run_id,
                      'global_batch_size': global_batch_size, 'num_classes': num_classes,
                      'embed_dim': embed_dim, 'centres': names, 'shards_sha256': sums,
-                     'run_setup': run_setup, 'rng': rng_state(device), 'config': config}, ckpt_path)
+                     'run_setup': run_setup, 'data': data_fingerprint, 'rng': rng_state(device),
+                     'config': config}, ckpt_path)
         for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
             if os.path.basename(f) not in names:
                 os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
@@ -434,7 +440,7 @@ batches, batches_epoch = None, -1
 t_log, wait, images_seen, t_start = time.time(), 0.0, 0, time.time()
 saved = None  # the step of the last checkpoint this invocation wrote
 end = min(max_steps, stop_at) if stop_at else max_steps
-common.catch_signals()  # SIGTERM / SIGINT: finish the step, checkpoint, exit
+common.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     if epoch != batches_epoch:  # the loader's steps are micro-batches: accum of them per step
@@ -520,7 +526,7 @@ while step < end:
         saved = step
         t_log += time.time() - t0
     if stopping:
-        common.stop_signalled(step, max_steps, ckpt_path)
+        common.stop_signalled(step, max_steps, ckpt_path, master)
 pbar.close()
 if batches is not None:
     batches.close()
