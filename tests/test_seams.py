@@ -307,3 +307,13 @@ def test_an_unfinished_prepare_is_refused_naming_it(two, tmp_path):
             expect_ok=False)
     one_line_error(p, f'data_dir={d}', 'prepare.py has not finished there')
     one_line_error(cluster(d, tmp_path / 'c', ok=False), 'prepare.py has not finished there')
+
+
+def test_cluster_refuses_to_reuse_embeddings_of_changed_data(two, tmp_path):
+    """cluster.py re-run with the same settings after a shard of its data_dir changed: its
+    finished embed phase is of other data, so it stops naming the shard instead of skipping."""
+    shutil.copytree(two / 'A', tmp_path / 'A')
+    cluster(tmp_path / 'A', tmp_path / 'c')
+    shutil.copy(two / 'B' / 'images_00001.npy', tmp_path / 'A' / 'images_00001.npy')
+    p = cluster(tmp_path / 'A', tmp_path / 'c', ok=False)
+    one_line_error(p, 'phase_embed.json', 'images shard images_00001.npy', 'force=True')
