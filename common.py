@@ -152,7 +152,12 @@ def peak_flops(device):
 
 
 def autocast(device, dtype):
-    """bf16 autocast on CUDA when dtype is 'bfloat16'; nothing otherwise (CPU runs fp32)."""
+    """bf16 autocast on CUDA when dtype is 'bfloat16'; nothing for 'float32' (and on the CPU,
+    which runs fp32). 'float16' is refused: its 5-bit exponent needs a loss scaler (GradScaler),
+    which the training loops do not run, and bf16 has none of that on the A100 and later."""
+    if dtype not in ('bfloat16', 'float32'):
+        stop(f"dtype={dtype}: must be 'bfloat16' (bf16 autocast on CUDA) or 'float32'; float16 "
+             'would need a loss scaler, which this project does not run')
     if torch.device(device).type == 'cuda' and dtype == 'bfloat16':
         return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()

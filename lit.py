@@ -107,7 +107,7 @@ color_jitter = 0.0  # with augment: SimCLR's colour distortion strength (0: off;
 # system
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
+dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off; 'float16' is refused); CPU runs fp32
 compile = False  # torch.compile the trained towers
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
@@ -363,7 +363,8 @@ raw_towers = towers
 if compile:
     towers = torch.compile(towers)
 if ddp:  # the temperatures live outside DDP: their gradients are averaged by hand below
-    towers = DDP(towers, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    towers = DDP(towers, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
+               gradient_as_bucket_view=True)  # grads live in the buckets: no second copy
 plain_towers = towers.module if ddp else towers  # compiled, if so, but never DDP-wrapped
 
 

@@ -87,7 +87,7 @@ crop_scale = (0.4, 1.0)  # 'rrc': range of the crop's area fraction
 pad = 4  # 'pad_crop': pixels of reflection padding on each side (CIFAR's recipe at 32 px)
 color_jitter = 0.0  # SimCLR's colour distortion strength after the crop (0: off; SimCLR: 0.5)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off); CPU always runs fp32
+dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off; 'float16' is refused); CPU runs fp32
 compile = False  # torch.compile the image tower
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
@@ -299,13 +299,18 @@ if ckpt is not None:
     state['state'] = {0: {'step': adam_step, 'exp_avg': m, 'exp_avg_sq': v}}
     optimizer_c.load_state_dict(state)
     set_rng_state(own['rng'] if own is not None else ckpt['rng'], device)
-    if own is not None:
+    # a sampler state is of one device kind (a CPU generator's is 5,056 bytes, a CUDA one's 16):
+    # written on the other kind, or for another number of ranks, the sampler is reseeded
+    same_kind = own is not None and own['generator'].numel() == pfc.generator.get_state().numel()
+    if same_kind:
         pfc.generator.set_state(own['generator'])
-    else:  # another number of ranks: the old samplers do not map onto the new shards
+    else:  # the old samplers do not map onto these shards or this device
         pfc.generator.manual_seed(seed * 1_000_003 + rank + world * step)
         if master:
             print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded, "
-                  'negative sampling reseeded')
+                  'negative sampling reseeded' if own is None else
+                  f'resuming on {device_type}: the negative sampler was written on the other '
+                  'device kind, reseeded (the run is no longer bitwise the uninterrupted one)')
     if master and ckpt.get('global_batch_size', global_batch_size) != global_batch_size:
         print(f"the global batch changes from {ckpt['global_batch_size']} to {global_batch_size} "
               'on this number of ranks')
@@ -317,7 +322,8 @@ raw_vision = vision
 if compile:
     vision = torch.compile(vision)
 if ddp:
-    vision = DDP(vision, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    vision = DDP(vision, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
+                gradient_as_bucket_view=True)  # grads live in the buckets: no second copy
 
 def save_checkpoint():
     """Every rank writes its centre shard under a step-tagged name; then rank 0 writes ckpt.pt,
