@@ -526,7 +526,9 @@ def multiview_rows(images, texts=None):
         raise ValueError(f'{V} view(s) and {T} caption(s): a positive needs 2 rows per sample')
     dt = torch.promote_types(images.dtype, texts.dtype)
     emb = torch.cat([images.to(dt).reshape(V * b, d), texts.to(dt).reshape(T * b, d)])
-    domain = torch.tensor([IMAGE] * (V * b) + [TEXT] * (T * b), device=images.device)
+    # filled on the device: a tensor from a host list would be a host-to-device copy every step
+    domain = torch.full((V * b + T * b,), TEXT, device=images.device)
+    domain[:V * b] = IMAGE
     owner = (torch.arange(b, device=images.device) + _world()[0] * b).repeat(V + T)
     return emb, domain, owner
 
