@@ -109,6 +109,7 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off; 'float16' is refused); CPU runs fp32
 compile = False  # torch.compile the trained towers
+grad_checkpointing = False  # recompute each block in the backward: activations ~30x smaller, ~1.3x the step
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
@@ -250,6 +251,9 @@ else:  # trained: with aug_dim = 0 AugAwareVision is the plain tower (same param
     if ckpt is not None and aug_dim:
         trained_vision.load_state_dict(ckpt['aug_vision'])
 text = TextTransformer(**tcfg).to(device) if tcfg else None
+for tower in (vision, text):  # only a trained tower keeps activations for a backward
+    if tower is not None:
+        tower.grad_checkpointing = grad_checkpointing
 towers = Towers(trained_vision, text)
 # the learnable similarity: CLIP's one logit scale, or UniCLIP's per-domain scales and offsets
 if loss == 'uniclip':

@@ -11,6 +11,7 @@ projection of the end-of-text token (the highest id in the sequence).
 """
 
 import torch
+import torch.utils.checkpoint  # noqa: F401 (torch.utils.checkpoint.checkpoint)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -139,6 +140,19 @@ def init_weights(model, width, layers):
 # the two towers
 
 
+def run_blocks(blocks, x, checkpointing, *args):
+    """x through the blocks. checkpointing (open_clip's grad_checkpointing): under autograd each
+    block keeps only its input and recomputes its activations in the backward, one more forward
+    of compute for a tower's activations cut to one [B, N, width] tensor per block (the numbers
+    are the same: the recomputation runs the same kernels on the same inputs)."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
+
+
 class VisionTransformer(nn.Module):
 
     def __init__(self, image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=512,
@@ -175,6 +189,7 @@ class VisionTransformer(nn.Module):
                                     for _ in range(layers))
         self.ln_post = nn.LayerNorm(width, eps=ln_eps)
         self.proj = nn.Linear(width, embed_dim, bias=False) if proj else None
+        self.grad_checkpointing = False  # a run's memory setting, not the architecture's: no config
         init_weights(self, width, layers)
 
     def forward_tokens(self, x):
@@ -199,9 +214,7 @@ class VisionTransformer(nn.Module):
         else:
             rope = rope2d(self.cls_rope, grid_h, grid_w, self.rope_theta)
         x = self.ln_pre(x)
-        for block in self.blocks:
-            x = block(x, rope)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing, rope)
 
     def forward(self, x):
         """[B, 3, H, W] normalised pixels -> [B, embed_dim], projected and not L2-normalised
@@ -239,6 +252,7 @@ class TextTransformer(nn.Module):
                                     for _ in range(layers))
         self.ln_final = nn.LayerNorm(width, eps=ln_eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.grad_checkpointing = False
         nn.init.normal_(self.token_embed.weight, std=0.02)
         init_weights(self, width, layers)
 
@@ -248,8 +262,7 @@ class TextTransformer(nn.Module):
         if T > self.context_length:
             raise ValueError(f'text of length {T} exceeds context_length {self.context_length}')
         x = self.token_embed(ids) + self.pos_embed[:T]
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.ln_final(x)
         # the end-of-text token has the highest id; causal attention makes it see the whole text
         x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
