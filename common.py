@@ -441,10 +441,11 @@ def claim_out_dir(out_dir, ddp, rank, world, timeout_minutes=30.0):
         check_shared(out_dir, rank, world, min(60.0, 15 * timeout_minutes))
 
 
-def take_lock(out_dir):
-    """None once this process holds out_dir's lock, else the line saying why not."""
+def take_lock(out_dir, name=LOCK):
+    """None once this process holds out_dir's lock (the file `name` in it), else the line saying
+    why not."""
     global held_lock
-    path = os.path.join(out_dir, LOCK)
+    path = os.path.join(out_dir, name)
     made = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -106,6 +106,13 @@ def coerce(key, value, default, where):
                      f"(default {default!r}), got {type(value).__name__} {value!r}")
 
 
+def _config_line(e, path):
+    """The line of config file `path` where exception e was raised (the deepest frame in it)."""
+    import traceback
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+    return lines[-1] if lines else '?'
+
+
 def configure(g, args):
     keys = config_keys(g)
     for arg in args:
@@ -126,7 +133,14 @@ def configure(g, args):
             ns['__file__'] = arg
             # builtins.compile: exec'd into a stage script, this runs in its globals, where a
             # setting may be named compile (nanoGPT's)
-            exec(builtins.compile(src, arg, 'exec'), ns)
+            try:
+                exec(builtins.compile(src, arg, 'exec'), ns)
+            except SyntaxError as e:  # one line, not a traceback: the file is the user's
+                raise SystemExit(f'config file {e.filename or arg}: SyntaxError at line '
+                                 f'{e.lineno}: {e.msg}')
+            except Exception as e:
+                raise SystemExit(f'config file {arg}: {type(e).__name__} at line '
+                                 f'{_config_line(e, arg)}: {e}'.splitlines()[0])
             for k, v in ns.items():
                 if k.startswith('_') or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue

@@ -9,6 +9,7 @@ caption ids (tokenizer.py), decoded by several worker processes; an interrupted 
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -81,11 +82,20 @@ def _process(item):
 def _atomic(path, write, mode='wb'):
     """write(f) to a temporary name, fsync, rename. The name carries the pid: a worker left running
     by a killed build and the resumed build may write the same shard at once (same bytes)."""
-    with open(f'{path}.{os.getpid()}.tmp', mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: the partial file goes, the space with it
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+FLAT = 2  # an image whose uint8 values span at most this many levels is one flat colour
 
 
 class _ImageShard:
@@ -93,7 +103,7 @@ class _ImageShard:
     rewritten with the final row count (numpy pads it for this) and the file renamed into place."""
 
     def __init__(self, path, image_size):
-        self.path, self.n, self.S = path, 0, image_size
+        self.path, self.n, self.S, self.flat = path, 0, image_size, []
         self.f = open(f'{path}.{os.getpid()}.tmp', 'wb')
         self.header_len = self._header()
 
@@ -104,7 +114,11 @@ class _ImageShard:
             self.f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
         return self.f.tell()
 
-    def write(self, img):
+    def write(self, img, key=None):
+        # one flat colour (max - min <= FLAT levels): a 16-bit PNG whose values all sit near 0
+        # decodes to black, a blank scan to white; kept, but named, so the user can look
+        if key is not None and int(img.max()) - int(img.min()) <= FLAT:
+            self.flat.append(key)
         self.f.write(img.tobytes())
         self.n += 1
 
@@ -122,7 +136,7 @@ def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
     if texts is not None:
         texts = np.array(texts, np.uint16).reshape(-1, CONTEXT_LENGTH)
         _atomic(os.path.join(out, shard_file('texts', s)), lambda f: np.save(f, texts))
-    record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes)
+    record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes, flat=shard.flat)
     _atomic(os.path.join(out, f'shard_{s:05d}.json'), lambda f: json.dump(record, f), 'w')
     return record
 
@@ -146,7 +160,7 @@ def _tar_shard(job):
         _, _, img, tokens, _, reason = _process((n, key, kind, payload, caption, None))
         n += 1
         if reason is None:
-            shard.write(img)
+            shard.write(img, key)
             texts.append(tokens)
         else:
             skipped.append([key, reason] + ([url] if url else []))
@@ -199,7 +213,7 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
                 shard = _ImageShard(path, _worker['image_size'])
                 cur = [s, shard, [] if has_text else None, [] if classnames else None, [], 0]
             if reason is None:
-                cur[1].write(img)
+                cur[1].write(img, key)
                 if has_text:
                     cur[2].append(tokens)
                 if classnames:
@@ -274,18 +288,27 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         workers = min(workers, len(jobs))
     _init_worker(*init, pool=False)
     pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 1 else None
+    pids = {os.getpid()} | {p.pid for p in (pool._pool if pool else ())}  # whose .tmp files
     try:
-        if kind == 'tar':
-            n_new = _run_tars(jobs, len(tars), out, done, pool, progress)
-        else:
-            n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
-                               workers, progress)
-    except OSError as e:  # inputs that cannot be read are skipped: this is writing the shards
-        raise ValueError(f'out={out}: cannot write a shard ({type(e).__name__}: {e})') from None
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
+        try:
+            if kind == 'tar':
+                n_new = _run_tars(jobs, len(tars), out, done, pool, progress)
+            else:
+                n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames,
+                                   pool, workers, progress)
+        except OSError as e:  # inputs that cannot be read are skipped: this is writing the shards
+            raise ValueError(f'out={out}: cannot write a shard ({type(e).__name__}: {e})') from None
+        finally:
+            if pool:
+                pool.terminate()
+                pool.join()
+    except BaseException:  # a failed build frees its disk: a re-run on a nearly full disk fits
+        pids |= {p.pid for p in (pool._pool if pool else ())}  # workers the pool replaced
+        for p in glob.glob(os.path.join(out, '*.tmp')):
+            if p.rsplit('.', 2)[-2] in {str(x) for x in pids}:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+        raise
 
     if parts > 1:
         return None
@@ -301,6 +324,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         classes = np.concatenate([np.array(done[s]['classes'], np.int32) for s in order])
         _atomic(os.path.join(out, 'classes.npy'), lambda f: np.save(f, classes))
     skipped = [x for s in order for x in done[s]['skipped']]
+    flat = [k for s in order for k in done[s].get('flat', [])]
     reasons = {}
     for item in skipped:  # [key, reason], or [key, reason, url] where a tar's key.json has one
         reasons[item[1].split(':')[0]] = reasons.get(item[1].split(':')[0], 0) + 1
@@ -312,6 +336,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
                 source=src, source_type=kind, context_length=CONTEXT_LENGTH if has_text else None,
                 shards=shards, skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
                 missing_tars=dict(count=len(missing), names=missing[:1000]) if missing else None,
+                flat=dict(count=len(flat), items=flat[:1000]),
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
     common.save_json(meta_path, meta)
@@ -323,6 +348,10 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     for p in glob.glob(os.path.join(out, '*_[0-9]*.*.[0-9]*.tmp')):  # from workers killed earlier
         os.remove(p)
     os.remove(state_path)
+    if flat:
+        print(f"warning: {len(flat):,} image(s) decode to one flat colour (first: "
+              f"{', '.join(map(str, flat[:3]))}); kept, listed in {meta_path} under 'flat'",
+              file=sys.stderr)
     return meta
 
 # -----------------------------------------------------------------------------
@@ -427,6 +456,11 @@ if __name__ == '__main__':
     #                         dataset, <out>_holdout, to test a probe on; <out> keeps the rest
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     common.check_writable('out', out)  # a file, a read-only folder: one line before any work
+    # one build per output at a time (the lock the stages take, so prepare.py never writes into
+    # a running stage's out_dir either); parts on several machines each lock their own part
+    busy = common.take_lock(out, common.LOCK if parts == 1 else f'.lock.part{part}of{parts}')
+    if busy:
+        raise SystemExit(busy.replace('out_dir=', 'out=', 1))
     try:
         kwargs = dict(image_size=image_size, count=count, shard_size=shard_size,
                       workers=workers or None, max_pixels=max_pixels)
@@ -440,6 +474,9 @@ if __name__ == '__main__':
                          **kwargs)
     except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
+    except OSError as e:  # writing classes.npy or meta.json: a full disk; no .tmp is left
+        raise SystemExit(f'out={out}: write failed ({e.strerror}); finished shards are kept, the '
+                         'same command continues')
     if meta is None:
         done = len(glob.glob(os.path.join(out, 'shard_*.json')))
         print(f'part {part} of {parts} built; {done} shards of the whole are done. When every part '
