@@ -4,7 +4,7 @@ train.py checkpoint (or of anything checkpoints.from_pretrained reads) is frozen
 tower is trained from scratch against it with the symmetric contrastive loss and a learnable
 temperature capped at 100 (paper Table 10), with train.py's optimiser, schedule, DDP, logging,
 checkpoint and exact-resume rules. The same loop trains the instance discrimination baselines
-that MLCD is compared with (README: "Instance discrimination baselines"):
+that MLCD is compared with (docs/baselines.md, "Instance discrimination baselines (CLIP, UniCLIP, SimCLR)"):
   loss='clip', lock_image=False: CLIP from scratch, both towers trained with the same loss;
   loss='uniclip': UniCLIP (Lee et al., NeurIPS 2022) as we read it: MP-NCE over `views` augmented
       views and the caption of each image, domain dependent similarity, augmentation-aware image
@@ -60,7 +60,7 @@ init_from = 'scratch'  # 'scratch' (new text tower) | 'resume' (out_dir/ckpt.pt)
 overwrite = False  # start a new run in an out_dir that holds a checkpoint (replacing it)
 log_interval = 10
 ckpt_interval = 1000  # steps between checkpoints (one is always written at the end)
-# what is trained (README: "Instance discrimination baselines")
+# what is trained (docs/baselines.md, "Instance discrimination baselines (CLIP, UniCLIP, SimCLR)")
 loss = 'clip'  # 'clip' (image-text InfoNCE), 'uniclip' (MP-NCE over views and captions),
                # 'simclr' (NT-Xent over 2 views; images only)
 lock_image = True  # clip: True is LiT (frozen image tower), False is CLIP from scratch (both towers

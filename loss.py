@@ -7,7 +7,7 @@ Works on one process and under torch.distributed (one process per GPU, or gloo o
 
 Under torch.distributed every loss returns the GLOBAL-batch mean, the same on every rank, and
 hands a rank's input rows world_size * d(loss)/d(rows), so that DDP's averaging gives exactly the
-single-process gradient (README, "Distributed PartialFC"). The centres, not DDP-wrapped, get
+single-process gradient (docs/method.md, "Distributed PartialFC"). The centres, not DDP-wrapped, get
 their exact gradient.
 """
 import math
@@ -183,7 +183,7 @@ class PartialFC(nn.Module):
     batch (the paper's Omega'_n, Sec. 3). Returns the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged
     over the global batch. Every shape is fixed by the settings, not by the data: no host syncs.
     batch_positives_as_negatives=True is insightface's PartialFC sampling, kept for comparison
-    (README, "Distributed PartialFC"). seed: of the initial centres (init_centres); None draws
+    (docs/method.md, "Distributed PartialFC"). seed: of the initial centres (init_centres); None draws
     one from torch's RNG."""
 
     def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
@@ -326,8 +326,8 @@ class PartialFC(nn.Module):
 
         # positives: s_i = scale * cos(theta_i + m) (ArcFace margin, paper appendix) by the
         # angle-sum identity (acos has an infinite gradient at +-1); past theta + m = pi it goes
-        # on as cos(theta) - m sin(m), as insightface does, so it keeps falling (README, "Paper
-        # -> code": a flat tail there is a trap training fell into)
+        # on as cos(theta) - m sin(m), as insightface does, so it keeps falling (docs/method.md,
+        # "Paper → code": a flat tail there is a trap training fell into)
         sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
         cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
         s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m,
@@ -405,7 +405,7 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #
 # UniCLIP (Lee et al., NeurIPS 2022) has no public code: this is our reading of the paper, its
 # three parts three switches (MP-NCE, + DomainSimilarity, + model.AugAwareVision); our choices
-# are listed in README, "Instance discrimination baselines".
+# are listed in docs/baselines.md, "Instance discrimination baselines (CLIP, UniCLIP, SimCLR)".
 
 IMAGE, TEXT = 0, 1  # domain ids of mp_nce_loss rows
 

@@ -243,7 +243,7 @@ optimizer = torch.optim.AdamW(common.param_groups(vision, weight_decay, skip=('p
                               lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
 # Dense AdamW on the centres, as insightface and unicom: an unsampled row keeps drifting along its
 # momentum (a lazy update would cut the centres' effective lr by about r), and no weight decay:
-# the loss sees only w / |w| (README, "AdamW on the centres")
+# the loss sees only w / |w| (docs/method.md, "AdamW on the centres")
 optimizer_c = torch.optim.AdamW([pfc.weight], lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
                                 weight_decay=centre_weight_decay)
 

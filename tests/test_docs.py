@@ -103,3 +103,22 @@ def test_ci_runs_the_test_command_written_in_readme():
         assert part.startswith('pip install ')
         spec = re.escape(part.removeprefix('pip install '))
         assert re.search(r'pip install (-q )?' + spec, ci), part
+
+
+def test_code_comments_point_at_sections_that_exist():
+    """Every `README, "X"` / `docs/y.md, "X"` pointer in the code names a heading of that file,
+    or a bold lead-in (`**X.**`): a section that moved must take its pointers with it."""
+    pointer = re.compile(r'(README|docs/[\w.-]+\.md)[,:]\s*(?:#\s*)?"([^"]+)"')
+    checked = 0
+    for path in glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, '*/*.py')):
+        if os.sep + 'tests' + os.sep in path:
+            continue
+        src = re.sub(r'\n\s*#\s*', ' ', open(path, encoding='utf-8').read())  # comments rejoined
+        for doc, title in pointer.findall(src):
+            title = ' '.join(title.split())
+            text = open(os.path.join(ROOT, 'README.md' if doc == 'README' else doc), encoding='utf-8').read()
+            heads = {h.strip() for h in re.findall(r'^#+ (.+)$', text, re.M)}
+            heads |= {b.rstrip('.') for b in re.findall(r'\*\*([^*]+)\*\*', text)}
+            assert title in heads, f'{os.path.relpath(path, ROOT)}: {doc}, "{title}" is not a heading there'
+            checked += 1
+    assert checked >= 6
