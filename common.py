@@ -802,3 +802,29 @@ def log_line(path, record):
     except OSError as e:
         stop(f'{path}: write failed ({e.strerror}) at step {record.get("step")}; the last '
              'checkpoint is unchanged')
+
+
+def auto_micro_batch(try_step, start, ddp, device):
+    """micro_batch_size='auto': (the largest m of start, start // 2, ..., 1 for which
+    try_step(m), one training micro-step of m images, does not run out of memory; the smallest m
+    that did, or None). try_step must leave nothing behind (grads, RNG) whether it succeeds or not.
+    Under DDP every rank tries the same m and all halve when any ran out (try_step runs
+    collectives: the ranks must stay in lockstep). Stops with one line if even 1 image fails."""
+    m, failed = max(1, start), None
+    while True:
+        oom = False
+        try:
+            try_step(m)
+        except torch.OutOfMemoryError:  # the exception (and the graph its frames hold) dies here
+            oom = True
+        if torch.device(device).type == 'cuda':
+            torch.cuda.empty_cache()  # the failed try's blocks back, for the next, smaller one
+        flag = torch.tensor([float(oom)], device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return m, failed
+        if m == 1:
+            stop(f'micro_batch_size=auto: even 1 image per forward does not fit on {device} (a '
+                 'training micro-step ran out of memory)', say=not ddp or dist.get_rank() == 0)
+        m, failed = m // 2, m

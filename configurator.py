@@ -89,9 +89,12 @@ def unknown_key(key, keys, where):
     return f"config error ({where}): unknown key '{key}'; {hint} (--help lists them)"
 
 
-def coerce(key, value, default, where):
-    """Check `value` against the type of the default; ints are accepted where floats are expected."""
+def coerce(key, value, default, where, takes_auto=()):
+    """Check `value` against the type of the default; ints are accepted where floats are expected.
+    A setting in takes_auto is an int that may also be 'auto' (the script's _TAKES_AUTO)."""
     if default is None or value is None:
+        return value
+    if key in takes_auto and 'auto' in (value, default) and (value == 'auto' or type(value) is int):
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
@@ -146,7 +149,7 @@ def configure(g, args):
                     continue
                 if k not in keys:
                     raise SystemExit(unknown_key(k, keys, arg))
-                g[k] = coerce(k, v, g[k], arg)
+                g[k] = coerce(k, v, g[k], arg, g.get('_TAKES_AUTO', ()))
         else:  # --key=value
             key, eq, val = arg[2:].partition('=')
             if not eq:
@@ -157,7 +160,7 @@ def configure(g, args):
                 val = literal_eval(val)
             except (SyntaxError, ValueError):
                 pass  # a bare string such as --out_dir=out/run1
-            g[key] = coerce(key, val, g[key], arg)
+            g[key] = coerce(key, val, g[key], arg, g.get('_TAKES_AUTO', ()))
     g['config'] = {k: g[k] for k in keys}
 
 

@@ -67,7 +67,8 @@ scale = 64.0  # sigma; the paper does not give it, 64 is the ArcFace / UNICOM va
 # optimisation
 global_batch_size = 32768  # images per optimizer step over all ranks (paper: 32K); when it is
                            # not a multiple of the ranks, the nearest one is used (first line)
-micro_batch_size = 256  # most images per rank per forward (0: no limit); accumulation does the rest
+micro_batch_size = 256  # most images per rank per forward (0: no limit; 'auto': the most that
+                        # fits on this device, tried at start-up); accumulation does the rest
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch; sets the length of the lr schedule
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged; 0: never
@@ -89,9 +90,11 @@ color_jitter = 0.0  # SimCLR's colour distortion strength after the crop (0: off
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'  # autocast dtype on CUDA ('float32' turns it off; 'float16' is refused); CPU runs fp32
 compile = False  # torch.compile the image tower
+grad_checkpointing = False  # recompute each block in the backward: activations ~30x smaller (docs/scale.md)
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
+_TAKES_AUTO = ('micro_batch_size',)  # int settings that configurator.py also lets be 'auto'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
@@ -105,9 +108,12 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 autocast for the tower only; PartialFC runs outside it in fp32, because s * cos(theta) with
 # s = 64 would carry ~0.25 of logit error at bf16's 8-bit mantissa
 ctx = common.autocast(device, dtype)
-# the global batch: micro x ranks x accumulation steps, the nearest to the one asked
-global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
-    global_batch_size, world, micro_batch_size)
+# the global batch: micro x ranks x accumulation steps, the nearest to the one asked ('auto':
+# planned once the tower and centres exist and a micro-step has been tried, below)
+auto_micro = micro_batch_size == 'auto'
+if not auto_micro:
+    global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
+        global_batch_size, world, micro_batch_size)
 common.check_out_dir(out_dir, init_from, overwrite)
 torch.manual_seed(seed)  # the same on every rank: same initial tower (DDP broadcasts it anyway)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -139,9 +145,16 @@ if not 1 <= num_positives <= all_labels.shape[1]:
     stop(f'config error: num_positives {num_positives} but {labels_path} has '
          f'{all_labels.shape[1]} columns')
 labels = all_labels[:, :num_positives]  # the l nearest centres, nearest first
-if master:  # the first line of the run
-    print(f'global batch {global_batch_size} = {world} rank(s) x {accum} accumulation step(s) x '
-          f'{micro_batch_size} images' + (f' ({batch_note})' if batch_note else ''))
+
+
+def print_batch_plan():  # the first line of the run
+    if master:
+        print(f'global batch {global_batch_size} = {world} rank(s) x {accum} accumulation step(s) '
+              f'x {micro_batch_size} images' + (f' ({batch_note})' if batch_note else ''))
+
+
+if not auto_micro:
+    print_batch_plan()
 
 
 def label_range():
@@ -208,24 +221,10 @@ else:  # a checkpoint: ours, OpenAI, open_clip or Hugging Face
     except (ValueError, OSError) as e:
         stop(f'init_from={init_from}: {str(e).removeprefix(init_from + ": ")}')
 vision.to(device)
+vision.grad_checkpointing = grad_checkpointing
 embed_dim = vision.embed_dim
 run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
 
-if len(dataset) < global_batch_size:
-    steps_per_epoch = 0
-else:
-    try:
-        loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
-                        world_size=world, seed=seed, augment=augment, device=device,
-                        scale=tuple(crop_scale), pad=pad, color_jitter=color_jitter,
-                        max_open_shards=max_open_shards)
-    except ValueError as e:  # a bad augmentation setting
-        stop(f'config error: {e}')
-    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
-if steps_per_epoch == 0:
-    stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
-         f'{global_batch_size}')
-max_steps = max_steps or epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # class centres: this rank's contiguous shard [start, start + n) of the k x d matrix W, drawn from
@@ -285,7 +284,7 @@ def load_centres(ckpt, start, n):
     return w, m, v, adam_step, own
 
 
-step = 0
+step, resumed_global = 0, None
 if ckpt is not None:
     if (ckpt['num_classes'], ckpt['embed_dim']) != (num_classes, embed_dim):
         stop(f"{ckpt_path}: has {ckpt['num_classes']} centres of dim {ckpt['embed_dim']}, "
@@ -311,10 +310,68 @@ if ckpt is not None:
                   'negative sampling reseeded' if own is None else
                   f'resuming on {device_type}: the negative sampler was written on the other '
                   'device kind, reseeded (the run is no longer bitwise the uninterrupted one)')
-    if master and ckpt.get('global_batch_size', global_batch_size) != global_batch_size:
-        print(f"the global batch changes from {ckpt['global_batch_size']} to {global_batch_size} "
-              'on this number of ranks')
+    resumed_global = ckpt.get('global_batch_size')
     del ckpt, w, m, v, own
+
+# -----------------------------------------------------------------------------
+# micro_batch_size='auto': the largest micro-batch (from global / ranks down, halving) whose
+# training micro-step runs on this device; tried on the raw tower before DDP, all ranks together
+# (PartialFC's forward all-gathers), and leaving nothing behind: no grads, the RNG as before.
+
+
+def try_micro_step(m):
+    """One micro-step of m images of the run's shape: tower under autocast, loss, backward."""
+    rng, sampler = rng_state(device), pfc.generator.get_state()
+    # on a fresh run the Adam moments (2 fp32 copies of tower and centre shard) come at the first
+    # step: held here as empty tensors, so that what fits now still fits then
+    reserve = [torch.empty_like(p) for opt in (optimizer, optimizer_c) if not opt.state
+               for g in opt.param_groups for p in g['params'] for _ in range(2)]
+    try:
+        images = torch.zeros(m, 3, vision.image_size, vision.image_size, device=device)
+        with ctx:
+            # test hook (like cluster.py's CLUSTER_KILL_AT): MLCD_FAKE_OOM_ABOVE=n makes a try of
+            # more than n images run out of memory, a small GPU for CPU tests
+            if m > int(os.environ.get('MLCD_FAKE_OOM_ABOVE', m)):
+                raise torch.OutOfMemoryError(f'MLCD_FAKE_OOM_ABOVE: {m} images')
+            emb = vision(images)  # not yet compiled or DDP-wrapped
+        pfc(emb.float(), torch.zeros(m, num_positives, dtype=torch.long, device=device)).backward()
+    finally:
+        del reserve
+        optimizer.zero_grad(set_to_none=True)
+        optimizer_c.zero_grad(set_to_none=True)
+        set_rng_state(rng, device)
+        pfc.generator.set_state(sampler)
+
+
+if auto_micro:
+    fits, failed = common.auto_micro_batch(try_micro_step, global_batch_size // world, ddp, device)
+    global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
+        global_batch_size, world, fits)
+    batch_note = '; '.join(x for x in (
+        f'micro_batch_size=auto: {fits} fits on {device}' +
+        (f' ({failed} ran out of memory)' if failed else ' (no accumulation needed)'), batch_note) if x)
+    print_batch_plan()
+if master and resumed_global not in (None, global_batch_size):
+    print(f'the global batch changes from {resumed_global} to {global_batch_size} on this number '
+          'of ranks')
+
+# -----------------------------------------------------------------------------
+# the data
+if len(dataset) < global_batch_size:
+    steps_per_epoch = 0
+else:
+    try:
+        loader = Loader(data_dir, micro_batch_size, vision.image_size, labels=labels, rank=rank,
+                        world_size=world, seed=seed, augment=augment, device=device,
+                        scale=tuple(crop_scale), pad=pad, color_jitter=color_jitter,
+                        max_open_shards=max_open_shards)
+    except ValueError as e:  # a bad augmentation setting
+        stop(f'config error: {e}')
+    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps
+if steps_per_epoch == 0:
+    stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
+         f'{global_batch_size}')
+max_steps = max_steps or epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # compile and wrap; the centre shard stays outside DDP (it is not replicated)

@@ -4,4 +4,3 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'paper.py')).read())
 out_dir = 'out/mlcd-vitb32'
 model = 'ViT-B/32'
-micro_batch_size = 512  # per GPU per forward, bf16, 224px: B/16 at 512 peaked at 42.9 GiB on an H200; B/32 needs less

@@ -5,4 +5,3 @@ exec(open(os.path.join(os.path.dirname(__file__), 'paper.py')).read())
 out_dir = 'out/mlcd-vitl14'
 model = 'ViT-L/14'
 learning_rate = 4e-4  # Table 9
-micro_batch_size = 256  # per GPU per forward, bf16, 224px: peak 73.8 GiB measured on an H200 (128: 39.7 GiB; use it on OOM)

@@ -49,8 +49,9 @@ def test_batch_plan_without_accumulation():
 
 
 def test_the_readme_ten_node_command_runs_the_paper_batch():
-    """The README's 10-node train.py command with config/vitl14.py: 80 ranks; 32768 is not a
-    multiple of 80 x 256, so 2 accumulation steps of 205 images per GPU, 32800 images."""
+    """The README's 10-node train.py command with config/vitl14.py: 80 ranks and
+    micro_batch_size='auto'; where the search finds 256 (an H200), 32768 is not a multiple of
+    80 x 256, so 2 accumulation steps of 205 images per GPU, 32800 images."""
     readme = open(os.path.join(ROOT, 'README.md')).read()
     cmd = next(line for line in readme.splitlines() if 'nnodes=10' in line and 'train.py' in line)
     nproc = int(re.search(r'--nproc_per_node=(\d+)', cmd).group(1))
@@ -58,9 +59,8 @@ def test_the_readme_ten_node_command_runs_the_paper_batch():
     cfg = re.search(r'train\.py (config/\S+\.py)', cmd).group(1)
     ns = {'__file__': os.path.join(ROOT, cfg)}  # as configurator.py runs a config file
     exec(open(ns['__file__']).read(), ns)
-    got, micro, accum, note = common.batch_plan(ns['global_batch_size'], nproc * nnodes,
-                                                ns['micro_batch_size'])
-    assert (nproc * nnodes, ns['global_batch_size'], ns['micro_batch_size']) == (80, 32768, 256)
+    assert (nproc * nnodes, ns['global_batch_size'], ns['micro_batch_size']) == (80, 32768, 'auto')
+    got, micro, accum, note = common.batch_plan(ns['global_batch_size'], nproc * nnodes, 256)
     assert (got, micro, accum) == (32800, 205, 2) and '+0.10%' in note
 
 

@@ -111,14 +111,13 @@ def test_config_files_that_run_a_shared_one(tmp_path):
     in what it sets itself."""
     got = {n: settings('train.py', os.path.join(ROOT, 'config', f'{n}.py'), tmp_path)
            for n in ('paper', 'vitb32', 'vitb16', 'vitl14')}
-    for n, own in [('vitb32', {'out_dir': "'out/mlcd-vitb32'", 'model': "'ViT-B/32'",
-                               'micro_batch_size': '512'}),
-                   ('vitb16', {'out_dir': "'out/mlcd-vitb16'", 'model': "'ViT-B/16'",
-                               'micro_batch_size': '512'}),
+    for n, own in [('vitb32', {'out_dir': "'out/mlcd-vitb32'", 'model': "'ViT-B/32'"}),
+                   ('vitb16', {'out_dir': "'out/mlcd-vitb16'", 'model': "'ViT-B/16'"}),
                    ('vitl14', {'out_dir': "'out/mlcd-vitl14'", 'model': "'ViT-L/14'",
-                               'micro_batch_size': '256', 'learning_rate': '0.0004'})]:
+                               'learning_rate': '0.0004'})]:
         assert got[n] == {**got['paper'], **own}, n
     assert got['paper']['num_classes'] == '1000000' and got['paper']['epochs'] == '32'
+    assert got['paper']['micro_batch_size'] == "'auto'"  # the most that fits on the card
     simclr = settings('lit.py', os.path.join(ROOT, 'config', 'simclr_cifar10.py'), tmp_path)
     uniclip = settings('lit.py', os.path.join(ROOT, 'config', 'uniclip_cifar10.py'), tmp_path)
     assert uniclip == {**simclr, 'out_dir': "'out/uniclip_cifar10'", 'loss': "'uniclip'",

@@ -72,3 +72,11 @@ def test_grad_checkpointing_gives_the_plain_step_bitwise(tower):
     assert torch.equal(y0, y1)
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
     assert s1 < s0 / 3, (s0, s1)
+
+
+def test_train_with_grad_checkpointing_repeats_the_plain_run(data, tmp_path):  # noqa: F811
+    """train.py grad_checkpointing=True: the same losses as without, bitwise, 3 steps."""
+    args = data['data'] + BASE[:2] + ['--max_steps=3']
+    run(args, str(tmp_path / 'plain'))
+    run(args + ['--grad_checkpointing=True'], str(tmp_path / 'ck'))
+    assert losses(str(tmp_path / 'ck')) == losses(str(tmp_path / 'plain'))
