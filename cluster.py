@@ -53,7 +53,7 @@ pixels_size = 16  # 'pixels' teacher: images area-downsampled to pixels_size^2 x
 pca_dim = 64  # ... then projected on the top pca_dim principal components
 pca_samples = 20000  # images in the seeded sample the PCA is fitted on
 batch_size = 256  # images per rank per teacher forward
-num_classes = 1000  # k, the number of centres (paper: 1M for LAION-400M)
+num_classes = 0  # k, the number of centres (paper: 1M for LAION-400M); 0: N / 20 (at least l)
 num_positives = 8  # l, labels kept per image (paper: 8)
 niter = 20  # Lloyd iterations
 max_points_per_centroid = 256  # k-means trains on a random sample of at most this * k points
@@ -212,6 +212,10 @@ if not embeddings_path and teacher != 'pixels' and not os.path.exists(teacher):
     fail(f'teacher {teacher} does not exist (a checkpoint path or "pixels")')
 if teacher_text and (embeddings_path or teacher == 'pixels'):
     fail('teacher_text=True needs a checkpoint teacher with a text tower (not pixels or embeddings_path)')
+if num_classes == 0:  # 20 images a centre, as the quickstart's; CIFAR-10's recipe has 50, the paper 400
+    num_classes = min(N, max(num_positives, N // 20))
+    if rank == 0:
+        print(f'num_classes=0: k = N / 20 = {num_classes:,} centres for {N:,} images')
 if num_classes < 1 or num_classes > N:
     fail(f'num_classes={num_classes} must be between 1 and the number of images N={N}')
 if max_points_per_centroid < 1 or niter < 1 or kmeans_ckpt_interval < 1 or assign_batch < 1:

@@ -59,7 +59,7 @@ image_size = 0  # 0: the preset's (or the loaded checkpoint's) resolution
 # MLCD loss (Eq. 5) and PartialFC
 loss_type = 'mlcd'  # 'mlcd' (Eq. 5) | 'mlc' (Eq. 4, the ablation baseline of Table 6)
 num_classes = 0  # k; 0: rows of labels_dir/centroids.npy, else max label + 1
-num_positives = 8  # l: the first l columns of labels.npy (Table 5: 8 is best)
+num_positives = 0  # l: the first l columns of labels.npy; 0: all (cluster.py's; Table 5: 8 is best)
 sample_ratio = 0.1  # r: fraction of negative centres sampled per step (Table 5: 0.1)
 batch_positives_as_negatives = False  # True: insightface's sampling, see README (for comparison)
 margin = 0.3  # ArcFace additive angular margin on positives (paper appendix)
@@ -141,6 +141,7 @@ if all_labels.ndim != 2 or not np.issubdtype(all_labels.dtype, np.integer):
 if all_labels.shape[0] != len(dataset):
     stop(f'labels_dir={labels_dir}: labels.npy has {all_labels.shape[0]} label rows but '
          f'data_dir={data_dir} has {len(dataset)} images')
+num_positives = num_positives or all_labels.shape[1]
 if not 1 <= num_positives <= all_labels.shape[1]:
     stop(f'config error: num_positives {num_positives} but {labels_path} has '
          f'{all_labels.shape[1]} columns')
