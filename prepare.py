@@ -9,6 +9,7 @@ caption ids (tokenizer.py), decoded by several worker processes; an interrupted 
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
+import atexit
 import contextlib
 import glob
 import hashlib
@@ -139,6 +140,16 @@ def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
     record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes, flat=shard.flat)
     _atomic(os.path.join(out, f'shard_{s:05d}.json'), lambda f: json.dump(record, f), 'w')
     return record
+
+
+def _remove_tmp(out, pids):
+    """A failed build frees its disk: the *.<pid>.tmp files of these processes go (their shards
+    unfinished), so that a re-run on a nearly full disk fits; other processes' are left alone."""
+    pids = {str(x) for x in pids}
+    for p in glob.glob(os.path.join(out, '*.tmp')):
+        if p.rsplit('.', 2)[-2] in pids:
+            with contextlib.suppress(OSError):
+                os.remove(p)
 
 
 def _clear(out):
@@ -302,12 +313,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
             if pool:
                 pool.terminate()
                 pool.join()
-    except BaseException:  # a failed build frees its disk: a re-run on a nearly full disk fits
-        pids |= {p.pid for p in (pool._pool if pool else ())}  # workers the pool replaced
-        for p in glob.glob(os.path.join(out, '*.tmp')):
-            if p.rsplit('.', 2)[-2] in {str(x) for x in pids}:
-                with contextlib.suppress(OSError):
-                    os.remove(p)
+    except BaseException:
+        _remove_tmp(out, pids | {p.pid for p in (pool._pool if pool else ())})  # + replacements
         raise
 
     if parts > 1:
@@ -348,10 +355,6 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     for p in glob.glob(os.path.join(out, '*_[0-9]*.*.[0-9]*.tmp')):  # from workers killed earlier
         os.remove(p)
     os.remove(state_path)
-    if flat:
-        print(f"warning: {len(flat):,} image(s) decode to one flat colour (first: "
-              f"{', '.join(map(str, flat[:3]))}); kept, listed in {meta_path} under 'flat'",
-              file=sys.stderr)
     return meta
 
 # -----------------------------------------------------------------------------
@@ -413,8 +416,7 @@ def build_holdout(src, out, fraction, seed=0, overwrite=False, **kwargs):
     An interrupted build resumes in <out>.all; an interrupted split starts the split again."""
     if not 0 < fraction < 1:
         raise ValueError(f'--holdout={fraction}: must be a fraction in (0, 1), e.g. 0.2')
-    out = out.rstrip('/')
-    held_dir, full = out + '_holdout', out + '.all'
+    out, held_dir, full = holdout_dirs(out)
     for d in (out, held_dir):
         if os.path.exists(os.path.join(d, 'meta.json')) and not overwrite:
             raise ValueError(f'{d}/meta.json exists: {d} holds a finished dataset; pass '
@@ -428,11 +430,65 @@ def build_holdout(src, out, fraction, seed=0, overwrite=False, **kwargs):
     if len(held) == 0:
         raise ValueError(f'--holdout={fraction}: {meta["count"]} image(s) leave none to hold out')
     split = dict(fraction=fraction, seed=seed, of=meta['count'], stratified=os.path.exists(cp))
-    hmeta = write_rows(full, held, held_dir, dict(split, part='holdout'))
     keep = np.setdiff1d(np.arange(meta['count']), held)
-    meta = write_rows(full, keep, out, dict(split, part='train'))
+    try:
+        hmeta = write_rows(full, held, held_dir, dict(split, part='holdout'))
+        meta = write_rows(full, keep, out, dict(split, part='train'))
+    except BaseException:  # a full disk: the split's partial shards go, as a build's do
+        for d in (held_dir, out):
+            _remove_tmp(d, {os.getpid()})
+        raise
     shutil.rmtree(full)
     return meta, hmeta
+
+
+def holdout_dirs(out):
+    """The folders a --holdout build writes: (<out>, <out>_holdout, <out>.all)."""
+    out = out.rstrip('/')
+    return out, out + '_holdout', out + '.all'
+
+# -----------------------------------------------------------------------------
+# one build per output at a time: the stages' lock (common.take_lock) on every folder it writes,
+# so that prepare.py never writes into a running stage's out_dir or another build's out either
+
+_locks = []  # (fd, path, made) of each folder's lock this process holds, released at exit
+
+
+def lock_outputs(out, dirs, name=common.LOCK):
+    """None once this process holds the lock of every folder in dirs, else the one line to
+    stop with; on a refusal the locks taken go, and with them the folders this run made (take_lock
+    creates the folder). take_lock keeps one lock in common.held_lock: each is moved here."""
+    for d in dirs:
+        made = not os.path.isdir(d)
+        busy = common.take_lock(d, name)
+        if busy:
+            release_outputs()
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            where = f'out={out}' if d == out.rstrip('/') or d == out else f'out={out}: {d}'
+            return busy.replace(f'out_dir={d}', where, 1)
+        _locks.append(common.held_lock)
+        common.held_lock = None
+    atexit.register(release_outputs)
+    return None
+
+
+def release_outputs():
+    """Each lock as common.release_out_dir releases one: the file removed, then the lock let go,
+    and a folder this run made and left empty removed."""
+    while _locks:
+        common.held_lock = _locks.pop()
+        common.release_out_dir()
+
+
+def check_links(out, dirs):
+    """One line for a folder that is a symbolic link to nothing (makedirs: 'File exists')."""
+    for d in dirs:
+        d = d.rstrip('/')
+        if os.path.islink(d) and not os.path.exists(d):
+            where = f'out={out}: ' + ('' if d == out.rstrip('/') else f'{d} ')
+            raise SystemExit(f'{where}is a symbolic link to {os.readlink(d)}, which does not exist')
 
 # -----------------------------------------------------------------------------
 
@@ -455,12 +511,13 @@ if __name__ == '__main__':
     holdout = 0.0           # > 0: this share of every class (drawn with seed) goes to a second
     #                         dataset, <out>_holdout, to test a probe on; <out> keeps the rest
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    dirs = holdout_dirs(out) if holdout else [out]
+    check_links(out, dirs)
     common.check_writable('out', out)  # a file, a read-only folder: one line before any work
-    # one build per output at a time (the lock the stages take, so prepare.py never writes into
-    # a running stage's out_dir either); parts on several machines each lock their own part
-    busy = common.take_lock(out, common.LOCK if parts == 1 else f'.lock.part{part}of{parts}')
+    # parts on several machines build one out at once: each locks its own part
+    busy = lock_outputs(out, dirs, common.LOCK if parts == 1 else f'.lock.part{part}of{parts}')
     if busy:
-        raise SystemExit(busy.replace('out_dir=', 'out=', 1))
+        raise SystemExit(busy)
     try:
         kwargs = dict(image_size=image_size, count=count, shard_size=shard_size,
                       workers=workers or None, max_pixels=max_pixels)
@@ -474,9 +531,12 @@ if __name__ == '__main__':
                          **kwargs)
     except (ValueError, WorkerError) as e:
         raise SystemExit(str(e))
-    except OSError as e:  # writing classes.npy or meta.json: a full disk; no .tmp is left
-        raise SystemExit(f'out={out}: write failed ({e.strerror}); finished shards are kept, the '
-                         'same command continues')
+    except OSError as e:  # writing classes.npy or a split: a full disk; no .tmp is left
+        # a write through an open file has no filename; anything else (a missing vocabulary)
+        # is named as it is, not called a failed write
+        why = (f'write failed ({e.strerror})' if e.strerror and not e.filename
+               else f'{type(e).__name__}: {e}'.splitlines()[0])
+        raise SystemExit(f'out={out}: {why}; finished shards are kept, the same command continues')
     if meta is None:
         done = len(glob.glob(os.path.join(out, 'shard_*.json')))
         print(f'part {part} of {parts} built; {done} shards of the whole are done. When every part '
@@ -496,4 +556,9 @@ if __name__ == '__main__':
         more = f', and {len(items) - 5} more' if len(items) > 5 else ''
         print(f"skipped {len(items)} input(s): {names}{more} (all in {out}/meta.json)",
               file=sys.stderr)
+    flat = meta.get('flat') or dict(count=0)  # none in a split resumed from an older <out>.all
+    if flat['count']:  # the meta.json that stays: with --holdout, not <out>.all's
+        print(f"warning: {flat['count']:,} image(s) decode to one flat colour (first: "
+              f"{', '.join(map(str, flat['items'][:3]))}); kept, listed in "
+              f"{os.path.join(out, 'meta.json')} under 'flat'", file=sys.stderr)
     common.save_json(os.path.join(out, 'data.json'), result)
