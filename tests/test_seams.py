@@ -214,30 +214,31 @@ def test_sighup_checkpoints_releases_the_lock_and_resumes_exactly(two, tmp_path)
     assert losses(part) == losses(full)
 
 
+def hup_once_there(cmd, path):
+    """Run cmd until `path` appears, send SIGHUP, and return its stderr once it ended with exit
+    status 1 and no traceback."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    t0 = time.time()
+    while not path.exists() and time.time() - t0 < 300:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and 'Traceback' not in err, err[-2000:]
+    return err
+
+
 def test_sighup_stops_lit_and_cluster_with_one_line(setup, two, tmp_path):  # noqa: F811
     """lit.py: SIGHUP checkpoints like SIGTERM (exit 1, one line, no lock left); cluster.py: one
-    line, the lock released, and the same command continues its k-means."""
-    out = tmp_path / 'lit'
-    p = subprocess.Popen(lit_cmd(setup, out, '--max_steps=100000', '--log_interval=1'), cwd=ROOT,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (out / 'log.jsonl').exists() and time.time() - t0 < 300:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGHUP)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 1 and 'Traceback' not in err, err[-2000:]
+    line, the lock released, its finished phases kept."""
+    out, c = tmp_path / 'lit', tmp_path / 'c'
+    err = hup_once_there(lit_cmd(setup, out, '--max_steps=100000', '--log_interval=1'),
+                         out / 'log.jsonl')
     assert 'stopped by SIGHUP' in err.strip().splitlines()[-1] and (out / 'ckpt.pt').exists()
     assert not (out / common.LOCK).exists()
-    c = tmp_path / 'c'
-    p = subprocess.Popen([sys.executable, 'cluster.py', f'--data_dir={two / "A"}', f'--out_dir={c}',
+    err = hup_once_there([sys.executable, 'cluster.py', f'--data_dir={two / "A"}', f'--out_dir={c}',
                           '--num_classes=32', '--niter=100000', '--kmeans_ckpt_interval=1'],
-                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (c / 'kmeans_state.npz').exists() and time.time() - t0 < 300:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGHUP)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 1 and 'Traceback' not in err, err[-2000:]
+                         c / 'kmeans_state.npz')
     assert 'stopped by SIGHUP: finished phases are kept' in err.strip().splitlines()[-1]
     assert not (c / common.LOCK).exists() and (c / 'phase_embed.json').exists()
 
