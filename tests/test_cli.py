@@ -170,6 +170,9 @@ def defaults(script):
             g[key] = ast.literal_eval(value)
         except (SyntaxError, ValueError):
             g[key] = value
+    m = re.search(r'^_TAKES_AUTO = (\(.*?\))', open(os.path.join(ROOT, script)).read(), re.M)
+    if m:  # int settings that may also be 'auto' (configurator.py reads them from the script)
+        g['_TAKES_AUTO'] = ast.literal_eval(m.group(1))
     return g
 
 
@@ -324,7 +327,7 @@ def test_prepare_names_the_first_skipped_inputs(tmp_path):
     for c in 'ab':
         os.makedirs(tmp_path / 'src' / c)
         for i in range(2):
-            image = Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8))
+            image = Image.fromarray((np.arange(192).reshape(8, 8, 3) + 40 * i).astype(np.uint8))  # not flat
             image.save(tmp_path / 'src' / c / f'{i}.png')
     for i in range(7):
         (tmp_path / 'src' / 'a' / f'broken{i}.jpg').write_bytes(b'not an image')
