@@ -422,7 +422,7 @@ def check_out_dir(out_dir, init_from, overwrite):
 
 
 LOCK = '.lock'  # out_dir's lock file: who holds it (host, process id, since when)
-held_lock = None  # (fd, path, made) while this process holds an out_dir's lock (made: it made out_dir)
+held_locks = []  # (fd, path, made) of each out_dir lock this process holds (made: it made out_dir)
 
 
 def claim_out_dir(out_dir, ddp, rank, world, timeout_minutes=30.0):
@@ -443,8 +443,7 @@ def claim_out_dir(out_dir, ddp, rank, world, timeout_minutes=30.0):
 
 def take_lock(out_dir, name=LOCK):
     """None once this process holds out_dir's lock (the file `name` in it), else the line saying
-    why not."""
-    global held_lock
+    why not. A process may hold several (prepare.py --holdout locks every folder it writes)."""
     path = os.path.join(out_dir, name)
     made = not os.path.isdir(out_dir)
     try:
@@ -469,8 +468,9 @@ def take_lock(out_dir, name=LOCK):
                      f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n'.encode())
     except OSError as e:
         return f'out_dir={out_dir}: cannot write ({e.strerror})'
-    held_lock = (fd, path, made)
-    atexit.register(release_out_dir)
+    if not held_locks:
+        atexit.register(release_out_dir)
+    held_locks.append((fd, path, made))
     return None
 
 
@@ -479,10 +479,8 @@ def release_out_dir():
     old file meanwhile sees that it is gone and takes a new one). A kill -9 leaves the file,
     unlocked: the next run takes it. An out_dir this run made and left empty (a stop on input
     found bad only when first read, e.g. a shard's header) is removed too."""
-    global held_lock
-    if held_lock is not None:
-        fd, path, made = held_lock
-        held_lock = None
+    while held_locks:
+        fd, path, made = held_locks.pop()
         with contextlib.suppress(OSError):
             os.remove(path)
         os.close(fd)

@@ -9,7 +9,6 @@ caption ids (tokenizer.py), decoded by several worker processes; an interrupted 
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
-import atexit
 import contextlib
 import glob
 import hashlib
@@ -451,35 +450,17 @@ def holdout_dirs(out):
 # one build per output at a time: the stages' lock (common.take_lock) on every folder it writes,
 # so that prepare.py never writes into a running stage's out_dir or another build's out either
 
-_locks = []  # (fd, path, made) of each folder's lock this process holds, released at exit
-
-
 def lock_outputs(out, dirs, name=common.LOCK):
     """None once this process holds the lock of every folder in dirs, else the one line to
     stop with; on a refusal the locks taken go, and with them the folders this run made (take_lock
-    creates the folder). take_lock keeps one lock in common.held_lock: each is moved here."""
+    creates the folder)."""
     for d in dirs:
-        made = not os.path.isdir(d)
         busy = common.take_lock(d, name)
         if busy:
-            release_outputs()
-            if made:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+            common.release_out_dir()
             where = f'out={out}' if d == out.rstrip('/') or d == out else f'out={out}: {d}'
             return busy.replace(f'out_dir={d}', where, 1)
-        _locks.append(common.held_lock)
-        common.held_lock = None
-    atexit.register(release_outputs)
     return None
-
-
-def release_outputs():
-    """Each lock as common.release_out_dir releases one: the file removed, then the lock let go,
-    and a folder this run made and left empty removed."""
-    while _locks:
-        common.held_lock = _locks.pop()
-        common.release_out_dir()
 
 
 def check_links(out, dirs):
