@@ -1,7 +1,10 @@
 """
 Losses of MLCD (Multi-Label Cluster Discrimination, An et al., ECCV 2024):
+- the losses as the papers write them, functions of the positive and negative cosines: MLCD
+  (Eq. 5), MLC (Eq. 4), both with an ArcFace margin, and OneVision-Encoder's per-label softmax;
 - PartialFC: k class centres sharded over ranks, a random fraction of the negatives sampled per
-  step, and the MLCD (Eq. 5) or MLC (Eq. 4) loss with an ArcFace margin on the positives.
+  step, and around the losses the sets, sums and collectives that make them exact on any number
+  of ranks.
 - clip_loss: the symmetric InfoNCE loss used to train a text tower against a locked image tower.
 Works on one process and under torch.distributed (one process per GPU, or gloo on CPU).
 
@@ -25,6 +28,53 @@ def _world():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+
+# -----------------------------------------------------------------------------
+# The losses, as the papers write them. PartialFC (below) hands each one, for the B rows of the
+# global micro-batch, each row's G terms (one for Eq. 4 and 5):
+#   cos_pos [B, G, P]: the cosines of a term's positives (its labels' centres),
+#   cos_neg [B, G, N]: the cosines of its candidate negatives held by this rank, -inf where a
+#     candidate is not a negative of the row (so e^{scale cos} = 0: no term; not finite),
+#   lse_pos(x), lse_neg(x): log sum_i exp(x_i) over a term's positives / negatives on all ranks
+#     (x shaped like cos_pos / cos_neg; what is not a positive / negative does not count),
+#   scale, margin: the settings.
+# and takes the mean of what it returns, the loss of each term [B, G], over the global batch. A new
+# loss is a function here and an entry in LOSSES: the float64 and the 1-vs-2-rank tests run over
+# LOSSES. Everything else of PartialFC (sampling, shards, collectives) stays as it is.
+
+def arcface(cos, m):
+    """cos(theta + m) (ArcFace's additive angular margin, the paper's appendix) by the angle-sum
+    identity (acos has an infinite gradient at +-1); past theta + m = pi it goes on as
+    cos(theta) - m sin(m), as insightface does, so it keeps falling (docs/method.md, "Paper → code":
+    a flat tail there is a trap training fell into)."""
+    sin = (1.0 - cos * cos).clamp_min(1e-12).sqrt()
+    return torch.where(cos > -math.cos(m), cos * math.cos(m) - sin * math.sin(m), cos - m * math.sin(m))
+
+
+def mlcd_loss(cos_pos, cos_neg, lse_pos, lse_neg, scale, margin):
+    """MLCD, Eq. 5: log(1 + sum_i e^{-s_i}) + log(1 + sum_j e^{s_j}) over the positives i and the
+    negatives j, s_i = scale cos(theta_i + margin), s_j = scale cos(theta_j)."""
+    s_pos, s_neg = scale * arcface(cos_pos, margin), scale * cos_neg
+    return F.softplus(lse_pos(-s_pos)) + F.softplus(lse_neg(s_neg))
+
+
+def mlc_loss(cos_pos, cos_neg, lse_pos, lse_neg, scale, margin):
+    """MLC, Eq. 4 (the ablation baseline of Table 6): log(1 + sum_j e^{s_j} sum_i e^{-s_i}), s as in
+    Eq. 5: every positive is weighed against every negative in one term."""
+    s_pos, s_neg = scale * arcface(cos_pos, margin), scale * cos_neg
+    return F.softplus(lse_neg(s_neg) + lse_pos(-s_pos))
+
+
+def onevision_loss(cos_pos, cos_neg, lse_pos, lse_neg, scale, margin):
+    """OneVision-Encoder's multi-label recipe (EvolvingLMMs-Lab, 2026): each term is one label drawn from
+    the row's nearest centres (PartialFC.terms), scored by softmax cross-entropy with a
+    CosFace margin, -log(e^{s_i} / (e^{s_i} + sum_j e^{s_j})), s_i = scale (cos(theta_i) - margin),
+    s_j = scale cos(theta_j). With one positive, log(1 + e^{-s_i} sum_j e^{s_j}) is Eq. 4."""
+    s_pos, s_neg = scale * (cos_pos - margin), scale * cos_neg
+    return F.softplus(lse_neg(s_neg) + lse_pos(-s_pos))
+
+
+LOSSES = {'mlcd': mlcd_loss, 'mlc': mlc_loss, 'onevision': onevision_loss}
 
 # -----------------------------------------------------------------------------
 # differentiable collectives
@@ -61,19 +111,44 @@ def all_gather_with_grad(x):
     return _AllGather.apply(x)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward is the identity: every rank computes the same loss from the
-    sum, so d(loss)/d(local term) = d(loss)/d(sum) (summing again would count it world times)."""
+class _GatherRanks(torch.autograd.Function):
+    """x [...] of every rank stacked to [W, ...]. Every rank computes the same loss from it, so the
+    gradient of rank r's slice is the same on every rank and rank r keeps it: no collective in
+    backward (an all_gather_with_grad would count it W times)."""
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        rank, world = _world()
+        ctx.rank = rank
+        out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.unbind(0)), x.contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad[ctx.rank]
+
+
+def _logsumexp(x, mask=None):
+    """log sum exp of x over its last dim (only where mask): -inf where nothing counts, with a zero
+    gradient there (torch.logsumexp's is NaN); a NaN stays NaN, so that a diverged tower shows up
+    as a NaN loss rather than as a loss of 0. One buffer of x's size (and one more for a mask)."""
+    if mask is not None:
+        x = x.masked_fill(~mask, float('-inf'))
+    m = x.detach().amax(-1, keepdim=True)  # a constant for autograd: the result does not depend on it
+    m = m.masked_fill(m == float('-inf'), 0.0)
+    s = (x - m).exp_().sum(-1)
+    nonempty = s != 0  # true for NaN too
+    return torch.where(nonempty, m.squeeze(-1) + torch.where(nonempty, s, 1.0).log(), float('-inf'))
+
+
+def logsumexp_over_ranks(x, mask=None):
+    """log sum exp of x over its last dim where mask, and over all ranks: each rank's own, gathered
+    and combined by one more log-sum-exp (one all_gather of x's size less its last dim)."""
+    lse = _logsumexp(x, mask)
+    if _world()[1] == 1:
+        return lse
+    return _logsumexp(_GatherRanks.apply(lse).movedim(0, -1))
 
 
 class _WithValue(torch.autograd.Function):
@@ -180,49 +255,60 @@ class PartialFC(nn.Module):
     round(sample_ratio * n_r) of its n_r centres. A sample's positives are its own labels, always
     scored with their own centres; its negatives are S minus its labels, so another sample's
     positive is a negative only if the draw picked it, and |negatives| ~ r (k - l) whatever the
-    batch (the paper's Omega'_n, Sec. 3). Returns the MLCD (Eq. 5) or MLC (Eq. 4) loss, averaged
-    over the global batch. Every shape is fixed by the settings, not by the data: no host syncs.
-    batch_positives_as_negatives=True is insightface's PartialFC sampling, kept for comparison
-    (docs/method.md, "Distributed PartialFC"). seed: of the initial centres (init_centres); None draws
-    one from torch's RNG."""
+    batch (the paper's Omega'_n, Sec. 3). Returns the loss LOSSES[loss_type] (MLCD, Eq. 5, by
+    default) averaged over the global batch. Every shape is fixed by the settings, not by the data:
+    no host syncs. batch_positives_as_negatives=True is insightface's PartialFC sampling (docs/method.md,
+    "Distributed PartialFC"); None: the loss type's own, True for 'onevision' (as OneVision-Encoder
+    samples), False otherwise. loss_type='onevision': `draws` terms a row, labels drawn from its
+    first `pool` (terms), each scored against a sample S of its own. seed: of the initial centres
+    (init_centres); None draws one from torch's RNG."""
 
     def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
-                 loss_type='mlcd', batch_positives_as_negatives=False, seed=None):
+                 loss_type='mlcd', batch_positives_as_negatives=None, draws=3, pool=10, seed=None):
         super().__init__()
-        if loss_type not in ('mlcd', 'mlc'):
-            raise ValueError(f"loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
+        if loss_type not in LOSSES:
+            raise ValueError(f'loss_type must be one of {", ".join(LOSSES)}; got {loss_type!r}')
         if not 0.0 < sample_ratio <= 1.0:
             raise ValueError(f'sample_ratio must be in (0, 1], got {sample_ratio}')
+        if not 1 <= draws <= pool:
+            raise ValueError(f'draws must be in [1, pool], got draws={draws}, pool={pool}')
         rank, world = _world()
         if num_classes < world:
             raise ValueError(f'num_classes ({num_classes}) must be at least the world size ({world})')
+        if batch_positives_as_negatives is None:
+            batch_positives_as_negatives = loss_type == 'onevision'
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
-        self.batch_positives_as_negatives = batch_positives_as_negatives
+        self.batch_positives_as_negatives, self.draws, self.pool = batch_positives_as_negatives, draws, pool
         self.start, self.num_local = shard_range(num_classes, rank, world)
         if seed is None:  # one draw of torch's RNG: ranks seeded alike hold one k x d matrix
             seed = int(torch.randint(2**62, ())) % 2**40
         self.weight = nn.Parameter(init_centres(self.start, self.num_local, embed_dim, seed))
         self.generator = torch.Generator().manual_seed(rank)  # ranks draw different negatives
-        self.index = None  # local indices of the last forward's S (-1: a candidate left unused)
+        self.draw_generator = torch.Generator().manual_seed(0)  # one draw for all ranks ('onevision')
+        self.index = None  # [G, |S|] local indices of the last forward's S per term (-1: unused)
+        self.drawn = None  # 'onevision': [B, G] the label columns the last forward drew
         # centre values per chunk of the positives (_CentreRows); None: 2^24 (64 MB fp32) on a GPU
         # (a chunk is ~20 kernel launches), else 2^20: in cache, 3x faster (1.5 vs 4.7 s, W = 160)
         self.positive_chunk = None
         self.stats = {}
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(device) / .cuda(): the sampler's generator follows the weight (same initial seed; a
-        # caller restoring a generator state does so after moving the module)
+        # .to(device) / .cuda(): the generators follow the weight (same initial seeds; a caller
+        # restoring their states does so after moving the module)
         super()._apply(fn, *args, **kwargs)
-        if self.generator.device != self.weight.device:
-            self.generator = torch.Generator(self.weight.device).manual_seed(self.generator.initial_seed())
+        dev = self.weight.device
+        if self.generator.device != dev:
+            self.generator = torch.Generator(dev).manual_seed(self.generator.initial_seed())
+            self.draw_generator = torch.Generator(dev).manual_seed(self.draw_generator.initial_seed())
         return self
 
     def extra_repr(self):
         return (f'embed_dim={self.embed_dim}, num_classes={self.num_classes}, local=[{self.start}, '
                 f'{self.start + self.num_local}), sample_ratio={self.sample_ratio}, scale={self.scale}, '
                 f'margin={self.margin}, loss_type={self.loss_type}, '
-                f'batch_positives_as_negatives={self.batch_positives_as_negatives}')
+                f'batch_positives_as_negatives={self.batch_positives_as_negatives}' +
+                (f', draws={self.draws}, pool={self.pool}' if self.loss_type == 'onevision' else ''))
 
     def check_labels(self, labels):
         """Opt-in check that labels are global ids in [0, k) or -1; raises ValueError. It reads the
@@ -231,6 +317,24 @@ class PartialFC(nn.Module):
         if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
             raise ValueError(f'labels must be in [-1, {self.num_classes}), got '
                              f'[{int(labels.min())}, {int(labels.max())}]')
+
+    # --- the sets of a step: positives, candidate negatives, negatives
+
+    @torch.no_grad()
+    def terms(self, labels):
+        """[B, G, P] global class ids (-1: none): the positives of each row's G loss terms. MLCD and
+        MLC: one term, the row's labels, a duplicated id counted once. 'onevision': `draws` terms of
+        one label each, drawn without replacement from the row's first `pool` labels (its nearest
+        centres; fewer if it has fewer), one draw for all ranks; self.drawn: their columns."""
+        if self.loss_type != 'onevision':
+            labels = labels.sort(dim=1).values
+            repeat = labels[:, 1:] == labels[:, :-1]
+            return torch.cat([labels[:, :1], labels[:, 1:].masked_fill(repeat, -1)], 1)[:, None]
+        pool = labels[:, :self.pool]
+        keys = torch.rand(pool.shape, generator=self.draw_generator, device=pool.device)
+        keys += pool < 0  # a missing label is drawn only when no other is left
+        self.drawn = keys.argsort(1)[:, :self.draws]
+        return pool.gather(1, self.drawn)[:, :, None]
 
     @torch.no_grad()
     def sample(self):
@@ -263,12 +367,58 @@ class PartialFC(nn.Module):
         valid = torch.arange(size, device=dev) < (keys == 2.0).sum().clamp_min(num)
         return index, valid
 
+    @torch.no_grad()
+    def candidates(self, local, is_local, index=None):
+        """Each term's S [G, N] (local centre indices) and which of its slots are in use [G, N] (None:
+        all), a draw of its own per term. index: given sets, [N] or [G, N], -1 for an unused slot."""
+        G = local.shape[1]
+        if index is not None:
+            index = index.to(self.weight.device).view(-1, index.shape[-1]).expand(G, -1)
+            return index.clamp_min(0), index >= 0
+        if not self.batch_positives_as_negatives:
+            return torch.stack([self.sample() for _ in range(G)]), None
+        picks = [self.sample_with_positives(torch.where(is_local[:, g], local[:, g], self.num_local))
+                 for g in range(G)]
+        valid = None if picks[0][1] is None else torch.stack([v for _, v in picks])
+        return torch.stack([i for i, _ in picks]), valid
+
+    @torch.no_grad()
+    def not_negatives(self, local, is_local, index, valid):
+        """[B, G, N]: slot j of term g's S is not a negative of row b: one of the term's positives (a
+        row's own labels are not its negatives) or not in use; and own_col [B, G, P], the slot of
+        each positive (N: not in S)."""
+        (B, G), N, dev = local.shape[:2], index.shape[1], local.device
+        slot = index if valid is None else index.masked_fill(~valid, self.num_local)
+        col_of = torch.full((G, self.num_local + 1), N, dtype=torch.long, device=dev)  # N: not in S
+        col_of.scatter_(1, slot, torch.arange(N, device=dev).expand(G, N))
+        own_col = torch.where(is_local, col_of[torch.arange(G, device=dev)[:, None], local], N)
+        own = torch.zeros(B, G, N + 1, dtype=torch.bool, device=dev).scatter_(2, own_col, True)
+        own = own[..., :N]
+        return (own if valid is None else own | ~valid), own_col
+
+    @torch.no_grad()
+    def _stats(self, cos_pos, is_local, cos_neg, own_col, valid):
+        """Logging (paper Fig. 3): the mean positive and negative cosines and the negatives per term,
+        all ranks; 0-d tensors, not floats: reading them would wait for the device every micro-batch.
+        The negatives' sum as the used columns' less the positives': one pass over the cosines."""
+        (B, G, N), dt = cos_neg.shape, cos_neg.dtype
+        has = own_col < N
+        cols = cos_neg.sum(0) if valid is None else cos_neg.sum(0) * valid
+        n_neg = (N if valid is None else valid.sum(1, keepdim=True)) * B - has.sum((0, 2)).view(-1, 1)
+        own = (cos_neg.gather(2, own_col.clamp_max(N - 1)) * has).sum()
+        st = torch.stack([torch.where(is_local, cos_pos, 0).sum(), is_local.sum().to(dt),
+                          cols.sum() - own, torch.as_tensor(n_neg, device=cos_neg.device).sum().to(dt)])
+        if _world()[1] > 1:
+            dist.all_reduce(st)
+        return {'pos_cos': st[0] / st[1].clamp_min(1.0), 'neg_cos': st[2] / st[3].clamp_min(1.0),
+                'num_neg': st[3] / B / G}
+
     def forward(self, embeddings, labels, index=None):
         """embeddings [b, d] (this rank's rows), labels [b, l] int64 global class ids, -1 = none
-        (not checked: see check_labels). index: optional distinct local centre indices to use as S
-        instead of sampling (with batch_positives_as_negatives: the whole scored set); tests use it to
-        score the same set on any world size. Returns the mean over the global batch of the
-        per-sample loss, identical on every rank."""
+        (not checked: see check_labels). index: optional local centre indices to use as S instead
+        of sampling, [|S|] or [G, |S|], -1 for an unused slot (with batch_positives_as_negatives:
+        the whole scored set); tests use it to score the same set on any world size. Returns the
+        mean over the global batch of the per-term loss, identical on every rank."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(f'embeddings must be [b, {self.embed_dim}], got {tuple(embeddings.shape)}')
         if labels.dim() == 1:
@@ -278,8 +428,7 @@ class PartialFC(nn.Module):
                              f'got {tuple(labels.shape)}')
         if index is not None and index.numel() == 0:
             raise ValueError('index must hold at least one centre')
-        rank, world = _world()
-        dev, n = self.weight.device, self.num_local
+        world, dev = _world()[1], self.weight.device
         dt = torch.promote_types(self.weight.dtype, torch.float32)  # loss math: fp32 (fp64 in tests)
 
         # the global batch; x's gradient times world_size undoes DDP's averaging (module docstring)
@@ -287,92 +436,31 @@ class PartialFC(nn.Module):
         if world > 1:
             x = _ScaleGrad.apply(all_gather_with_grad(x), float(world))
             labels = _AllGather.apply(labels.to(dev).contiguous())  # ints: no gradient
-        labels = labels.to(dev).long()
-        B, l = labels.shape
-
-        # a duplicated id in a row counts once: sort each row and blank repeats
-        labels = labels.sort(dim=1).values
-        repeat = labels[:, 1:] == labels[:, :-1]
-        labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(repeat, -1)], 1)
-        is_local = (labels >= self.start) & (labels < self.start + n)  # [B, l]
-        local_lab = torch.where(is_local, labels - self.start, 0)  # 0: any row, masked below
-
-        # S, and which of its columns are in use (all but with batch_positives_as_negatives)
-        valid = None
-        if index is not None:
-            index = index.to(dev)
-        elif self.batch_positives_as_negatives:
-            index, valid = self.sample_with_positives(torch.where(is_local, local_lab, n))
-        else:
-            index = self.sample()
+        pos = self.terms(labels.to(dev).long())  # [B, G, P]
+        B, G = pos.shape[:2]
+        is_local = (pos >= self.start) & (pos < self.start + self.num_local)
+        local = torch.where(is_local, pos - self.start, 0)  # 0: any centre, masked out
+        index, valid = self.candidates(local, is_local, index)
         self.index = index if valid is None else index.masked_fill(~valid, -1)
-        N = index.numel()
 
-        # cosines; under autocast the negatives' matmul runs in bf16, everything else in fp32
+        # cosines; under autocast the negatives' matmul runs in bf16, everything else in fp32.
+        # positives: each row against its own labels' centres, so a positive always counts (w.e / |w|:
+        # F.normalize's formula), and the rows of S, in one autograd node; negatives: every row
+        # against each term's S [B, G, |S|], never [B, k] when sample_ratio < 1
         e = F.normalize(x.to(dt), dim=1)
-        # positives: each row against its own labels' centres [B, l], so a positive always counts
-        # (w.e / |w|: F.normalize's formula), and the rows of S, in one autograd node
         chunk = self.positive_chunk or (2**24 if dev.type == 'cuda' else 2**20)
-        c_pos, w_neg = _CentreRows.apply(self.weight, e, local_lab, index,
-                                         max(1, chunk // (l * self.embed_dim)))
-        c_pos = c_pos.clamp(-1.0, 1.0)
-        # negatives: every row against S [B, |S|], never [B, k] when sample_ratio < 1
-        cos = (e @ F.normalize(w_neg, dim=1).t()).to(dt)
-        # a row's own labels are not its negatives: find their columns in S (N: not in S)
-        col_of = torch.full((n,), N, dtype=torch.long, device=dev)
-        col_of.scatter_(0, index, torch.arange(N, device=dev))
-        own_col = torch.where(is_local, col_of[local_lab], N)  # [B, l]
-        own = torch.zeros(B, N + 1, dtype=torch.bool, device=dev).scatter_(1, own_col, True)[:, :N]
+        cos_pos, w_neg = _CentreRows.apply(self.weight, e, local.view(B, -1), index.flatten(),
+                                           max(1, chunk // (pos[0].numel() * self.embed_dim)))
+        cos_pos = cos_pos.clamp(-1.0, 1.0).view(pos.shape)
+        cos_neg = (e @ F.normalize(w_neg, dim=1).t()).to(dt)  # [B, G |S|]
+        not_neg, own_col = self.not_negatives(local, is_local, index, valid)
+        self.stats = self._stats(cos_pos, is_local, cos_neg.view(B, G, -1), own_col, valid)
+        # in place (on the matmul's own output, not a view: no copy in backward): e^{s cos} = 0
+        cos_neg = cos_neg.masked_fill_(not_neg.reshape(B, -1), float('-inf')).view(B, G, -1)
 
-        # positives: s_i = scale * cos(theta_i + m) (ArcFace margin, paper appendix) by the
-        # angle-sum identity (acos has an infinite gradient at +-1); past theta + m = pi it goes
-        # on as cos(theta) - m sin(m), as insightface does, so it keeps falling (docs/method.md,
-        # "Paper → code": a flat tail there is a trap training fell into)
-        sin_pos = (1.0 - c_pos * c_pos).clamp_min(1e-12).sqrt()
-        cos_m = c_pos * math.cos(self.margin) - sin_pos * math.sin(self.margin)
-        s_pos = self.scale * torch.where(c_pos > -math.cos(self.margin), cos_m,
-                                         c_pos - self.margin * math.sin(self.margin))
-        # logging statistics (paper Fig. 3) from the same cosines; they ride along in the all-reduce
-        with torch.no_grad():
-            has_own = own_col < N  # a row's label that is a column of S (always a used one)
-            col_sum = cos.sum(0) if valid is None else cos.sum(0) * valid
-            n_cols = N if valid is None else valid.sum()
-            neg_sum = col_sum.sum() - (cos.gather(1, own_col.clamp_max(N - 1)) * has_own).sum()
-            stats = torch.stack([(c_pos * is_local).sum(), is_local.sum().to(dt), neg_sum,
-                                 (n_cols * B - has_own.sum()).to(dt)])
-        # negatives: s_j = scale * cos(theta_j) over S minus the row's labels; in place from here
-        # on, one [B, |S|] buffer besides the cosines
-        s_neg = cos.mul(self.scale).masked_fill_(own, float('-inf'))
-        if valid is not None:
-            s_neg.masked_fill_(~valid, float('-inf'))
-
-        # per-sample log-sum-exp of -s_i and s_j over ALL ranks, stabilised by the global max m
-        # (a constant for autograd: log-sum-exp does not depend on it)
-        z_pos = (-s_pos).masked_fill(~is_local, float('-inf'))
-        m = torch.stack([z_pos.detach().amax(1), s_neg.detach().amax(1)], 1)  # [B, 2]
-        if world > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        # a set empty on every rank (max -inf): any finite m. NaN must stay NaN, so that a diverged
-        # tower shows up as a NaN loss rather than as a loss of 0
-        m = m.masked_fill(m == float('-inf'), 0.0)
-        sums = torch.stack([(z_pos - m[:, :1]).exp().sum(1), s_neg.sub_(m[:, 1:]).exp_().sum(1)], 1)
-        if world > 1:
-            packed = _AllReduceSum.apply(torch.cat([sums.flatten(), stats]))
-            sums, stats = packed[:2 * B].view(B, 2), packed[2 * B:].detach()
-        nonempty = sums != 0  # true for NaN too
-        lse = torch.where(nonempty, m + torch.where(nonempty, sums, 1.0).log(), float('-inf'))
-        lse_pos, lse_neg = lse[:, 0], lse[:, 1]  # log sum_i exp(-s_i), log sum_j exp(s_j)
-
-        if self.loss_type == 'mlcd':
-            # Eq. 5: log(1 + sum_i exp(-s_i)) + log(1 + sum_j exp(s_j))
-            loss = F.softplus(lse_pos) + F.softplus(lse_neg)
-        else:
-            # Eq. 4: log(1 + sum_j exp(s_j) * sum_i exp(-s_i))
-            loss = F.softplus(lse_neg + lse_pos)
-        # 0-d tensors, not floats: reading them would wait for the device on every micro-batch
-        self.stats = {'pos_cos': stats[0] / stats[1].clamp_min(1.0),
-                      'neg_cos': stats[2] / stats[3].clamp_min(1.0),
-                      'num_neg': stats[3] / B}  # negatives per sample, all ranks
+        # the loss of each term: its sums over positives and negatives run over all ranks' shards
+        loss = LOSSES[self.loss_type](cos_pos, cos_neg, lambda z: logsumexp_over_ranks(z, is_local),
+                                      lambda z: logsumexp_over_ranks(z), self.scale, self.margin)
         return loss.mean()
 
 

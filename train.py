@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoints import from_pretrained
 from common import rng_state, set_rng_state, shard_range, stop
 from data import Dataset, Loader, eval_batches
-from loss import PartialFC
+from loss import LOSSES, PartialFC
 from model import PRESETS, VisionTransformer
 import provenance
 
@@ -57,12 +57,16 @@ wandb_run_name = 'train'
 model = 'ViT-B/16'  # a model.py preset, used when init_from='scratch'
 image_size = 0  # 0: the preset's (or the loaded checkpoint's) resolution
 # MLCD loss (Eq. 5) and PartialFC
-loss_type = 'mlcd'  # 'mlcd' (Eq. 5) | 'mlc' (Eq. 4, the ablation baseline of Table 6)
+loss_type = 'mlcd'  # 'mlcd' (Eq. 5) | 'mlc' (Eq. 4, the ablation baseline of Table 6) |
+                    # 'onevision' (OneVision-Encoder's: per draw a CosFace softmax, loss.py)
 num_classes = 0  # k; 0: rows of labels_dir/centroids.npy, else max label + 1
 num_positives = 0  # l: the first l columns of labels.npy; 0: all (cluster.py's; Table 5: 8 is best)
 sample_ratio = 0.1  # r: fraction of negative centres sampled per step (Table 5: 0.1)
-batch_positives_as_negatives = False  # True: insightface's sampling, see README (for comparison)
-margin = 0.3  # ArcFace additive angular margin on positives (paper appendix)
+batch_positives_as_negatives = None  # True: insightface's sampling (docs/method.md); None: the
+                                     # loss type's own (True for 'onevision', else False)
+onevision_draws = 3  # 'onevision': labels drawn per image and step, each its own softmax term,
+onevision_pool = 10  # from its first onevision_pool labels (its nearest centres)
+margin = 0.3  # margin on positives: ArcFace's angular one (paper appendix); 'onevision': CosFace's
 scale = 64.0  # sigma; the paper does not give it, 64 is the ArcFace / UNICOM value
 # optimisation
 global_batch_size = 32768  # images per optimizer step over all ranks (paper: 32K); when it is
@@ -99,8 +103,13 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
-if loss_type not in ('mlcd', 'mlc'):
-    raise SystemExit(f"config error: loss_type must be 'mlcd' or 'mlc', got {loss_type!r}")
+if loss_type not in LOSSES:  # here, before the data and the tower; PartialFC's own check comes late
+    raise SystemExit(f"config error: loss_type must be one of {', '.join(LOSSES)}; got {loss_type!r}")
+if batch_positives_as_negatives not in (None, True, False):
+    raise SystemExit(f'config error: batch_positives_as_negatives must be None, True or False, '
+                     f'got {batch_positives_as_negatives!r}')
+if batch_positives_as_negatives is None:  # the loss type's own sampling, as PartialFC's default
+    batch_positives_as_negatives = loss_type == 'onevision'
 threads = common.set_threads(threads)
 ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
@@ -197,7 +206,9 @@ common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; on
 # may change like the learning rate: README)
 run_setup = dict(labels=labels_fingerprint, num_classes=num_classes, num_positives=num_positives,
                  loss_type=loss_type, sample_ratio=sample_ratio, model=model,
-                 image_size=image_size, batch_positives_as_negatives=batch_positives_as_negatives)
+                 image_size=image_size, batch_positives_as_negatives=batch_positives_as_negatives,
+                 **(dict(onevision_draws=onevision_draws, onevision_pool=onevision_pool)
+                    if loss_type == 'onevision' else {}))
 
 # -----------------------------------------------------------------------------
 # the image tower
@@ -232,8 +243,9 @@ run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run
 # the seed alone (the same matrix on any number of ranks)
 pfc = PartialFC(embed_dim, num_classes, sample_ratio=sample_ratio, scale=scale, margin=margin,
                 loss_type=loss_type, batch_positives_as_negatives=batch_positives_as_negatives,
-                seed=seed).to(device)
+                draws=onevision_draws, pool=onevision_pool, seed=seed).to(device)
 pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own negatives
+pfc.draw_generator.manual_seed(seed * 1_000_003 - 1)  # 'onevision': one draw of labels, all ranks
 
 # -----------------------------------------------------------------------------
 # optimizers: AdamW for the tower (replicated; weight decay on matrices only, not the position
@@ -304,8 +316,10 @@ if ckpt is not None:
     same_kind = own is not None and own['generator'].numel() == pfc.generator.get_state().numel()
     if same_kind:
         pfc.generator.set_state(own['generator'])
+        pfc.draw_generator.set_state(own['draws'])
     else:  # the old samplers do not map onto these shards or this device
         pfc.generator.manual_seed(seed * 1_000_003 + rank + world * step)
+        pfc.draw_generator.manual_seed(seed * 1_000_003 - 1 + world * step)
         if master:
             print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded, "
                   'negative sampling reseeded' if own is None else
@@ -322,7 +336,7 @@ if ckpt is not None:
 
 def try_micro_step(m):
     """One micro-step of m images of the run's shape: tower under autocast, loss, backward."""
-    rng, sampler = rng_state(device), pfc.generator.get_state()
+    rng, sampler, draws = rng_state(device), pfc.generator.get_state(), pfc.draw_generator.get_state()
     # on a fresh run the Adam moments (2 fp32 copies of tower and centre shard) come at the first
     # step: held here as empty tensors, so that what fits now still fits then
     reserve = [torch.empty_like(p) for opt in (optimizer, optimizer_c) if not opt.state
@@ -342,6 +356,7 @@ def try_micro_step(m):
         optimizer_c.zero_grad(set_to_none=True)
         set_rng_state(rng, device)
         pfc.generator.set_state(sampler)
+        pfc.draw_generator.set_state(draws)
 
 
 if auto_micro:
@@ -403,7 +418,8 @@ def save_checkpoint():
     shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
              'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
              'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
-             'generator': pfc.generator.get_state(), 'rng': rng_state(device)}
+             'generator': pfc.generator.get_state(), 'draws': pfc.draw_generator.get_state(),
+             'rng': rng_state(device)}
     common.save(shard, os.path.join(out_dir, names[rank]))
     sums = [common.state_sha256(shard)]  # the whole shard: centres, Adam, sampler and RNG state
     if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loss import PartialFC, _CentreRows, clip_loss, init_centres, shard_range
+from loss import LOSSES, PartialFC, _CentreRows, clip_loss, init_centres, shard_range
 from sync_count import count_syncs
 
 SCALE, MARGIN = 64.0, 0.3
@@ -38,25 +38,47 @@ def neg_mask(labels, scored, k):
     return neg
 
 
-def ref_loss(emb, weight, labels, loss_type, neg=None, scale=SCALE, margin=MARGIN):
-    """Eq. 4 / Eq. 5 straight from the paper, float64, masks over the full [B, k] cosines: the
-    positives of row n are its labels, its negatives neg[n] (default: every other class)."""
+def ref_terms(labels, loss_type, drawn=None):
+    """[row][term] -> the set of the term's positives: MLCD / MLC one term, the row's labels;
+    onevision one term per drawn column (drawn [B, G]: columns of labels), its one label."""
+    if loss_type != 'onevision':
+        return [[own] for own in label_sets(labels)]
+    return [[{c} if (c := int(labels[b, j])) >= 0 else set() for j in drawn[b].tolist()]
+            for b in range(len(labels))]
+
+
+def ref_loss(emb, weight, labels, loss_type, scored=None, drawn=None, scale=SCALE, margin=MARGIN):
+    """The losses straight from their papers, float64, masks over the full [B, k] cosines. A row's
+    terms (ref_terms) each have positives and negatives: the classes of scored[g] (default: all)
+    less the term's positives. MLCD (Eq. 5) and MLC (Eq. 4) with the ArcFace margin; onevision:
+    per term softmax cross-entropy with the CosFace margin (a term without a label adds 0). The
+    mean over rows and terms."""
     e = emb / emb.norm(dim=1, keepdim=True)
     w = weight / weight.norm(dim=1, keepdim=True)
     cos = e @ w.t()
     B, k = cos.shape
-    pos = torch.zeros(B, k, dtype=torch.bool)
-    for n, own in enumerate(label_sets(labels)):
-        for c in own:
-            pos[n, c] = True
-    neg = ~pos if neg is None else neg
+    terms = ref_terms(labels, loss_type, drawn)
+    G = len(terms[0])
+    pos = torch.zeros(B, G, k, dtype=torch.bool)
+    neg = torch.zeros(B, G, k, dtype=torch.bool)
+    for n in range(B):
+        for g, own in enumerate(terms[n]):
+            pos[n, g, list(own)] = True
+            neg[n, g, list(set(range(k) if scored is None else scored[g]) - own)] = True
+    cos = cos[:, None, :]
+    if loss_type == 'onevision':  # -log(e^{s_i} / (e^{s_i} + sum_j e^{s_j})), s_i = scale (cos - m)
+        e_pos = torch.where(pos, torch.exp(scale * (cos - margin)), 0.0).sum(2)
+        e_neg = torch.where(neg, torch.exp(scale * cos), 0.0).sum(2)
+        has = pos.any(2)
+        e_pos = torch.where(has, e_pos, 1.0)
+        return torch.where(has, -torch.log(e_pos / (e_pos + e_neg)), 0.0).mean()
     theta = torch.acos(cos.clamp(-1, 1))
     # ArcFace margin; past theta + m = pi, insightface's monotonic continuation cos(theta) - m sin(m)
     s_pos = scale * torch.where(theta + margin <= math.pi, torch.cos(theta + margin),
                                 cos - margin * math.sin(margin))
     s_neg = scale * cos
-    P = torch.where(pos, torch.exp(-s_pos), 0.0).sum(1)  # sum_i exp(-s_i)
-    N = torch.where(neg, torch.exp(s_neg), 0.0).sum(1)   # sum_j exp(s_j)
+    P = torch.where(pos, torch.exp(-s_pos), 0.0).sum(2)  # sum_i exp(-s_i)
+    N = torch.where(neg, torch.exp(s_neg), 0.0).sum(2)   # sum_j exp(s_j)
     if loss_type == 'mlcd':
         per = torch.log(1 + P) + torch.log(1 + N)        # Eq. 5
     else:
@@ -65,8 +87,8 @@ def ref_loss(emb, weight, labels, loss_type, neg=None, scale=SCALE, margin=MARGI
 
 
 def scored_set(pfc):
-    """The local centres the last forward drew (S, or T with batch_positives_as_negatives)."""
-    return [c for c in pfc.index.tolist() if c >= 0]
+    """Per term, the local centres the last forward drew (S, or T with batch_positives_as_negatives)."""
+    return [[c for c in row if c >= 0] for row in pfc.index.tolist()]
 
 
 def ref_clip(img, txt, logit_scale):
@@ -109,7 +131,7 @@ def close(a, b, rel):
 # -----------------------------------------------------------------------------
 # single process
 
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 @pytest.mark.parametrize('l', [1, 8])
 def test_matches_reference_float64(loss_type, l):
     g = torch.Generator().manual_seed(l)
@@ -122,14 +144,14 @@ def test_matches_reference_float64(loss_type, l):
     emb[3] = -weight[labels[3, 0]] + 0.01 * torch.randn(d, generator=g, dtype=torch.float64)
     pfc = PartialFC(d, k, sample_ratio=1.0, scale=SCALE, margin=MARGIN, loss_type=loss_type).double()
     loss, e1, ref, e2, w2 = against_reference(pfc, emb, weight, labels,
-                                              lambda e, w: ref_loss(e, w, labels, loss_type))
-    assert pfc.index.tolist() == list(range(k))
+                                              lambda e, w: ref_loss(e, w, labels, loss_type, drawn=pfc.drawn))
+    assert all(row == list(range(k)) for row in pfc.index.tolist())
     assert close(loss.detach(), ref.detach(), 1e-6)
     assert close(e1.grad, e2.grad, 1e-6)
     assert close(pfc.weight.grad, w2.grad, 1e-6)
 
 
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 def test_float32_close_to_reference(loss_type):
     g = torch.Generator().manual_seed(7)
     B, d, k = 32, 32, 200
@@ -143,7 +165,7 @@ def test_float32_close_to_reference(loss_type):
     loss.backward()
     assert loss.dtype == torch.float32
     w2, e2 = weight.double().requires_grad_(), emb.double().requires_grad_()
-    ref = ref_loss(e2, w2, labels, loss_type)
+    ref = ref_loss(e2, w2, labels, loss_type, drawn=pfc.drawn)
     ref.backward()
     assert close(loss.detach().double(), ref.detach(), 1e-5)
     assert close(e1.grad.double(), e2.grad, 1e-4)
@@ -169,6 +191,52 @@ def test_mlc_single_label_is_margin_softmax_cross_entropy():
     assert close(pfc(emb, target[:, None]).detach(), ce, 1e-9)
 
 
+def test_onevision_one_label_is_cosface_softmax_cross_entropy():
+    # one draw of one label: the cross-entropy of a softmax over all k classes with the CosFace
+    # margin on the target, s (cos - m), as F.cross_entropy computes it
+    g = torch.Generator().manual_seed(13)
+    B, d, k = 16, 8, 30
+    emb = torch.randn(B, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
+    target = torch.randint(0, k, (B,), generator=g)
+    pfc = PartialFC(d, k, sample_ratio=1.0, loss_type='onevision', draws=1, pool=1).double()
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
+    logits = SCALE * (cos - MARGIN * F.one_hot(target, k).double())
+    assert close(pfc(emb, target[:, None]).detach(), F.cross_entropy(logits, target), 1e-9)
+
+
+def test_onevision_draws():
+    # per row and step: `draws` distinct columns of its first `pool` labels, uniformly; a missing
+    # label only when no other is left; the draw depends on draw_generator alone
+    k, B, l = 50, 4, 12
+    pfc = PartialFC(4, k, sample_ratio=0.2, loss_type='onevision', draws=3, pool=10)
+    labels = torch.arange(B * l).view(B, l) % k
+    labels[1, 2:] = -1  # 2 labels: drawn both, then a missing one
+    emb = torch.randn(B, 4)
+    counts = torch.zeros(B, l)
+    for _ in range(3000):
+        pfc(emb, labels)
+        drawn = pfc.drawn
+        assert drawn.shape == (B, 3) and (drawn < 10).all()
+        assert all(len(set(row)) == 3 for row in drawn.tolist())
+        assert set(drawn[1].tolist()) >= {0, 1}
+        counts.scatter_add_(1, drawn, torch.ones(B, 3))
+    expected = 3000 * 3 / 10
+    others = counts[[0, 2, 3], :10]
+    assert ((others - expected).abs() < 5 * math.sqrt(expected)).all() and counts[:, 10:].sum() == 0
+    state = pfc.draw_generator.get_state()
+    pfc(emb, labels)
+    a = pfc.drawn.clone()
+    pfc.draw_generator.set_state(state)
+    pfc.generator.manual_seed(99)  # another draw of negatives, the same labels
+    pfc(emb, labels)
+    assert torch.equal(pfc.drawn, a)
+    with pytest.raises(ValueError, match='draws'):
+        PartialFC(4, k, loss_type='onevision', draws=4, pool=3)
+
+
 def test_extreme_cosines_give_finite_gradients():
     d, k = 8, 6
     pfc = PartialFC(d, k, sample_ratio=1.0)
@@ -180,7 +248,7 @@ def test_extreme_cosines_give_finite_gradients():
     assert torch.isfinite(loss) and torch.isfinite(emb.grad).all() and torch.isfinite(pfc.weight.grad).all()
 
 
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 def test_non_finite_embeddings_give_a_nan_loss(loss_type):
     # a diverged tower must not read as a loss of 0 (the run would then go on and save it)
     torch.manual_seed(0)
@@ -195,7 +263,7 @@ def test_non_finite_embeddings_give_a_nan_loss(loss_type):
 
 
 @pytest.mark.parametrize('old', [False, True])
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 @pytest.mark.parametrize('B,l,k,ratio', [(12, 8, 200, 0.1), (4, 1, 200, 0.1), (12, 4, 40, 0.25)])
 def test_sampled_matches_reference_float64(old, loss_type, B, l, k, ratio):
     # loss and gradients against Eq. 4 / 5 with explicit per-row negatives: the drawn set minus
@@ -214,17 +282,19 @@ def test_sampled_matches_reference_float64(old, loss_type, B, l, k, ratio):
     e1 = emb.clone().requires_grad_()
     loss = pfc(e1, labels)
     loss.backward()
-    drawn = scored_set(pfc)
-    positives = set().union(*label_sets(labels))
-    assert len(set(drawn)) == len(drawn)
-    if old:
-        assert positives <= set(drawn)
-        assert len(drawn) == max(math.ceil(ratio * k), len(positives))
-    else:
-        assert len(drawn) == round(ratio * k)
-        assert not positives <= set(drawn)  # some positives were not drawn: not negatives here
+    terms = ref_terms(labels, loss_type, pfc.drawn)
+    for g, drawn in enumerate(scored_set(pfc)):  # each term's own S
+        positives = set().union(*(row[g] for row in terms))
+        assert len(set(drawn)) == len(drawn)
+        if old:
+            assert positives <= set(drawn)
+            assert len(drawn) == max(math.ceil(ratio * k), len(positives))
+        else:
+            assert len(drawn) == round(ratio * k)
+            assert not positives <= set(drawn)  # some positives were not drawn: not negatives here
+    positives = set().union(*(own for row in terms for own in row))
     w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
-    ref = ref_loss(e2, w2, labels, loss_type, neg_mask(labels, drawn, k))
+    ref = ref_loss(e2, w2, labels, loss_type, scored_set(pfc), pfc.drawn)
     ref.backward()
     assert close(loss.detach(), ref.detach(), 1e-9)
     assert close(e1.grad, e2.grad, 1e-8)
@@ -247,7 +317,7 @@ def test_positives_in_chunks_match_reference_float64(rows):
     pfc.positive_chunk = rows * l * d
     loss, e1, ref, e2, w2 = against_reference(
         pfc, emb, weight, labels,
-        lambda e, w: ref_loss(e, w, labels, 'mlcd', neg_mask(labels, scored_set(pfc), k)))
+        lambda e, w: ref_loss(e, w, labels, 'mlcd', scored_set(pfc)))
     assert close(loss.detach(), ref.detach(), 1e-9)
     assert close(e1.grad, e2.grad, 1e-8) and close(pfc.weight.grad, w2.grad, 1e-8)
 
@@ -310,9 +380,9 @@ def test_index_is_the_negative_set():
     e1 = emb.clone().requires_grad_()
     loss = pfc(e1, labels, index=S)
     loss.backward()
-    assert pfc.index.tolist() == S.tolist()
+    assert pfc.index.tolist() == [S.tolist()]
     w2, e2 = weight.clone().requires_grad_(), emb.clone().requires_grad_()
-    ref = ref_loss(e2, w2, labels, 'mlcd', neg_mask(labels, S.tolist(), k))
+    ref = ref_loss(e2, w2, labels, 'mlcd', [S.tolist()])
     ref.backward()
     assert close(loss.detach(), ref.detach(), 1e-9)
     assert close(e1.grad, e2.grad, 1e-8) and close(pfc.weight.grad, w2.grad, 1e-8)
@@ -336,13 +406,13 @@ def test_negatives_per_row_are_S_minus_own_labels():
         pfc.weight.copy_(torch.eye(k, d, dtype=torch.float64))
     state = pfc.generator.get_state()
     pfc(e, labels)
-    S = set(scored_set(pfc))
+    S = set(scored_set(pfc)[0])
     assert len(S) == round(r * k)
     counts = []
     for b in range(B):
         pfc.generator.set_state(state)
         loss = pfc(e[b:b + 1], labels[b:b + 1]).item()
-        assert set(scored_set(pfc)) == S
+        assert set(scored_set(pfc)[0]) == S
         own = label_sets(labels[b:b + 1])[0]
         got = math.expm1(loss - math.log1p(len(own) * math.exp(scale * math.sin(MARGIN))))
         counts.append(len(S - own))
@@ -353,7 +423,7 @@ def test_negatives_per_row_are_S_minus_own_labels():
     assert float(pfc.stats['num_neg']) == pytest.approx(sum(counts) / B)
     old = PartialFC(d, k, sample_ratio=r, batch_positives_as_negatives=True).double()
     old(e, labels)
-    T = set(scored_set(old))
+    T = set(scored_set(old)[0])
     assert set().union(*label_sets(labels)) <= T
     old_counts = [len(T - own) for own in label_sets(labels)]
     assert float(old.stats['num_neg']) == pytest.approx(sum(old_counts) / B)
@@ -369,7 +439,7 @@ def test_stats(old):
     pfc(emb, labels)
     cos = F.normalize(emb, dim=1) @ F.normalize(pfc.weight.detach(), dim=1).t()  # [B, k]
     pos = ~neg_mask(labels, range(k), k)
-    neg = neg_mask(labels, scored_set(pfc), k)
+    neg = neg_mask(labels, scored_set(pfc)[0], k)
     assert all(v.dim() == 0 for v in pfc.stats.values())
     assert float(pfc.stats['pos_cos']) == pytest.approx(cos[pos].mean().item(), abs=1e-6)
     assert float(pfc.stats['neg_cos']) == pytest.approx(cos[neg].mean().item(), abs=1e-6)
@@ -385,7 +455,7 @@ def test_sampler():
     pfc.generator.manual_seed(0)
     for _ in range(2000):
         pfc(emb, labels)
-        idx = pfc.index
+        idx = pfc.index[0]
         assert idx.numel() == round(ratio * k)
         assert (idx[1:] > idx[:-1]).all()  # sorted, no repeats
         counts[idx] += 1
@@ -417,7 +487,7 @@ def test_sampler():
     # ratio 1: every centre
     full = PartialFC(4, k, sample_ratio=1.0)
     full(emb, labels)
-    assert full.index.tolist() == list(range(k))
+    assert full.index.tolist() == [list(range(k))]
 
 
 def test_sampler_with_batch_positives():
@@ -430,7 +500,7 @@ def test_sampler_with_batch_positives():
     pfc.generator.manual_seed(0)
     for _ in range(2000):
         pfc(emb, labels)
-        T = scored_set(pfc)
+        T = scored_set(pfc)[0]
         assert len(T) == math.ceil(ratio * k) and {3, 7} <= set(T) and len(set(T)) == len(T)
         counts[T] += 1
     assert counts[3] == counts[7] == 2000
@@ -440,11 +510,11 @@ def test_sampler_with_batch_positives():
     # more positives than ceil(ratio * k): positives only
     many = torch.arange(20).view(2, 10)
     pfc(torch.randn(2, 4), many)
-    assert sorted(scored_set(pfc)) == list(range(20))
+    assert sorted(scored_set(pfc)[0]) == list(range(20))
     # ceil(0.3 * 10) is 3, although 0.3 * 10 == 3.0000000000000004 in floating point
     ten = PartialFC(4, 10, sample_ratio=0.3, batch_positives_as_negatives=True)
     ten(emb, torch.tensor([[1], [-1]]))
-    assert len(scored_set(ten)) == 3 and 1 in scored_set(ten)
+    assert len(scored_set(ten)[0]) == 3 and 1 in scored_set(ten)[0]
 
 
 def test_sync_counter_sees_syncs():
@@ -474,7 +544,7 @@ def test_sync_counter_sees_syncs():
 
 @pytest.mark.parametrize('old', [False, True])
 @pytest.mark.parametrize('ratio', [0.3, 1.0])
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 def test_no_host_sync(old, ratio, loss_type):
     # forward + backward of PartialFC: nothing that reads a device value on the host (the
     # positives in chunks of 4 rows: 2 chunks)
@@ -503,7 +573,7 @@ def test_no_batch_by_k_tensor_when_sampling():
         assert MaxNumel.biggest < B * k // 20
 
 
-@pytest.mark.parametrize('loss_type', ['mlcd', 'mlc'])
+@pytest.mark.parametrize('loss_type', LOSSES)
 @pytest.mark.parametrize('regime', ['start', 'trained'])
 def test_bf16_autocast_close_to_fp32(loss_type, regime):
     # Stated tolerance. bf16 keeps 8 significant bits, so the cosines of the bf16 matmul differ by
@@ -614,16 +684,17 @@ def test_clip_single_process():
 # 2 processes (gloo, CPU) against 1 process on the same global batch
 
 WORLD, B_LOCAL, D_IN, D = 2, 4, 6, 5
-CASES = [  # k, l, sample_ratio, loss_type, where the labels live, batch_positives_as_negatives
-    (11, 1, 1.0, 'mlcd', 'all', False),
-    (11, 8, 1.0, 'mlc', 'all', False),
-    (37, 8, 0.3, 'mlcd', 'all', False),
-    (37, 1, 0.3, 'mlc', 'all', False),
-    (37, 8, 0.3, 'mlcd', 'rank0', False),  # rank 1 holds no positive of the batch
-    (37, 8, 1.0, 'mlc', 'rank1', False),   # rank 0 holds no positive of the batch
-    (37, 8, 0.3, 'mlcd', 'all', True),
-    (37, 1, 0.3, 'mlc', 'rank0', True),
+CONFIGS = [  # k, l, sample_ratio, where the labels live, batch_positives_as_negatives
+    (11, 1, 1.0, 'all', False),
+    (11, 8, 1.0, 'all', False),
+    (37, 8, 0.3, 'all', False),
+    (37, 1, 0.3, 'all', False),
+    (37, 8, 0.3, 'rank0', False),  # rank 1 holds no positive of the batch
+    (37, 8, 1.0, 'rank1', False),  # rank 0 holds no positive of the batch
+    (37, 8, 0.3, 'all', True),
+    (37, 1, 0.3, 'rank0', True),
 ]
+CASES = [(k, l, ratio, loss_type, where, old) for k, l, ratio, where, old in CONFIGS for loss_type in LOSSES]
 
 
 def case_data(i):
@@ -673,12 +744,13 @@ def _worker(rank, port, out_dir):
         with torch.no_grad():
             pfc.weight.copy_(weight[pfc.start:pfc.start + pfc.num_local])
         pfc.generator.manual_seed(10 * i + rank)
+        pfc.draw_generator.manual_seed(i)  # the same on every rank
         pfc.positive_chunk = 3 * l * D  # the positives 3 rows at a time; 1 process: all at once
         with count_syncs() as syncs:  # collectives, but nothing that waits on a device value
             loss = pfc(model(x[rows]), labels[rows])
             loss.backward()
-        drawn = torch.tensor(scored_set(pfc), dtype=torch.long)
-        results.append(dict(loss=loss.item(), start=pfc.start, index=drawn + pfc.start, syncs=dict(syncs),
+        drawn = [torch.tensor(row, dtype=torch.long) + pfc.start for row in scored_set(pfc)]
+        results.append(dict(loss=loss.item(), start=pfc.start, index=drawn, syncs=dict(syncs), drawn=pfc.drawn,
                             centre_grad=pfc.weight.grad, stats={k: float(v) for k, v in pfc.stats.items()},
                             backbone_grad=[p.grad for p in backbone.parameters()]))
     a, b, towers = clip_data()
@@ -704,29 +776,39 @@ def two_process_results():
 def test_partialfc_two_processes_equal_one(two_process_results, i):
     k, l, ratio, loss_type, where, old = CASES[i]
     r0, r1 = two_process_results[0]['cases'][i], two_process_results[1]['cases'][i]
-    # the same sampled set: 1 process scores the union of what the 2 ranks sampled
-    index = torch.cat([r0['index'], r1['index']])
     x, weight, labels, backbone = case_data(i)
+    if loss_type == 'onevision':  # one draw of the global batch, the same on both ranks
+        assert torch.equal(r0['drawn'], r1['drawn'])
+    terms = ref_terms(labels, loss_type, r0['drawn'])
     for r, res in enumerate((r0, r1)):
         start, n = shard_range(k, r, WORLD)
         assert res['start'] == start and not res['syncs'], res['syncs']
-        local = set((res['index'] - start).tolist())
-        if old:  # every local positive of the batch, filled up to ceil(r n)
-            own = set(c - start for c in set().union(*label_sets(labels)) if start <= c < start + n)
-            assert own <= local and len(local) == max(math.ceil(ratio * n), len(own))
-        else:
-            assert len(local) == round(ratio * n)
+        for g, drawn in enumerate(res['index']):  # each term's own S
+            local = set((drawn - start).tolist())
+            if old:  # every local positive of the term in the batch, filled up to ceil(r n)
+                own = set(c - start for row in terms for c in row[g] if start <= c < start + n)
+                assert own <= local and len(local) == max(math.ceil(ratio * n), len(own))
+            else:
+                assert len(local) == round(ratio * n)
+    # the same sampled sets: 1 process scores the union of what the 2 ranks sampled, per term
+    sets = [torch.cat([a, b]) for a, b in zip(r0['index'], r1['index'])]
+    index = torch.full((len(sets), max(len(t) for t in sets)), -1)
+    for g, t in enumerate(sets):
+        index[g, :len(t)] = t
     if ratio < 1:
-        assert index.numel() < k
+        assert all(len(t) < k for t in sets)
     pfc = PartialFC(D, k, sample_ratio=ratio, scale=SCALE, margin=MARGIN, loss_type=loss_type,
                     batch_positives_as_negatives=old).double()
     with torch.no_grad():
         pfc.weight.copy_(weight)
+    pfc.draw_generator.manual_seed(i)
     loss = pfc(backbone(x), labels, index=index)
     loss.backward()
-    # and the paper's formula with that set (r = 1: every other class is a negative)
+    if loss_type == 'onevision':
+        assert torch.equal(pfc.drawn, r0['drawn'])
+    # and the formula written from the paper with those sets (r = 1: every other class is a negative)
     ref = ref_loss(backbone(x).detach(), weight, labels, loss_type,
-                   None if ratio == 1 else neg_mask(labels, index.tolist(), k))
+                   None if ratio == 1 else [t.tolist() for t in sets], r0['drawn'])
     assert close(loss.detach(), ref, 1e-9)
     for res in (r0, r1):
         assert res['loss'] == pytest.approx(loss.item(), rel=1e-10)

@@ -99,14 +99,18 @@ def test_learns_and_checkpoint_loads(data):
         assert torch.equal(ck['vision'][k], ck2['vision'][k]), k
 
 
-def test_resume_is_exact(data):
+@pytest.mark.parametrize('loss_type', ['mlcd', 'onevision'])
+def test_resume_is_exact(data, loss_type):
     """stop after step 3, resume: the same loss sequence, bitwise, and the same final weights
-    (augmentation and negative sampling on, so the loader and sampler states must carry over)."""
+    (augmentation and negative sampling on, so the loader and sampler states must carry over;
+    'onevision': and the labels drawn, 3 of 4 per image and step)."""
     # l = 1: a micro-batch of 8 has <= 8 positives, so 16 of the 32 centres means >= 8 random
-    # negatives, and the sampler's state matters
+    # negatives, and the sampler's state matters ('onevision': its 3 terms sample 3 sets)
+    l = 1 if loss_type == 'mlcd' else L
     args = data['data'] + ['--global_batch_size=16', '--micro_batch_size=8', '--max_steps=6',
-                           '--sample_ratio=0.5', '--num_positives=1', '--ckpt_interval=2']
-    full, part = str(data['root'] / 'full'), str(data['root'] / 'part')
+                           '--sample_ratio=0.5', f'--num_positives={l}', '--ckpt_interval=2',
+                           f'--loss_type={loss_type}', '--onevision_pool=4']
+    full, part = str(data['root'] / f'full_{loss_type}'), str(data['root'] / f'part_{loss_type}')
     run(args, full)
     run(args + ['--stop_at=3'], part)
     assert [s for s, _, _ in losses(part)] == [1, 2, 3]
@@ -120,7 +124,7 @@ def test_resume_is_exact(data):
         assert torch.equal(a['vision'][k], b['vision'][k]), k
     sa = torch.load(os.path.join(full, a['centres'][0]), weights_only=True)
     sb = torch.load(os.path.join(part, b['centres'][0]), weights_only=True)
-    for k in ('weight', 'exp_avg', 'exp_avg_sq', 'generator'):
+    for k in ('weight', 'exp_avg', 'exp_avg_sq', 'generator', 'draws'):
         assert torch.equal(sa[k], sb[k]), k
     # only the shards of the latest checkpoint remain
     assert sorted(f for f in os.listdir(part) if f.startswith('centres_')) == b['centres']
