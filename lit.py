@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from checkpoints import from_pretrained
 from common import rng_state, set_rng_state, shard_range, stop
-from data import Loader, eval_batches
+from data import Loader, ShardError, _prefetch, eval_batches
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
 import provenance
@@ -83,7 +83,8 @@ text_heads = 0
 global_batch_size = 32768  # images (pairs) per step over all ranks (the nearest multiple of the
                            # ranks x micro-batches is used)
 micro_batch_size = 0  # most images per rank per forward with gradients (0: the rank's whole share):
-                      # the rank's share is embedded without, then each micro-batch re-run with them
+                      # the rank's share is embedded without, then each micro-batch re-run with them;
+                      # 'auto': the largest that fits on this device (tried at start-up, halving)
 epochs = 32
 max_steps = 0  # 0: epochs * steps per epoch
 stop_at = 0  # end this invocation (with a checkpoint) after this step, schedule unchanged
@@ -113,6 +114,7 @@ grad_checkpointing = False  # recompute each block in the backward: activations 
 threads = 0  # CPU threads per process; 0: $OMP_NUM_THREADS, else the usable CPUs / ranks per node
 timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, OOM-killed) exits
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
+_TAKES_AUTO = ('micro_batch_size',)  # int settings that configurator.py also lets be 'auto'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 common.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
@@ -135,10 +137,12 @@ ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ctx = common.autocast(device, dtype)
-# images per rank per step: micro x accum, the global batch nearest to the one asked (batch_plan)
-global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world,
-                                                                micro_batch_size)
-batch_size = micro * accum
+# images per rank per step: micro x accum, the global batch nearest to the one asked (batch_plan;
+# 'auto': planned once the towers exist and a step has been tried, below)
+auto_micro = micro_batch_size == 'auto'
+if not auto_micro:
+    global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world,
+                                                                    micro_batch_size)
 common.check_out_dir(out_dir, init_from, overwrite)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
@@ -268,6 +272,135 @@ else:
 run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
 
 # -----------------------------------------------------------------------------
+# one step: the embeddings of a batch, the loss over the global batch and its gradients (the
+# loop below runs step_backward once per step; micro_batch_size='auto' tries it first)
+plain_towers = towers  # without the DDP wrapper (set again when it is wrapped, below)
+
+
+def image_embeddings(batch, rows):
+    """The frozen tower's embeddings of the batch's rows (a slice)."""
+    if 'features' in batch:  # precomputed: the rows the prefetch thread gathered (feature_batch)
+        return batch['features'][rows]
+    with torch.no_grad(), ctx:  # frozen: no graph through the image tower
+        return vision(batch['images'][rows]).float()
+
+
+def crop_texts(batch, rows):
+    """The batch's captions of those rows cut after their last end token: the text tower attends
+    causally and pools at the end token, so the padding behind it changes nothing but rounding,
+    and short captions (the synthetic set's: ~20 of 77 tokens) cost a quarter. The length is read
+    from the memory-mapped ids on the host: no device read. index None (the 'auto' try's batch):
+    uncut, every caption as long as the context (the most memory a step can take)."""
+    texts, index = batch['texts'][rows], batch['index']
+    if index is None:
+        return texts
+    return texts[:, :int(loader.ds.texts(index[rows].numpy()).argmax(1).max()) + 1]
+
+
+def embed(batch, rows, again=False):
+    """This rank's embeddings of the batch's rows (a slice): [image, text] (text only with
+    captions), image [V, m, d] when the tower is trained (the views of those images, view-major,
+    through the tower at once). Without gradients (grad_cache's first pass) the DDP wrapper is
+    skipped; again (its second pass): None for the frozen tower's, which gets no gradient."""
+    net = towers if torch.is_grad_enabled() else plain_towers
+    texts = crop_texts(batch, rows) if use_text else None
+    if locked:
+        img = None if again else image_embeddings(batch, rows)
+        with ctx:
+            txt = net(None, None, texts)[1]
+    else:
+        x = batch['images'] if views > 1 else batch['images'][None]
+        with ctx:
+            img, txt = net(x[:, rows].flatten(0, 1), batch['aug'][:, rows].flatten(0, 1), texts)
+        img = img.float().view(views, -1, img.shape[-1])
+    return [img] + ([] if txt is None else [txt.float()])
+
+
+def contrastive_loss(img, txt=None):
+    """The loss over the global batch from this rank's embeddings (embed's)."""
+    if loss == 'clip':  # symmetric InfoNCE, temperature exp(logit_scale) <= 100 (Table 10)
+        return clip_loss(img if locked else img[0], txt, logit_scale.exp())
+    if loss == 'simclr':  # NT-Xent: each view's positive is the other view of its image
+        return simclr_loss(img, logit_scale.exp())
+    # MP-NCE over every view and caption, s_ij = t_{D(i)D(j)} cos + b_{D(i)D(j)}
+    return mp_nce_loss(*multiview_rows(img, txt), *sim())
+
+
+def step_backward(batch, rows, micro, ddp_model=None):
+    """This step's loss over the global batch (this rank: `rows` of it), back-propagated into
+    every trained parameter, and its embeddings (for the checks): at once, or `micro` rows at a
+    time through the gradient cache (common.grad_cache: the same gradients up to rounding, one
+    micro-batch's activations held at a time)."""
+    if micro >= rows:
+        embs = embed(batch, slice(None))
+        value = contrastive_loss(*embs)
+        value.backward()
+        return value, embs
+    return common.grad_cache(lambda sl, again: embed(batch, sl, again), contrastive_loss,
+                             rows, micro, ddp_model)
+
+
+# -----------------------------------------------------------------------------
+# micro_batch_size='auto': the largest micro-batch (from global / ranks down, halving) with which
+# a whole step of the rank's share runs on this device, as train.py finds its own: tried on the
+# raw towers before compile and DDP, all ranks together (the loss all-gathers), and leaving
+# nothing behind: no gradient, the RNG as before, no optimizer state (there is none yet)
+PREFETCH = 4  # batches a prefetch thread makes ahead of the step (the loader's, feature_batch's)
+
+
+def try_batch(rows):
+    """A batch of `rows` of the run's shapes, zeros: the images (or their frozen features) and
+    captions of full context length, the longest a step can meet."""
+    batch = {'index': None}
+    if use_text:
+        batch['texts'] = torch.zeros(rows, text.context_length, dtype=torch.long, device=device)
+    if precompute_features:
+        batch['features'] = torch.zeros(rows, vision.embed_dim, device=device)
+    else:
+        S = vision.image_size
+        batch['images'] = torch.zeros(*[views] * (views > 1), rows, 3, S, S, device=device)
+        batch['aug'] = torch.zeros(views, rows, aug_dim or 5, device=device)
+    return batch
+
+
+def try_step(m):
+    """One step of the rank's share in micro-batches of at most m (batch_plan's split of it), with
+    room kept for what the run holds beside it."""
+    _, m_used, n, _ = common.batch_plan(global_batch_size, world, m)
+    rng, trained = rng_state(device), [p for p in [*towers.parameters(), *temps] if p.requires_grad]
+    held = []
+    try:
+        # test hook, as in train.py: MLCD_FAKE_OOM_ABOVE=n makes a try of more than n images run
+        # out of memory before any collective, a small GPU for CPU tests
+        if m > int(os.environ.get('MLCD_FAKE_OOM_ABOVE', m)):
+            raise torch.OutOfMemoryError(f'MLCD_FAKE_OOM_ABOVE: {m} images')
+        batch = try_batch(m_used * n)
+        # held as empty tensors, so that what fits now still fits then: AdamW's two moments of
+        # every trained parameter (made at the first step, or by a resume below) and the batches
+        # the prefetch thread makes ahead (4,096 images of 224 px a rank: 2.5 GB each)
+        held += [torch.empty_like(p) for p in trained for _ in range(2)]
+        held += [torch.empty_like(t) for t in batch.values() if t is not None
+                 for _ in range(PREFETCH + 1)]
+        step_backward(batch, m_used * n, m_used)
+    finally:
+        held.clear()
+        for p in trained:
+            p.grad = None
+        set_rng_state(rng, device)
+
+
+if auto_micro:
+    # from the rank's whole share, rounded up: 32768 on 80 ranks starts at 410, one micro-batch
+    # (409 would be planned as 2 of 205)
+    fits, failed = common.auto_micro_batch(try_step, -(-global_batch_size // world), ddp, device)
+    global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world, fits)
+    batch_note = '; '.join(x for x in (
+        f'micro_batch_size=auto: {fits} fits on {device}' +
+        (f' ({failed} ran out of memory)' if failed else ' (no gradient cache needed)'),
+        batch_note) if x)
+batch_size = micro * accum
+
+# -----------------------------------------------------------------------------
 # data: the loader fixes which images form each step's batch (a pure function of seed, epoch,
 # step, rank), in both modes; precomputed mode replaces its images by their frozen features
 augmenting = augment != 'none' and not precompute_features
@@ -276,7 +409,7 @@ try:
                     world_size=world, seed=seed, augment=augment if augmenting else 'none',
                     device=device, scale=tuple(crop_scale), pad=pad, views=views,
                     color_jitter=color_jitter if augmenting else 0.0,
-                    max_open_shards=max_open_shards)
+                    max_open_shards=max_open_shards, prefetch=PREFETCH)
 except ValueError as e:
     if len(dataset) < global_batch_size:
         stop(f'data_dir={data_dir}: {len(dataset)} images are fewer than one global batch of '
@@ -332,12 +465,27 @@ features = embed_all() if precompute_features else None
 precompute_s = time.time() - t_pre
 
 
-def image_embeddings(batch, rows):
-    """The frozen tower's embeddings of the batch's rows (a slice)."""
-    if features is not None:  # rows in the batch's order (a gather from the memory map)
-        return torch.from_numpy(features[batch['index'][rows].numpy()]).to(device)
-    with torch.no_grad(), ctx:  # frozen: no graph through the image tower
-        return vision(batch['images'][rows]).float()
+def feature_batch(epoch, s):
+    """Step s of the epoch in precomputed mode, made in a prefetch thread (data._prefetch,
+    PREFETCH steps ahead, as the loader's batches): this rank's indices, captions and
+    frozen features, gathered from the memory maps into pinned memory on CUDA, so that the copies
+    to the device are asynchronous and the step never waits for the disk; plain memory on a CPU
+    (the same bits as a gather in the main thread). A failure is one line in the main thread."""
+    idx, pin = loader.indices(epoch, s), device_type == 'cuda'
+    try:
+        texts = torch.from_numpy(loader.ds.texts(idx))
+        rows = torch.empty((len(idx), features.shape[1]), dtype=torch.float32, pin_memory=pin)
+        np.take(features, idx, axis=0, out=rows.numpy())
+        return {'index': torch.from_numpy(idx.astype(np.int64)),
+                'features': rows.to(device, non_blocking=pin),
+                'texts': (texts.pin_memory() if pin else texts).to(device, non_blocking=pin)}
+    except ShardError:  # a caption shard: data.py's own line
+        raise
+    except Exception as e:  # _prefetch stops the main thread with this line (no traceback)
+        raise ShardError(f'precompute_features=True: the prefetch thread failed making the batch '
+                         f'of step {epoch * steps_per_epoch + s + 1} from '
+                         f"{os.path.join(out_dir, 'image_features.npy')} ({type(e).__name__}: {e})"
+                         ) from e
 
 
 # -----------------------------------------------------------------------------
@@ -418,56 +566,6 @@ def similarity_values(t):
     return {'scales': [math.exp(v) for v in t[:n]], 'offsets': t[n:] or None}
 
 
-def crop_texts(texts, index):
-    """The captions cut after the last end token of the batch: the text tower attends causally
-    and pools at the end token, so the padding behind it changes nothing but rounding, and short
-    captions (the synthetic set's: ~20 of 77 tokens) cost a quarter. The length is read from the
-    memory-mapped ids on the host: no device read."""
-    return texts[:, :int(loader.ds.texts(index.numpy()).argmax(1).max()) + 1]
-
-
-def embed(batch, rows, again=False):
-    """This rank's embeddings of the batch's rows (a slice): [image, text] (text only with
-    captions), image [V, m, d] when the tower is trained (the views of those images, view-major,
-    through the tower at once). Without gradients (grad_cache's first pass) the DDP wrapper is
-    skipped; again (its second pass): None for the frozen tower's, which gets no gradient."""
-    net = towers if torch.is_grad_enabled() else plain_towers
-    texts = crop_texts(batch['texts'][rows], batch['index'][rows]) if use_text else None
-    if locked:
-        img = None if again else image_embeddings(batch, rows)
-        with ctx:
-            txt = net(None, None, texts)[1]
-    else:
-        x = batch['images'] if views > 1 else batch['images'][None]
-        with ctx:
-            img, txt = net(x[:, rows].flatten(0, 1), batch['aug'][:, rows].flatten(0, 1), texts)
-        img = img.float().view(views, -1, img.shape[-1])
-    return [img] + ([] if txt is None else [txt.float()])
-
-
-def contrastive_loss(img, txt=None):
-    """The loss over the global batch from this rank's embeddings (embed's)."""
-    if loss == 'clip':  # symmetric InfoNCE, temperature exp(logit_scale) <= 100 (Table 10)
-        return clip_loss(img if locked else img[0], txt, logit_scale.exp())
-    if loss == 'simclr':  # NT-Xent: each view's positive is the other view of its image
-        return simclr_loss(img, logit_scale.exp())
-    # MP-NCE over every view and caption, s_ij = t_{D(i)D(j)} cos + b_{D(i)D(j)}
-    return mp_nce_loss(*multiview_rows(img, txt), *sim())
-
-
-def step_backward(batch):
-    """This step's loss over the global batch, back-propagated into every trained parameter, and
-    its embeddings (for the checks): at once, or through the gradient cache (common.grad_cache:
-    the same gradients up to rounding, one micro-batch's activations held at a time)."""
-    if accum == 1:
-        embs = embed(batch, slice(None))
-        value = contrastive_loss(*embs)
-        value.backward()
-        return value, embs
-    return common.grad_cache(lambda rows, again: embed(batch, rows, again), contrastive_loss,
-                             batch_size, micro, towers if ddp else None)
-
-
 # -----------------------------------------------------------------------------
 # training loop
 if master:
@@ -500,17 +598,16 @@ while step < end:
     if epoch != batches_epoch:
         if batches is not None:
             batches.close()
-        if precompute_features:  # only indices and texts: no image decoding at all
-            batches = ({'index': torch.from_numpy(loader.indices(epoch, s).astype(np.int64)),
-                        'texts': torch.from_numpy(loader.ds.texts(loader.indices(epoch, s))).to(device)}
-                       for s in range(step_in_epoch, steps_per_epoch))
+        if precompute_features:  # features, indices and texts: no image decoding at all
+            batches = _prefetch(lambda s, e=epoch: feature_batch(e, s),
+                                range(step_in_epoch, steps_per_epoch), PREFETCH)
         else:
             batches = loader.iterate(epoch, start_step=step_in_epoch)
         batches_epoch = epoch
     lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    value, embs = step_backward(next(batches))
+    value, embs = step_backward(next(batches), batch_size, micro, towers if ddp else None)
     emb_bad = ~torch.stack([torch.isfinite(e).all() for e in embs]).all()
     signal_flag = torch.full((), common.signalled is not None, device=device)
     t_grad = torch.cat([p.grad.view(-1) for p in temps])

@@ -9,5 +9,7 @@ learning_rate = 5e-4  # Table 9 (ViT-B)
 # The text tower keeps ~21.0 MB of activations per 77-token caption in bf16 (bench/
 # bench_lit_memory.py: 38.1 MB measured in fp32, 21.0 MB under bf16 autocast on the CPU): 2048
 # captions are ~43 GB, beside ~8 GB of towers, optimizer, the rank's images and the loss, within
-# an 80 GB GPU. One 8-GPU node: 2 micro-batches of 2048 per step; 80 GPUs: one of 410.
-micro_batch_size = 2048
+# an 80 GB GPU. 'auto' tries a step of the rank's whole share and halves until one fits (the first
+# line says what it chose): one 8-GPU node of 80 GB should get 2 micro-batches of 2048 per step
+# (4,096 would need ~86 GB of captions); 80 GPUs: one of 410.
+micro_batch_size = 'auto'

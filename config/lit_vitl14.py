@@ -8,6 +8,8 @@ learning_rate = 4e-4  # Table 9 (ViT-L)
 # The text tower keeps ~31.5 MB of activations per 77-token caption in bf16 (bench/
 # bench_lit_memory.py: 57.1 MB measured in fp32, 31.5 MB under bf16 autocast on the CPU): 1024
 # captions are ~32 GB, beside ~12 GB of towers, optimizer, the rank's images and the loss, within
-# an 80 GB GPU; the whole 4,096 per GPU of one 8-GPU node would need ~129 GB. One node: 4
-# micro-batches per step; 80 GPUs: 410 images per GPU, one micro-batch.
-micro_batch_size = 1024
+# an 80 GB GPU; the whole 4,096 per GPU of one 8-GPU node would need ~129 GB. 'auto' tries a
+# step of the rank's whole share and halves until one fits (the first line says what it chose):
+# one node of 80 GB GPUs should get 4 micro-batches of 1024 per step; 80 GPUs: 410 images per
+# GPU, one micro-batch, if they fit.
+micro_batch_size = 'auto'
