@@ -14,7 +14,8 @@ The image tower is then trained: from a model.py preset (model=...) or from visi
 
 One CPU process:   python lit.py config/lit_tiny.py
 One 8-GPU node:    torchrun --standalone --nproc_per_node=8 lit.py config/lit_vitl14.py  (the 32K
-                   batch in micro-batches of 1024 per GPU, micro_batch_size: the gradient cache)
+                   batch in micro-batches of what fits a GPU, micro_batch_size='auto': the
+                   gradient cache; about 1024 expected on an 80 GB GPU)
 CLIP from scratch: python lit.py config/clip_tiny.py    (lock_image=False, model='ViT-T/4')
 UniCLIP / SimCLR:  python lit.py config/uniclip_tiny.py;  python lit.py config/simclr_cifar10.py
 Continue a run:    python lit.py config/lit_tiny.py --init_from=resume   (the same number of ranks)
@@ -22,7 +23,8 @@ Continue a run:    python lit.py config/lit_tiny.py --init_from=resume   (the sa
 precompute_features=True (LiT only) embeds every image once (eval transform, no augmentation)
 and trains the text tower from those features: the frozen tower then costs one forward pass per
 image in total instead of one per image per epoch. Full mode with augment='none' sees exactly the
-same inputs. The features live in out_dir/image_features.npy (a memory map; reused on resume).
+same inputs. The features live in out_dir/image_features.npy (a memory map; reused on resume),
+each step's rows gathered ahead of it in a prefetch thread.
 The result, out_dir/ckpt.pt, holds the towers: checkpoints.from_pretrained returns (vision, text or
 None); with the augmentation-aware embedding, 'vision' is the plain tower of the unaugmented
 embedding (AugAwareVision.folded()) and 'aug_vision' what a resume needs.
