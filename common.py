@@ -812,6 +812,10 @@ def auto_micro_batch(try_step, start, ddp, device):
     while True:
         oom = False
         try:
+            # test hook (like cluster.py's CLUSTER_KILL_AT): MLCD_FAKE_OOM_ABOVE=n makes a try of
+            # more than n images run out of memory before any collective, a small GPU for CPU tests
+            if m > int(os.environ.get('MLCD_FAKE_OOM_ABOVE', m)):
+                raise torch.OutOfMemoryError(f'MLCD_FAKE_OOM_ABOVE: {m} images')
             try_step(m)
         except torch.OutOfMemoryError:  # the exception (and the graph its frames hold) dies here
             oom = True
@@ -826,3 +830,15 @@ def auto_micro_batch(try_step, start, ddp, device):
             stop(f'micro_batch_size=auto: even 1 image per forward does not fit on {device} (a '
                  'training micro-step ran out of memory)', say=not ddp or dist.get_rank() == 0)
         m, failed = m // 2, m
+
+
+def auto_batch_plan(try_step, global_batch_size, world, ddp, device, unsplit):
+    """micro_batch_size='auto' as batch_plan's (global, micro, accum, note): the search from the
+    rank's whole share, rounded up (32768 on 80 ranks: 410, one micro-batch; 409 would be planned
+    as 2 of 205), and a note saying what fits and why; unsplit: what it says when the whole share
+    fits."""
+    fits, failed = auto_micro_batch(try_step, -(-global_batch_size // world), ddp, device)
+    global_batch_size, micro, accum, note = batch_plan(global_batch_size, world, fits)
+    why = f'micro_batch_size=auto: {fits} fits on {device} ' + (
+        f'({failed} ran out of memory)' if failed else f'({unsplit})')
+    return global_batch_size, micro, accum, '; '.join(x for x in (why, note) if x)

@@ -372,10 +372,6 @@ def try_step(m):
     rng, trained = rng_state(device), [p for p in [*towers.parameters(), *temps] if p.requires_grad]
     held = []
     try:
-        # test hook, as in train.py: MLCD_FAKE_OOM_ABOVE=n makes a try of more than n images run
-        # out of memory before any collective, a small GPU for CPU tests
-        if m > int(os.environ.get('MLCD_FAKE_OOM_ABOVE', m)):
-            raise torch.OutOfMemoryError(f'MLCD_FAKE_OOM_ABOVE: {m} images')
         batch = try_batch(m_used * n)
         # held as empty tensors, so that what fits now still fits then: AdamW's two moments of
         # every trained parameter (made at the first step, or by a resume below) and the batches
@@ -392,14 +388,8 @@ def try_step(m):
 
 
 if auto_micro:
-    # from the rank's whole share, rounded up: 32768 on 80 ranks starts at 410, one micro-batch
-    # (409 would be planned as 2 of 205)
-    fits, failed = common.auto_micro_batch(try_step, -(-global_batch_size // world), ddp, device)
-    global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world, fits)
-    batch_note = '; '.join(x for x in (
-        f'micro_batch_size=auto: {fits} fits on {device}' +
-        (f' ({failed} ran out of memory)' if failed else ' (no gradient cache needed)'),
-        batch_note) if x)
+    global_batch_size, micro, accum, batch_note = common.auto_batch_plan(
+        try_step, global_batch_size, world, ddp, device, 'no gradient cache needed')
 batch_size = micro * accum
 
 # -----------------------------------------------------------------------------

@@ -402,12 +402,12 @@ class PartialFC(nn.Module):
         all ranks; 0-d tensors, not floats: reading them would wait for the device every micro-batch.
         The negatives' sum as the used columns' less the positives': one pass over the cosines."""
         (B, G, N), dt = cos_neg.shape, cos_neg.dtype
-        has = own_col < N
+        has = own_col < N  # a positive in its term's S (always a used slot)
         cols = cos_neg.sum(0) if valid is None else cos_neg.sum(0) * valid
-        n_neg = (N if valid is None else valid.sum(1, keepdim=True)) * B - has.sum((0, 2)).view(-1, 1)
         own = (cos_neg.gather(2, own_col.clamp_max(N - 1)) * has).sum()
+        n_neg = (G * N if valid is None else valid.sum()) * B - has.sum()
         st = torch.stack([torch.where(is_local, cos_pos, 0).sum(), is_local.sum().to(dt),
-                          cols.sum() - own, torch.as_tensor(n_neg, device=cos_neg.device).sum().to(dt)])
+                          cols.sum() - own, n_neg.to(dt)])
         if _world()[1] > 1:
             dist.all_reduce(st)
         return {'pos_cos': st[0] / st[1].clamp_min(1.0), 'neg_cos': st[2] / st[3].clamp_min(1.0),

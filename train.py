@@ -344,10 +344,6 @@ def try_micro_step(m):
     try:
         images = torch.zeros(m, 3, vision.image_size, vision.image_size, device=device)
         with ctx:
-            # test hook (like cluster.py's CLUSTER_KILL_AT): MLCD_FAKE_OOM_ABOVE=n makes a try of
-            # more than n images run out of memory, a small GPU for CPU tests
-            if m > int(os.environ.get('MLCD_FAKE_OOM_ABOVE', m)):
-                raise torch.OutOfMemoryError(f'MLCD_FAKE_OOM_ABOVE: {m} images')
             emb = vision(images)  # not yet compiled or DDP-wrapped
         pfc(emb.float(), torch.zeros(m, num_positives, dtype=torch.long, device=device)).backward()
     finally:
@@ -360,12 +356,8 @@ def try_micro_step(m):
 
 
 if auto_micro:
-    fits, failed = common.auto_micro_batch(try_micro_step, global_batch_size // world, ddp, device)
-    global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
-        global_batch_size, world, fits)
-    batch_note = '; '.join(x for x in (
-        f'micro_batch_size=auto: {fits} fits on {device}' +
-        (f' ({failed} ran out of memory)' if failed else ' (no accumulation needed)'), batch_note) if x)
+    global_batch_size, micro_batch_size, accum, batch_note = common.auto_batch_plan(
+        try_micro_step, global_batch_size, world, ddp, device, 'no accumulation needed')
     print_batch_plan()
 if master and resumed_global not in (None, global_batch_size):
     print(f'the global batch changes from {resumed_global} to {global_batch_size} on this number '

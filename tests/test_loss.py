@@ -172,19 +172,26 @@ def test_float32_close_to_reference(loss_type):
     assert close(pfc.weight.grad.double(), w2.grad, 1e-4)
 
 
-def test_mlc_single_label_is_margin_softmax_cross_entropy():
-    # Eq. 4 with l = 1: log(1 + sum_j e^{s_j} e^{-s_p}) = -log(e^{s_p} / (e^{s_p} + sum_j e^{s_j})),
-    # the cross-entropy of a softmax over all k classes with the ArcFace margin on the target
-    # (UNICOM); the "1 +" is the target's own term, nothing extra.
-    g = torch.Generator().manual_seed(3)
+def single_label_case(seed, **kw):
+    """16 rows of one label each over k = 30 centres, float64: (PartialFC with every centre
+    scored, embeddings, targets, cosines [B, k])."""
+    g = torch.Generator().manual_seed(seed)
     B, d, k = 16, 8, 30
     emb = torch.randn(B, d, generator=g, dtype=torch.float64)
     weight = torch.randn(k, d, generator=g, dtype=torch.float64)
     target = torch.randint(0, k, (B,), generator=g)
-    pfc = PartialFC(d, k, sample_ratio=1.0, loss_type='mlc').double()
+    pfc = PartialFC(d, k, sample_ratio=1.0, **kw).double()
     with torch.no_grad():
         pfc.weight.copy_(weight)
-    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
+    return pfc, emb, target, F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
+
+
+def test_mlc_single_label_is_margin_softmax_cross_entropy():
+    # Eq. 4 with l = 1: log(1 + sum_j e^{s_j} e^{-s_p}) = -log(e^{s_p} / (e^{s_p} + sum_j e^{s_j})),
+    # the cross-entropy of a softmax over all k classes with the ArcFace margin on the target
+    # (UNICOM); the "1 +" is the target's own term, nothing extra.
+    pfc, emb, target, cos = single_label_case(3, loss_type='mlc')
+    k = cos.shape[1]
     onehot = F.one_hot(target, k).bool()
     logits = SCALE * torch.where(onehot, torch.cos(torch.acos(cos) + MARGIN), cos)
     ce = F.cross_entropy(logits, target)
@@ -194,15 +201,8 @@ def test_mlc_single_label_is_margin_softmax_cross_entropy():
 def test_onevision_one_label_is_cosface_softmax_cross_entropy():
     # one draw of one label: the cross-entropy of a softmax over all k classes with the CosFace
     # margin on the target, s (cos - m), as F.cross_entropy computes it
-    g = torch.Generator().manual_seed(13)
-    B, d, k = 16, 8, 30
-    emb = torch.randn(B, d, generator=g, dtype=torch.float64)
-    weight = torch.randn(k, d, generator=g, dtype=torch.float64)
-    target = torch.randint(0, k, (B,), generator=g)
-    pfc = PartialFC(d, k, sample_ratio=1.0, loss_type='onevision', draws=1, pool=1).double()
-    with torch.no_grad():
-        pfc.weight.copy_(weight)
-    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).t()
+    pfc, emb, target, cos = single_label_case(13, loss_type='onevision', draws=1, pool=1)
+    k = cos.shape[1]
     logits = SCALE * (cos - MARGIN * F.one_hot(target, k).double())
     assert close(pfc(emb, target[:, None]).detach(), F.cross_entropy(logits, target), 1e-9)
 
