@@ -29,6 +29,7 @@ import signal
 import resource
 
 import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import data
 import provenance
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ seed = 0
 assign_batch = 65536  # rows per search (bounds RAM); the torch search also keeps rows x k scores <= 1 GiB
 search = 'auto'  # nearest-centre search: 'faiss' or 'torch' (matmul + top-k on device); auto: faiss,
 #                  torch on CUDA when faiss has no GPUs, or when faiss is not installed
+search_dtype = 'auto'  # the search's precision: 'float32', 'float16' or 'bfloat16'. A half-precision
+#   search finds candidates, re-scored in float32 (labels as float32's, docs/scale.md); auto: float16
+#   on CUDA (tensor cores; the embeddings are float16 already), float32 on CPUs
 force = False  # redo every phase even if finished
 timeout_minutes = 30.0  # a collective that waits longer than this fails instead of hanging
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
@@ -83,6 +87,14 @@ if search == 'faiss' and faiss is None:
     raise SystemExit('cluster.py: search=faiss but faiss is not installed (pip install faiss-cpu); '
                      'search=torch needs no faiss')
 use_gpu_faiss = search == 'faiss' and device.startswith('cuda') and faiss.get_num_gpus() > 0
+if search_dtype == 'auto':
+    search_dtype = 'float16' if device.startswith('cuda') else 'float32'
+if search_dtype not in ('float32', 'float16', 'bfloat16'):
+    raise SystemExit(f"cluster.py: search_dtype={search_dtype!r} must be 'auto', 'float32', "
+                     "'float16' or 'bfloat16'")
+if use_gpu_faiss and search_dtype == 'bfloat16':
+    raise SystemExit('cluster.py: faiss on GPUs searches in float32 or float16, not bfloat16; '
+                     'search_dtype=float16, or search=torch')
 emb_path, cen_path, lab_path = (os.path.join(out_dir, f) for f in ('embeddings.npy', 'centroids.npy', 'labels.npy'))
 kms_path = os.path.join(out_dir, 'kmeans_state.npz')
 SAMPLE_BLOCK = 1 << 16  # rows per block of the k-means sample draw (fixed: the sample must not depend
@@ -126,22 +138,59 @@ def fail(msg):
     raise SystemExit(f'cluster.py: {msg}')
 
 
+RESCORE = 8  # extra candidates of a half-precision search, re-scored in float32 (docs/scale.md)
+LOW = {'float32': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[search_dtype]
+
+
 def searcher(cen):
     """f(x float16 [m, d] numpy, kk) -> (scores, ids) of the kk largest inner products with the
     centres, sorted, as torch tensors on this rank's device: faiss (on this rank's GPU when faiss
-    has GPUs) or a torch matmul + top-k."""
+    has GPUs) or a torch matmul + top-k. In half precision, each row's kk + RESCORE best
+    candidates are re-scored in float32 and the kk best of those kept."""
+    C = torch.from_numpy(cen).to(device)
+    kc = lambda kk: kk if LOW is None else min(k, kk + RESCORE)  # noqa: E731
     if search == 'torch':
-        C = torch.from_numpy(cen).to(device)
-        return lambda x, kk: torch.topk(torch.from_numpy(x).to(device).float() @ C.T, kk)
-    index = faiss.IndexFlatIP(d)
-    if use_gpu_faiss:
-        index = faiss.index_cpu_to_gpu(gpu_res, torch.cuda.current_device(), index)
-    index.add(cen)
+        Ch = C if LOW is None else C.to(LOW)
+
+        def find(x, kk):
+            return torch.topk(torch.from_numpy(x).to(device).to(Ch.dtype) @ Ch.T, kc(kk))
+    else:
+        index = faiss.IndexFlatIP(d) if LOW is None else faiss.IndexScalarQuantizer(
+            d, getattr(faiss.ScalarQuantizer, 'QT_fp16' if LOW == torch.float16 else 'QT_bf16'),
+            faiss.METRIC_INNER_PRODUCT)
+        if use_gpu_faiss and LOW is None:
+            index = faiss.index_cpu_to_gpu(gpu_res, torch.cuda.current_device(), index)
+        elif use_gpu_faiss:  # float16 storage and GEMM on the GPU
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.device, cfg.useFloat16 = torch.cuda.current_device(), True
+            index = faiss.GpuIndexFlatIP(gpu_res, d, cfg)
+        index.train(cen)  # a no-op for a flat index; a float16 / bfloat16 one records its type
+        index.add(cen)
+
+        def find(x, kk):
+            D, I = index.search(x.astype(np.float32), kc(kk))
+            return torch.from_numpy(D).to(device), torch.from_numpy(I).to(device)
 
     def f(x, kk):
-        D, I = index.search(x.astype(np.float32), kk)
-        return torch.from_numpy(D).to(device), torch.from_numpy(I).to(device)
+        D, I = find(x, kk)
+        if LOW is None:
+            return D, I
+        return rescore(torch.from_numpy(x).to(device), I, C, kk)
     return f
+
+
+def rescore(x, I, C, kk):
+    """The kk best of each row's candidates I [m, c] by their float32 inner products with x, sorted;
+    in blocks of rows that keep the gathered candidate centres [rows, c, d] near 64 MiB."""
+    D, J = [], []
+    step = max(1, (1 << 24) // (I.shape[1] * C.shape[1]))
+    for i in range(0, len(x), step):
+        cand = I[i:i + step]
+        s = torch.bmm(C[cand], x[i:i + step].float()[:, :, None])[:, :, 0]  # [rows, c] float32
+        top, j = torch.topk(s, kk)
+        D.append(top)
+        J.append(cand.gather(1, j))
+    return torch.cat(D), torch.cat(J)
 
 
 gpu_res = faiss.StandardGpuResources() if use_gpu_faiss else None
@@ -201,7 +250,6 @@ else:
         missing = []
     if missing:
         fail(f'missing shard {missing[0]} listed in {meta_path}')
-    import data
     ds = common.open_dataset('data_dir', data_dir, max_open_shards)
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
@@ -270,6 +318,8 @@ else:
                           teacher_text=teacher_text)}
 keys['kmeans'] = dict(num_classes=num_classes, niter=niter, max_points_per_centroid=max_points_per_centroid, seed=seed)
 keys['assign'] = dict(num_positives=num_positives)
+if search_dtype != 'float32':  # a half-precision search is recorded (a float32 one: as before)
+    keys['kmeans']['search_dtype'] = keys['assign']['search_dtype'] = search_dtype
 outputs = {'embed': emb_path, 'kmeans': cen_path, 'assign': lab_path}
 state_path = lambda p: os.path.join(out_dir, f'phase_{p}.json')
 todo, upstream = {}, False
@@ -416,8 +466,12 @@ if todo['embed']:
     finish_phase('embed', (N, d), t0)
 d = np.load(emb_path, mmap_mode='r').shape[1]
 k, l = num_classes, num_positives
-# rows per search; the torch search also holds rows x k float32 scores: at most 1 GiB
-chunk_rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, (1 << 28) // k))
+# rows per search; the torch search also holds rows x k scores: at most 1 GiB, on CUDA 1/16 of the
+# device's memory (5 GiB on 80 GB: 2,560 rows at k = 1M in float16, a GEMM far longer than its copies)
+score_size = 4 if LOW is None else 2
+score_cap = (torch.cuda.get_device_properties(device).total_memory // 16 if device.startswith('cuda')
+             else 1 << 30)
+chunk_rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, score_cap // (k * score_size)))
 
 # -----------------------------------------------------------------------------
 # phase 2: spherical k-means over all ranks. The sample is drawn from the seed alone; rank r holds
@@ -486,7 +540,7 @@ if todo['kmeans']:
         gib = lambda x: f'{x / 2 ** 30:.2f} GiB'
         share, cen_b, acc_b = (b - a) * d * 2, k * d * 4, k * (d + 1) * 8
         # a chunk: float32 rows to search, float64 rows | 1 to sum (twice, cat), results (+ scores)
-        chunk = chunk_rows * (20 * d + 24) + (chunk_rows * k * 4 if search == 'torch' else 0)
+        chunk = chunk_rows * (20 * d + 24) + (chunk_rows * k * score_size if search == 'torch' else 0)
         where = f' (share on the host, the rest on {device})' if device.startswith('cuda') else ''
         print(f'kmeans: {n:,} sample points over {world} rank(s); per rank: share {b - a:,} x {d} '
               f'float16 {gib(share)} + centres 2 x {gib(cen_b)} + sums {gib(acc_b)} + one chunk of '
@@ -559,9 +613,13 @@ if todo['assign']:
     f = searcher(cen)
     npy_create(lab_path + '.tmp', (N, l), np.int32)
     r0, r1 = rank_rows(N)
-    for i in common.progress(range(r0, r1, chunk_rows), desc=f'assign top-{l}',
-                             disable=not master):
-        _, I = f(npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16), l)  # sorted, nearest first
+    starts = range(r0, r1, chunk_rows)
+    # the next chunks are read in a thread while this one is searched
+    rows = data.prefetched(lambda i: npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16),
+                         starts, 2)
+    for i, x in common.progress(zip(starts, rows), desc=f'assign top-{l}', disable=not master,
+                                total=len(starts)):
+        _, I = f(x, l)  # sorted, nearest first
         npy_write(lab_path + '.tmp', i, I.cpu().numpy().astype(np.int32))
         kill_point('assign')
     finish_phase('assign', (N, l), t0)

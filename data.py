@@ -61,7 +61,7 @@ class ShardError(ValueError):
 
 def _stop(msg):
     # A shard is opened on first read, in the main thread or a prefetch thread. The main thread
-    # stops at once; a prefetch thread hands the error to its consumer (_prefetch), which stops
+    # stops at once; a prefetch thread hands the error to its consumer (prefetch), which stops
     # there: tearing down the process group from a worker would pull it from under the main thread.
     if threading.current_thread() is threading.main_thread():
         common.stop(msg)
@@ -389,7 +389,7 @@ def _stop_prefetchers():
         thread.join()
 
 
-def _prefetch(fn, args, depth):
+def prefetched(fn, args, depth):
     """Yields fn(a) for a in args, computed `depth` ahead in a background thread."""
     q, stop = queue.Queue(depth), threading.Event()
 
@@ -541,7 +541,7 @@ class Loader:
     def iterate(self, epoch, start_step=0):
         """batch(epoch, s) for s in [start_step, steps_per_epoch), made in a background thread."""
         steps = range(start_step, self.steps_per_epoch)
-        return _prefetch(lambda s: self.batch(epoch, s), steps, self.prefetch)
+        return prefetched(lambda s: self.batch(epoch, s), steps, self.prefetch)
 
 
 _warned = set()
@@ -585,4 +585,4 @@ def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device=
         buf = ds.pinned_images(idx, device.type == 'cuda')
         return torch.from_numpy(idx), plain(buf, device, image_size)
 
-    return _prefetch(load, range(start, start + n, batch_size), prefetch)
+    return prefetched(load, range(start, start + n, batch_size), prefetch)

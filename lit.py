@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from checkpoints import from_pretrained
 from common import rng_state, set_rng_state, shard_range, stop
-from data import Loader, ShardError, _prefetch, eval_batches
+from data import Loader, ShardError, eval_batches, prefetched
 from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
 import provenance
@@ -458,7 +458,7 @@ precompute_s = time.time() - t_pre
 
 
 def feature_batch(epoch, s):
-    """Step s of the epoch in precomputed mode, made in a prefetch thread (data._prefetch,
+    """Step s of the epoch in precomputed mode, made in a prefetch thread (data.prefetch,
     PREFETCH steps ahead, as the loader's batches): this rank's indices, captions and
     frozen features, gathered from the memory maps into pinned memory on CUDA, so that the copies
     to the device are asynchronous and the step never waits for the disk; plain memory on a CPU
@@ -473,7 +473,7 @@ def feature_batch(epoch, s):
                 'texts': (texts.pin_memory() if pin else texts).to(device, non_blocking=pin)}
     except ShardError:  # a caption shard: data.py's own line
         raise
-    except Exception as e:  # _prefetch stops the main thread with this line (no traceback)
+    except Exception as e:  # prefetch stops the main thread with this line (no traceback)
         raise ShardError(f'precompute_features=True: the prefetch thread failed making the batch '
                          f'of step {epoch * steps_per_epoch + s + 1} from '
                          f"{os.path.join(out_dir, 'image_features.npy')} ({type(e).__name__}: {e})"
@@ -591,7 +591,7 @@ while step < end:
         if batches is not None:
             batches.close()
         if precompute_features:  # features, indices and texts: no image decoding at all
-            batches = _prefetch(lambda s, e=epoch: feature_batch(e, s),
+            batches = prefetched(lambda s, e=epoch: feature_batch(e, s),
                                 range(step_in_epoch, steps_per_epoch), PREFETCH)
         else:
             batches = loader.iterate(epoch, start_step=step_in_epoch)

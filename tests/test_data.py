@@ -939,7 +939,7 @@ def test_unfinished_loader_exits_cleanly():
             "    for _ in range(40):\n"
             "        x = x @ x.T / 300\n"
             "    return x\n"
-            "g = data._prefetch(slow, range(1000), 4)\n"
+            "g = data.prefetched(slow, range(1000), 4)\n"
             "next(g)\n")
     for _ in range(2):
         r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)

@@ -1,5 +1,5 @@
 """lit.py with precompute_features: each step's frozen features and captions are gathered in a
-prefetch thread (lit.feature_batch through data._prefetch; pinned memory and non-blocking copies
+prefetch thread (lit.feature_batch through data.prefetched; pinned memory and non-blocking copies
 on CUDA). The rows it hands the step are the right ones: a step's loss equals, bit for bit, the
 loss computed here from image_features.npy, the step's indices and the checkpoint before it,
 across an epoch boundary (a new thread); a failure in the thread stops the run with one line.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import test_lit_microbatch as tm
-from data import _prefetch
+from data import prefetched
 from sync_count import count_syncs
 from test_lit_microbatch import ROOT, lit
 
@@ -97,7 +97,7 @@ def test_sync_counter_sees_the_host_to_device_copy_the_thread_takes_out_of_the_s
         torch.from_numpy(features[idx]).to(device)
     assert syncs == {'Tensor.to (host to device)': 1}, syncs
     with count_syncs(copies=True) as syncs:  # made by a prefetch thread: none in this one
-        batches = list(_prefetch(lambda i: torch.from_numpy(features[i]).to(device), [idx, idx], 2))
+        batches = list(prefetched(lambda i: torch.from_numpy(features[i]).to(device), [idx, idx], 2))
     assert not syncs and len(batches) == 2, syncs
     with count_syncs(copies=True) as syncs:  # the other ways, and what is not one
         torch.tensor([1.0, 2.0], device=device)
