@@ -154,6 +154,9 @@ num_positives = num_positives or all_labels.shape[1]
 if not 1 <= num_positives <= all_labels.shape[1]:
     stop(f'config error: num_positives {num_positives} but {labels_path} has '
          f'{all_labels.shape[1]} columns')
+if loss_type == 'onevision' and onevision_pool > num_positives:
+    stop(f'config error: onevision_pool {onevision_pool} draws from the first {onevision_pool} '
+         f'labels but num_positives is {num_positives} (labels.npy has {all_labels.shape[1]} columns)')
 labels = all_labels[:, :num_positives]  # the l nearest centres, nearest first
 
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 VARIANTS = [  # run name (before _s<seed>), label
     ('mlcd', 'MLCD l=8 r=0.1 (Eq. 5)'), ('mlc', 'MLC l=8 (Eq. 4)'),
+    ('onevision', 'OneVision: 3 of 10 labels, CosFace'),
     ('unicom', 'single label l=1 (UNICOM)'), ('mlcd_r1', 'MLCD l=8 r=1.0'),
     ('simclr', 'SimCLR, 2 views (instance)'), ('uniclip', 'UniCLIP image-image, 2 views (instance)'),
     ('mlcd_t', 'MLCD l=8 r=0.1, SimCLR-tower teacher'), ('random', 'random-init ViT'), ('pixels', 'raw pixels'), ('supervised', 'true labels (reference)'),
@@ -25,10 +26,14 @@ VARIANTS = [  # run name (before _s<seed>), label
     ('student_jitter', 'student: + colour jitter 0.5'), ('student_2x', 'student: 2x steps'),
     ('student_4x', 'student: 4x steps'),
     ('student_round2', "student: a second round (the student's clusters)"),
+    # split=val: OneVision's settings (draws of the pool nearest, scale sigma), seed 0
+    ('ov_d3_p10_sigma32', 'OneVision: 3 of 10, sigma 32'), ('ov_d3_p10_sigma64', 'OneVision: 3 of 10, sigma 64'),
+    ('ov_d1_p10_sigma32', 'OneVision: 1 of 10, sigma 32'), ('ov_d3_p16_sigma32', 'OneVision: 3 of 16, sigma 32'),
 ]
 COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#e377c2', '#bcbd22', '#8c564b',
            '#7f7f7f', '#17becf', '#393b79', '#e7ba52', '#843c39', '#5254a3', '#8ca252', '#ad494a',
-           '#7b4173', '#637939', '#bd9e39', '#d6616b', '#a55194']  # one per bar (21 variants)
+           '#7b4173', '#637939', '#bd9e39', '#d6616b', '#a55194', '#6b6ecf', '#b5cf6b', '#e7969c',
+           '#de9ed6', '#3182bd']  # one per bar (26 variants)
 
 
 def load(path):

@@ -14,12 +14,17 @@ Input: `cifar` is a .tar.gz of CIFAR-10 as image folders, cifar10/{train,test}/<
 (any image format prepare.py reads; see README for making one from the standard download).
 Output in `out`: data/, clusters, one folder per run (train.py / lit.py / probe.py outputs and
 their console logs), results.json, results.md and results.png. Finished runs are skipped and an
-interrupted training resumes, so the script can be stopped and started again at any time.
+interrupted training resumes, so the script can be stopped and started again at any time. Each
+finished run's results (its probe.json, train.json or lit.json and log.jsonl, a few KB) are also
+copied to `record` (results/cifar10/<split>/<run>/, committed): a run recorded there is not run
+again, on this machine or another, and the tables are drawn from the records.
 
 The runs (folder names, for --only; _sS is the seed, S < seeds) and the table row each makes:
   mlcd_sS                 MLCD (Eq. 5), l = 8, r = 0.1 (seed 0 is also r = 0.1 and l = 8 of
                           the sweeps)
   mlc_sS                  MLC (Eq. 4), l = 8, r = 0.1
+  onevision_sS            OneVision-Encoder's loss: per image 3 labels drawn from its 10 nearest
+                          centres, each a CosFace softmax over its own sample (r = 0.1)
   unicom_sS               single label, l = 1 (UNICOM's loss: Eq. 4 with one positive)
   mlcd_r1_sS              MLCD, l = 8, r = 1.0 (seed 0 also: r = 1.0 of the k = 1,000 sweep)
   simclr_sS, uniclip_sS   SimCLR; UniCLIP's image-image part (2 views, instance discrimination)
@@ -37,8 +42,11 @@ The runs (folder names, for --only; _sS is the seed, S < seeds) and the table ro
   sweep_r0.01, sweep_r0.5             r sweep, k = 1,000 (with mlcd_s0 and mlcd_r1_s0)
   sweep_k10x_r0.1, sweep_k10x_r1.0    r sweep, k = 10,000
   sweep_l1, sweep_l2, sweep_l4, sweep_l16   l sweep, MLCD (Eq. 5), r = 0.1 (with mlcd_s0 for l = 8)
+  ov_d<D>_p<P>_sigma<S> split=val only: the OneVision settings tried (D draws of the P nearest,
+                          scale S), seed 0; onevision_sS takes the best
 """
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -71,6 +79,11 @@ threads = 1  # CPU threads per run
 device = 'cpu'  # 'cuda': every stage on the GPU (bf16 autocast in training). One seed gives
                 # another number on each (MLCD l = 8, seed 0: 45.29 on the CPU, 46.22 on the GPU)
 probe_iters = 1000  # L-BFGS iterations per probe fit (CLIP's 1,000)
+record = None  # folder of the finished runs' records; None: results/cifar10/<split> (quick: none);
+               # '': none
+onevision_draws = 3  # OneVision's settings for onevision_sS, chosen on split=val (the ov_* runs)
+onevision_pool = 10
+onevision_scale = 32.0
 if {'-h', '--help'} & set(sys.argv[1:]):
     print(__doc__.strip() + '\n')  # the run names, then the settings
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
@@ -81,6 +94,8 @@ if split not in ('test', 'val'):
     raise SystemExit(f"config error: split must be 'test' or 'val', got {split!r}")
 if quick:
     steps, batch, k, probe_iters = 30, 64, 50, 100
+if record is None:
+    record = '' if quick else os.path.join(ROOT, 'results', 'cifar10', split)
 D, T = os.path.join(out, 'data', 'train'), os.path.join(out, 'data', split)
 LABELS, TRUE = os.path.join(out, 'cluster_pixels'), os.path.join(out, 'true_labels')
 LABELS_10K = os.path.join(out, 'cluster_pixels_k10x')  # 10 k clusters: the r sweep's second row
@@ -123,6 +138,7 @@ def variants():
     main = [  # name, labels, extra train.py arguments
         ('mlcd', LABELS, ['--loss_type=mlcd', '--num_positives=8', '--sample_ratio=0.1']),
         ('mlc', LABELS, ['--loss_type=mlc', '--num_positives=8', '--sample_ratio=0.1']),
+        ('onevision', LABELS, onevision(onevision_draws, onevision_pool, onevision_scale)),
         ('unicom', LABELS, ['--loss_type=mlc', '--num_positives=1', '--sample_ratio=0.1']),
         ('mlcd_r1', LABELS, ['--loss_type=mlcd', '--num_positives=8', '--sample_ratio=1.0']),
         # the true labels as a 10-way normalised softmax, without the margin (10 classes)
@@ -145,7 +161,18 @@ def variants():
         for r in (0.1, 1.0):  # r with 10 k clusters: many near-duplicate centres, as at 1M
             runs.append((f'sweep_k10x_r{r}', 'train.py', [f'--labels_dir={LABELS_10K}', '--seed=0',
                          '--loss_type=mlcd', '--num_positives=8', f'--sample_ratio={r}'], 0))
+    if split == 'val':  # OneVision's settings: its authors' 3 of 10 at sigma 64 and ours
+        for d, p, sc in ((3, 10, 32.0), (3, 10, 64.0), (1, 10, 32.0), (3, 16, 32.0)):
+            runs.append((f'ov_d{d}_p{p}_sigma{sc:g}', 'train.py', [f'--labels_dir={LABELS}', '--seed=0']
+                         + onevision(d, p, sc), 0))
     return runs
+
+
+def onevision(draws, pool, sigma):
+    """train.py arguments of OneVision-Encoder's loss: `draws` of the `pool` nearest labels, each
+    a CosFace softmax (margin 0.3) over its own sample of r = 0.1 of the centres, scale sigma."""
+    return ['--loss_type=onevision', f'--num_positives={pool}', '--sample_ratio=0.1',
+            f'--onevision_draws={draws}', f'--onevision_pool={pool}', f'--scale={sigma}']
 
 
 
@@ -163,6 +190,30 @@ def train(name, script, args, seed):
     print(f'done {name} in {time.time() - t0:.0f} s', flush=True)
 
 
+KEEP = ('probe.json', 'train.json', 'lit.json', 'log.jsonl')  # a run's record: its results
+
+
+def keep(name):
+    """A finished run's results copied to its record (written whole, then renamed)."""
+    if record:
+        d = os.path.join(record, name)
+        os.makedirs(d, exist_ok=True)
+        for f in KEEP:
+            if os.path.exists(os.path.join(out, name, f)):
+                shutil.copyfile(os.path.join(out, name, f), os.path.join(d, f + '.tmp'))
+                os.replace(os.path.join(d, f + '.tmp'), os.path.join(d, f))
+
+
+def restore(name):
+    """A recorded run's results into its folder of `out`, where it then counts as done."""
+    d = os.path.join(record, name) if record else ''
+    if d and os.path.exists(os.path.join(d, 'probe.json')) and not probed(name):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for f in KEEP:
+            if os.path.exists(os.path.join(d, f)):
+                shutil.copyfile(os.path.join(d, f), os.path.join(out, name, f))
+
+
 def probe(name, checkpoint):
     # raw pixels have one feature: the three names would fit the same 3,072-d features three times
     features = FEATURES.split(',')[0] if checkpoint == 'pixels' else FEATURES
@@ -174,6 +225,7 @@ def probe(name, checkpoint):
          f'--out_dir={d}', '--zero_shot=False', f'--max_iter={probe_iters}', f'--features={features}',
          f'--device={device}'],
         os.path.join(d, 'stdout.log'))
+    keep(name)
 
 
 def pool(tasks):
@@ -222,10 +274,12 @@ unknown = [n for n in selected if n not in NAMES]
 if unknown:
     raise SystemExit(f'only={only}: no run named {", ".join(unknown)}; the runs are '
                      f'{", ".join(NAMES)}')
+probed = lambda name: os.path.exists(os.path.join(out, name, 'probe.json'))  # noqa: E731
+for name in NAMES:  # what another machine finished (its record) counts as done here
+    restore(name)
 trained = lambda r: any(os.path.exists(os.path.join(out, r[0], f))  # noqa: E731
                         for f in ('train.json', 'lit.json'))
 wanted = lambda name: not selected or name in selected  # noqa: E731
-probed = lambda name: os.path.exists(os.path.join(out, name, 'probe.json'))  # noqa: E731
 todo = [r for r in variants() + TEACHER_RUNS if wanted(r[0]) and not trained(r)]
 labels_of = lambda r: next((a.split('=', 1)[1] for a in r[2]  # noqa: E731
                             if a.startswith('--labels_dir=')), None)
@@ -244,7 +298,7 @@ print(f'to do: {"the data, " if not os.path.exists(os.path.join(T, "meta.json"))
       flush=True)
 
 # 1. data: unpack (members checked: no absolute paths or '..'), split, build uint8 shards
-if not os.path.exists(os.path.join(T, 'meta.json')):
+if (todo or n_probes) and not os.path.exists(os.path.join(T, 'meta.json')):
     if not os.path.exists(cifar):
         raise SystemExit(f'reproduce_cifar10.py: cifar={cifar} not found (a .tar.gz of '
                          'cifar10/{train,test}/<class>/ images; see README)')
@@ -337,7 +391,10 @@ for second in (False, True):  # runs on the SimCLR tower's clusters, then those 
     runs = [r for r in TEACHER_RUNS if wanted(r[0]) and (tower_of(r) in students) == second]
     for c in sorted({labels_of(r) for r in runs} & set(clusterings)):
         tower = LEARNED[os.path.basename(c)][0]
-        if trained((tower,)):
+        if trained((tower,)) and not os.path.exists(os.path.join(out, tower, 'ckpt.pt')):
+            failed.append(f'{os.path.basename(c)} ({tower} is recorded but its checkpoint is not '
+                          f'here: remove {os.path.join(record, tower)} to train it again)')
+        elif trained((tower,)):
             learned_clusters(os.path.basename(c))
         else:
             failed.append(f'{os.path.basename(c)} ({tower} is not trained)')

@@ -48,13 +48,13 @@ def test_help_lists_every_run_and_an_unknown_name_stops_before_any_work(tmp_path
 
 @pytest.mark.skipif(not os.path.exists(CIFAR), reason=f'{CIFAR} (CIFAR-10 as image folders) is absent')
 def test_quick_reproduction(tmp_path):
-    out = tmp_path / 'c10'
-    log = reproduce(out)
-    # the plan: 9 clusterings (pixels, 10 k pixels, true labels, 6 of learned towers), 37 runs
-    # (24 + SimCLR 2x, 4x + 9 single-change students, the 2x and 4x ones with 2 seeds), 40 probes
-    assert plan(log) == (9, 37, 37, 40)
+    out, rec = tmp_path / 'c10', tmp_path / 'records'
+    log = reproduce(out, f'--record={rec}')
+    # the plan: 9 clusterings (pixels, 10 k pixels, true labels, 6 of learned towers), 39 runs
+    # (26 + SimCLR 2x, 4x + 9 single-change students, the 2x and 4x ones with 2 seeds), 42 probes
+    assert plan(log) == (9, 39, 39, 42)
     R = json.load(open(out / 'results.json'))
-    for name in ('mlcd', 'mlc', 'unicom', 'mlcd_r1', 'simclr', 'uniclip', 'supervised', 'mlcd_t', 'random'):
+    for name in ('mlcd', 'mlc', 'onevision', 'unicom', 'mlcd_r1', 'simclr', 'uniclip', 'supervised', 'mlcd_t', 'random'):
         assert R[name]['seeds'] == 2, name
         for top1 in R[name]['top1'].values():
             assert len(top1) == 2 and all(0 <= a <= 100 for a in top1)
@@ -96,16 +96,16 @@ def test_quick_reproduction(tmp_path):
     # a second run finds everything done: it runs no stage and changes no result
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pt', '.json', '.npy')
               and p.name != 'results.json'}
-    log = reproduce(out)
+    log = reproduce(out, f'--record={rec}')
     assert not [line for line in log.splitlines() if line.startswith('+ ')]  # only the table is redrawn
-    assert plan(log) == (0, 0, 37, 0)
+    assert plan(log) == (0, 0, 39, 0)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
     # `only` redoes what it names and nothing else
     os.remove(out / 'mlc_s1' / 'probe.json')
     log = reproduce(out, '--only=mlc_s1')
     assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == ['probe.py']
-    assert plan(log) == (0, 0, 37, 1)
+    assert plan(log) == (0, 0, 39, 1)
     assert (out / 'mlc_s1' / 'probe.json').exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if 'mlc_s1' not in str(p))
 
@@ -114,7 +114,19 @@ def test_quick_reproduction(tmp_path):
     for d in ('sweep_l2', 'cluster_pixels_k10x', 'true_labels', 'cluster_pixels'):
         shutil.rmtree(out / d)
     log = reproduce(out, '--only=sweep_l2')
-    assert plan(log) == (1, 1, 37, 1)
+    assert plan(log) == (1, 1, 39, 1)
     assert [line.split()[1] for line in log.splitlines() if line.startswith('+ ')] == [
         'cluster.py', 'train.py', 'probe.py']
     assert not (out / 'cluster_pixels_k10x').exists() and not (out / 'true_labels').exists()
+
+    # every finished run is recorded (a few KB: its results, no checkpoint); a run whose folder is
+    # gone but whose record is there (another machine) is not run again and gives the same table
+    assert len(os.listdir(rec)) == 42 and (rec / 'onevision_s1' / 'log.jsonl').exists()
+    assert sum(f.stat().st_size for f in (rec / 'mlcd_s0').iterdir()) < 50_000
+    assert sorted(os.listdir(rec / 'simclr_s0')) == ['lit.json', 'log.jsonl', 'probe.json']
+    table = (out / 'results.md').read_text()
+    shutil.rmtree(out / 'mlcd_s1')
+    log = reproduce(out, f'--record={rec}')
+    assert not [line for line in log.splitlines() if line.startswith('+ ') and 'mlcd_s1' in line]
+    assert (out / 'mlcd_s1' / 'probe.json').read_bytes() == (rec / 'mlcd_s1' / 'probe.json').read_bytes()
+    assert (out / 'results.md').read_text() == table
