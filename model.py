@@ -20,6 +20,17 @@ try:  # optional: a GPU kernel; CPU machines and CI use torch's SDPA
 except Exception:
     flash_attn_func = None
 
+
+def flash_supports(head_dim, capability):
+    """flash-attn 2's limits: an Ampere or newer GPU (compute capability 8.0+), heads of <= 256."""
+    return tuple(capability) >= (8, 0) and head_dim <= 256
+
+
+# the least capable visible GPU's compute capability, read once (flash-attn is used only if all
+# of them run it; an older GPU, a V100 or T4, takes SDPA)
+GPU_CAPABILITY = (min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+                  if flash_attn_func is not None and torch.cuda.is_available() else (0, 0))
+
 # -----------------------------------------------------------------------------
 # building blocks
 
@@ -27,7 +38,8 @@ except Exception:
 def attention(q, k, v, causal=False):
     """The one place attention is computed. q, k, v: [B, T, heads, head_dim] -> same shape.
     softmax(q k^T / sqrt(head_dim)) v, with a causal mask if asked."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and flash_supports(q.shape[-1], GPU_CAPABILITY)):
         return flash_attn_func(q, k, v, causal=causal)  # takes [B, T, h, d] directly
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants [B, h, T, d]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)

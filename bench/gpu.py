@@ -67,8 +67,8 @@ from model import PRESETS  # noqa: E402
 from gpu_launch import check_launch  # noqa: E402
 from gpu_checks import (check_attention, check_kmeans, check_loader, check_partialfc,  # noqa: E402
                         check_pinned, check_probe, check_towers)
-from gpu_timing import (compile_child, host_syncs, time_assign, time_compile,  # noqa: E402
-                        time_model)
+from gpu_timing import (compile_child, host_syncs, time_assign, time_auto,  # noqa: E402
+                        time_compile, time_model, time_search)
 from gpu_util import NUM_POSITIVES, SAMPLE_RATIO, TOPK, free  # noqa: E402
 
 
@@ -77,10 +77,12 @@ SIZES = {
     'paper': dict(models=('ViT-B/16', 'ViT-L/14'), world=8, k_total=1_000_000, mb_start=32,
                   mb_max=2048, warmup=2, steps=5, sync_batch=8, assign=(1_000_000, 100_000, 768),
                   pfc=(20_000, 64, 128), kmeans=(20_000, 32, 50), probe=(4000, 64, 10),
-                  busy=2048, search_s=60),
+                  busy=2048, search_s=60, search=(1_000_000, 100_000, 768),
+                  auto=(224, 2048)),
     'tiny': dict(models=('ViT-T/4',), world=2, k_total=4000, mb_start=2, mb_max=8, warmup=1,
                  steps=2, sync_batch=2, assign=(8192, 1000, 64), pfc=(2000, 16, 32),
-                 kmeans=(4000, 32, 50), probe=(1000, 32, 10), busy=128, search_s=20),
+                 kmeans=(4000, 32, 50), probe=(1000, 32, 10), busy=128, search_s=20,
+                 search=(8192, 1000, 64), auto=(32, 64)),
 }
 
 
@@ -232,6 +234,22 @@ def markdown(R):
                  f"{fmt(v['gemm_tflops'] * 1e12 / peak if peak else None, pct=True)} | "
                  f"{v['search_s_per_1m_rows']:.2f} | {100 * v['top1_agreement_with_fp32']:.2f}% | "
                  f"{v['rows_done']:,} |")
+    sr = R.get('search') or {}
+    if sr:
+        L += ['', f"## cluster.py's assign phase per search_dtype ({sr.get('rows', 0):,} x {sr.get('dim')} "
+              f"against {sr.get('centroids', 0):,} centres, top-{TOPK}, search='torch')", '',
+              '| search_dtype | assign s | s per 1M rows | top-1 = float32 run | top-8 = float32 run |',
+              '|---|---|---|---|---|']
+        for name in ('float32', 'float16', 'bfloat16'):
+            v = sr.get(name)
+            if isinstance(v, dict) and 'assign_s' in v:
+                L.append(f"| {name} | {v['assign_s']:.2f} | {v['assign_s_per_1m_rows']:.2f} | "
+                         f"{100 * v['top1_equal_fp32']:.3f}% | {100 * v['topk_equal_fp32']:.3f}% |")
+    au = R.get('auto') or {}
+    if au:
+        L += ['', f"## train.py micro_batch_size='auto' ({au.get('model')}, one rank)", '',
+              f"{au.get('line') or au.get('error', 'not run')} ({fmt(au.get('seconds'), '.0f')} s to the "
+              'end of one step)']
     L += ['', '## Goals', '']
     for k, v in R['goals'].items():
         L.append(f"- {k}: {'not measured' if v is None else ('met' if v else 'NOT met')}")
@@ -258,7 +276,7 @@ if __name__ == '__main__':
     compile = True  # time torch.compile of the tower too (in a child process)
     compile_backend = ''  # '' : inductor on CUDA, 'eager' on a CPU (traces only: seconds)
     compile_timeout_s = 150.0  # per model
-    sections = 'all'  # or a comma list of: checks, launch, syncs, step, assign, compile (all:
+    sections = 'all'  # or a comma list of: checks, launch, syncs, step, assign, search, auto, compile (all:
     #                   launch only on CUDA; on a CPU tests/test_launch.py runs it on 2 ranks)
     only = ''  # internal: 'compile' runs one compile child
     model_name = ''  # internal (only=compile)
@@ -282,10 +300,11 @@ if __name__ == '__main__':
     tmp = os.path.join(out_dir, 'tmp')
     os.makedirs(tmp, exist_ok=True)
     want = (set(sections.split(',')) if sections != 'all' else
-            {'checks', 'syncs', 'step', 'assign', 'compile'}
+            {'checks', 'syncs', 'step', 'assign', 'search', 'auto', 'compile'}
             | ({'launch'} if dev.type == 'cuda' else set()))
     R = dict(size=size, budget_s=budget_s, seconds=0.0, sizes={k: v for k, v in S.items()},
-             env={}, checks={}, syncs={}, step={}, assign={}, errors={}, skipped={}, notes=[])
+             env={}, checks={}, syncs={}, step={}, assign={}, search={}, auto={}, errors={},
+             skipped={}, notes=[])
     left = lambda: budget_s - (time.time() - t_start)  # noqa: E731
 
     def section(key, fn, need_s, store):
@@ -325,8 +344,9 @@ if __name__ == '__main__':
                 ('kmeans', lambda: check_kmeans(dev, tmp, *S['kmeans']), 30)):
             section(f'check {name}', fn, need,
                     lambda r, name=name: R['checks'].__setitem__(name, r))
-    if 'launch' in want:  # NCCL on CUDA (one rank: one GPU), gloo on a CPU
-        section('launch', lambda: check_launch(str(dev), tmp, 1, timeout=120), 60,
+    if 'launch' in want:  # NCCL on CUDA on up to 2 GPUs (2: reduce_scatter's path), gloo on a CPU
+        nproc = max(1, min(2, torch.cuda.device_count())) if dev.type == 'cuda' else 1
+        section('launch', lambda: check_launch(str(dev), tmp, nproc, timeout=120), 60,
                 lambda r: R.update(launch=r))
     first = PRESETS[S['models'][0]]['vision']
     if 'syncs' in want:
@@ -343,6 +363,13 @@ if __name__ == '__main__':
         N, kc, dc = S['assign']
         section('assign', lambda: time_assign(dev, N, kc, dc, min(60.0, left() / 4)), 20,
                 lambda r: R.update(assign=r))
+    if 'search' in want:  # cluster.py itself for each search_dtype
+        section('search', lambda: time_search(dev, tmp, *S['search'], timeout=max(30, left() / 2)), 40,
+                lambda r: R.update(search=r))
+    if 'auto' in want:  # train.py's micro_batch_size='auto' on the large tower
+        section('auto', lambda: time_auto(dev, tmp, S['models'][-1], *S['auto'],
+                                                 timeout=max(30, left() - 20)), 60,
+                lambda r: R.update(auto=r))
     for name in (S['models'] if compile and 'compile' in want else ()):
         B = R['step'].get(name, {}).get('micro_batch')
         if not B:

@@ -76,11 +76,13 @@ def check_attention(device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     g = torch.Generator().manual_seed(0)
     out, ok = {}, True
-    for T, causal in ((257, False), (77, True), (50, True)):  # ViT-L/14's tokens; text contexts
-        q, k, v = (torch.randn(2, T, 4, 64, generator=g, dtype=torch.float64) for _ in range(3))
-        gout = torch.randn(2, T, 4, 64, generator=g, dtype=torch.float64)
+    # ViT-L/14's tokens; text contexts; a head of 288, past flash-attn's 256 (model.attention
+    # must take SDPA there)
+    for T, causal, hd in ((257, False, 64), (77, True, 64), (50, True, 64), (65, False, 288)):
+        q, k, v = (torch.randn(2, T, 4, hd, generator=g, dtype=torch.float64) for _ in range(3))
+        gout = torch.randn(2, T, 4, hd, generator=g, dtype=torch.float64)
         qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-        s = torch.einsum('bthd,bshd->bhts', qr, kr) / math.sqrt(64)
+        s = torch.einsum('bthd,bshd->bhts', qr, kr) / math.sqrt(hd)
         if causal:
             s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float('-inf'))
         ref = torch.einsum('bhts,bshd->bthd', s.softmax(-1), vr)
@@ -93,13 +95,13 @@ def check_attention(device):
             r = dict(output=rel(y, ref), grad_q=rel(qd.grad, qr.grad), grad_k=rel(kd.grad, kr.grad),
                      grad_v=rel(vd.grad, vr.grad), tol=tol)
             r['ok'] = max(r['output'], r['grad_q'], r['grad_k'], r['grad_v']) < tol
-            out[f'model.attention_T{T}_causal{int(causal)}_{r_name(dtype)}'] = r
+            out[f'model.attention_T{T}_causal{int(causal)}_hd{hd}_{r_name(dtype)}'] = r
             ok &= r['ok']
         # each SDPA kernel on its own, bf16 ([B, h, T, d] layout); one that is not available for
         # these inputs on this device is reported, not failed
         qt, kt, vt = (t.to(device, torch.bfloat16).transpose(1, 2) for t in (q, k, v))
         for name in ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION', 'MATH'):
-            key = f'sdpa_{name.lower()}_T{T}_causal{int(causal)}'
+            key = f'sdpa_{name.lower()}_T{T}_causal{int(causal)}_hd{hd}'
             backend = getattr(SDPBackend, name, None)
             if backend is None:
                 out[key] = dict(ok=True, available=False, note='not in this torch')
@@ -116,8 +118,10 @@ def check_attention(device):
             r['ok'] = r['output'] < TOL['bfloat16']
             out[key] = r
             ok &= r['ok']
-    impl = 'flash_attn' if model.flash_attn_func is not None and device.type == 'cuda' else 'sdpa'
-    return dict(ok=ok, bf16_attention=impl, cases=out)
+    flash = (model.flash_attn_func is not None and device.type == 'cuda'
+             and model.flash_supports(64, model.GPU_CAPABILITY))
+    return dict(ok=ok, bf16_attention='flash_attn' if flash else 'sdpa',
+                gpu_capability=list(model.GPU_CAPABILITY), cases=out)
 
 
 def r_name(dtype):
@@ -306,17 +310,28 @@ def check_kmeans(device, tmp, N, d, k):
     x = c[rng.integers(0, k, N)] / np.sqrt(d) + 0.15 * rng.standard_normal((N, d)) / np.sqrt(d)
     path = os.path.join(tmp, 'kmeans_embeddings.npy')
     np.save(path, x.astype(np.float32))
-    runs = {'torch_device': ('torch', str(device)), 'torch_cpu': ('torch', 'cpu')}
+    # name -> search, device, search_dtype: float32 on the device is the reference; its half
+    # precision searches (candidates re-scored in float32), the CPU, faiss on the CPU and on the GPU
+    runs = {'torch_device': ('torch', str(device), 'float32'), 'torch_cpu': ('torch', 'cpu', 'float32')}
+    if device.type == 'cuda':
+        runs.update(torch_device_fp16=('torch', str(device), 'float16'),
+                    torch_device_bf16=('torch', str(device), 'bfloat16'))
+    faiss_gpus = 0
     if importlib.util.find_spec('faiss') is not None:
-        runs['faiss_cpu'] = ('faiss', 'cpu')
+        import faiss
+        faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0
+        runs['faiss_cpu'] = ('faiss', 'cpu', 'float32')
+        if device.type == 'cuda' and faiss_gpus:
+            runs.update(faiss_device=('faiss', str(device), 'float32'),
+                        faiss_device_fp16=('faiss', str(device), 'float16'))
     res, seconds_ = {}, {}
-    for name, (search, dev) in runs.items():
+    for name, (search, dev, dtype) in runs.items():
         out = os.path.join(tmp, f'kmeans_{name}')
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         run_cluster([f'--embeddings_path={path}', f'--out_dir={out}', f'--num_classes={k}',
                      '--num_positives=4', '--niter=8', f'--search={search}',
-                     f'--device={dev}'], 300)
+                     f'--device={dev}', f'--search_dtype={dtype}'], 300)
         seconds_[name] = time.time() - t0
         res[name] = tuple(np.load(os.path.join(out, f)) for f in ('centroids.npy', 'labels.npy'))
     cases, ok = {}, True
@@ -331,5 +346,5 @@ def check_kmeans(device, tmp, N, d, k):
         r['ok'] = r['top1_agreement'] >= 0.999 and r['centroid_max_err'] < 1e-3
         cases[f'device_vs_{name}'] = r
         ok &= r['ok']
-    return dict(ok=ok, faiss='faiss_cpu' in runs, seconds=seconds_, cases=cases)
+    return dict(ok=ok, faiss='faiss_cpu' in runs, faiss_gpus=faiss_gpus, seconds=seconds_, cases=cases)
 

@@ -307,3 +307,63 @@ def time_assign(device, N, k, d, budget):
             free(device)
     return out
 
+
+
+def stage(script, args, timeout):
+    """A stage as a subprocess: (its stdout, its last JSON line); an error names the stage."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f'{script} {" ".join(args)}: exit {p.returncode}: '
+                           + (p.stderr.strip() or p.stdout.strip())[-500:])
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{')]
+    return p.stdout, json.loads(lines[-1]) if lines else {}
+
+
+def time_search(device, tmp, N, k, d, timeout):
+    """cluster.py itself, search='torch', for every search_dtype: N x d embeddings against k
+    centres, top-8 (one k-means iteration on a k-point sample: the assign phase is what is timed).
+    Seconds of the assign phase, and its labels against the float32 run's."""
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(N, d, device=device), dim=1).half().cpu().numpy()
+    path = os.path.join(tmp, 'search_x.npy')
+    np.save(path, x)
+    del x
+    out, labels = dict(rows=N, centroids=k, dim=d, topk=TOPK), {}
+    for dtype in ('float32', 'float16', 'bfloat16'):
+        o = os.path.join(tmp, f'search_{dtype}')
+        _, r = stage('cluster.py', [f'--embeddings_path={path}', f'--out_dir={o}', f'--num_classes={k}',
+                                    f'--num_positives={TOPK}', '--niter=1', '--max_points_per_centroid=1',
+                                    '--search=torch', f'--search_dtype={dtype}', f'--device={device}',
+                                    '--force=True'], timeout)
+        labels[dtype] = np.load(os.path.join(o, 'labels.npy'))
+        ref = labels['float32']
+        out[dtype] = dict(assign_s=r['seconds']['assign'], kmeans_s=r['seconds']['kmeans'],
+                          assign_s_per_1m_rows=r['seconds']['assign'] * 1e6 / N,
+                          top1_equal_fp32=float((labels[dtype][:, 0] == ref[:, 0]).mean()),
+                          topk_equal_fp32=float((labels[dtype] == ref).all(1).mean()))
+        if dtype != 'float32':  # the centres differ where k-means moved a point: compare labels
+            out[dtype]['note'] = 'labels vs the float32 run (same seed, one k-means iteration)'
+    return out
+
+
+def time_auto(device, tmp, model, image_size, count, timeout):
+    """train.py's micro_batch_size='auto' on this GPU at `image_size` (the paper's 224): one step
+    of a `count`-image global batch on one rank (the search starts at `count` and halves on each
+    out of memory); the line that says what it chose, and the seconds to its first step."""
+    data_dir, labels_dir = os.path.join(tmp, 'auto_data'), os.path.join(tmp, 'auto_labels')
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        stage('prepare.py', ['--src=synthetic', f'--count={count}', f'--image_size={image_size}',
+                             f'--out={data_dir}'], timeout)
+        stage('cluster.py', [f'--data_dir={data_dir}', f'--out_dir={labels_dir}', '--num_classes=64',
+                             '--num_positives=8', f'--device={device}'], timeout)
+    t0 = time.time()
+    log, r = stage('train.py', [f'--data_dir={data_dir}', f'--labels_dir={labels_dir}',
+                                f'--out_dir={os.path.join(tmp, "auto_run")}', f'--model={model}',
+                                f'--image_size={image_size}', f'--global_batch_size={count}',
+                                '--micro_batch_size=auto',
+                                '--max_steps=1', '--eval_interval=0', '--ckpt_interval=1000',
+                                f'--device={device}', '--overwrite=True'], timeout)
+    line = next((ln for ln in log.splitlines() if 'micro_batch_size=auto' in ln), '')
+    return dict(model=model, seconds=time.time() - t0, line=line.strip(), step=r.get('step'),
+                ok=bool(line) and r.get('step') == 1)

@@ -131,8 +131,8 @@ def test_cpu_smoke_run(tmp_path):
                        text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(tmp_path / 'gpu_report.json'))
-    assert {'env', 'checks', 'syncs', 'step', 'assign', 'goals', 'errors', 'skipped', 'seconds',
-            'sizes'} <= set(r)
+    assert {'env', 'checks', 'syncs', 'step', 'assign', 'search', 'auto', 'goals', 'errors',
+            'skipped', 'seconds', 'sizes'} <= set(r)
     assert r['errors'] == {} and r['skipped'] == {}, (r['errors'], r['skipped'])
     assert set(r['checks']) == {'towers', 'attention', 'partialfc', 'loader', 'pinned', 'probe',
                                 'kmeans'}
@@ -152,6 +152,10 @@ def test_cpu_smoke_run(tmp_path):
         a = r['assign'][name]
         assert a['rows_done'] == r['assign']['rows'] and a['gemm_tflops'] > 0, a
         assert a['top1_agreement_with_fp32'] > 0.9
+    for dtype in ('float32', 'float16', 'bfloat16'):  # cluster.py itself, each search_dtype
+        v = r['search'][dtype]
+        assert v['assign_s'] > 0 and v['top1_equal_fp32'] >= 0.999 and v['topk_equal_fp32'] >= 0.99, v
+    assert r['auto']['ok'] and 'micro_batch_size=auto: 64 fits on cpu' in r['auto']['line'], r['auto']
     assert r['env']['gpu'] is None and r['goals']['vitl14_mfu_ge_45pct'] is None  # no GPU, no MFU
     md = open(tmp_path / 'gpu_report.md').read()
     assert '## Correctness' in md and '| kmeans | ok |' in md and '## Training step' in md

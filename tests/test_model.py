@@ -640,3 +640,12 @@ def test_visualize_writes_the_grid(tmp_path):
     first = Image.fromarray(data.Dataset(syn).images([0])[0]).resize((cell, cell), Image.NEAREST)
     grid = np.asarray(Image.open(tmp_path / 'pca3.png'))
     assert np.array_equal(grid[16:16 + cell, :cell], np.asarray(first))
+
+
+def test_flash_attn_only_where_it_runs():
+    """flash-attn 2 runs on compute capability 8.0+ with heads of up to 256; anything else (a V100,
+    a T4, a head of 288) takes SDPA (bench/gpu.py checks that path against float64 on a GPU)."""
+    assert model.flash_supports(64, (8, 0)) and model.flash_supports(256, (9, 0))
+    assert not model.flash_supports(64, (7, 5)) and not model.flash_supports(64, (7, 0))
+    assert not model.flash_supports(288, (9, 0))
+    assert model.GPU_CAPABILITY == (0, 0) or model.flash_attn_func is not None
