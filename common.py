@@ -560,7 +560,7 @@ def fingerprint(array, sample):
 
 def state_sha256(obj):
     """Hex digest of a checkpoint's nested dicts, lists, tensors and plain values, in a fixed
-    order (dict keys sorted): a centre shard's checksum covers its RNG and sampler state too."""
+    order (dict keys sorted): a centre shard's checksum covers its RNG state too."""
     h = hashlib.sha256()
 
     def visit(x):

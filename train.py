@@ -247,8 +247,16 @@ run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run
 pfc = PartialFC(embed_dim, num_classes, sample_ratio=sample_ratio, scale=scale, margin=margin,
                 loss_type=loss_type, batch_positives_as_negatives=batch_positives_as_negatives,
                 draws=onevision_draws, pool=onevision_pool, seed=seed).to(device)
-pfc.generator.manual_seed(seed * 1_000_003 + rank)  # each rank samples its own negatives
-pfc.draw_generator.manual_seed(seed * 1_000_003 - 1)  # 'onevision': one draw of labels, all ranks
+
+
+def seed_samplers(step, micro):
+    """PartialFC's samplers keyed by (seed, step, micro-batch), as the loader's batches are: each
+    rank its own negatives, one draw of labels ('onevision') on all ranks. Nothing to store: a
+    resume draws what the uninterrupted run draws, on either device kind and any number of ranks
+    (a CPU and a CUDA generator give different numbers for one seed, so a run is exact per kind)."""
+    key = lambda *k: int(np.random.SeedSequence([seed, step, micro, *k]).generate_state(1, np.uint64)[0])  # noqa: E731
+    pfc.generator.manual_seed(key(0, rank))
+    pfc.draw_generator.manual_seed(key(1))
 
 # -----------------------------------------------------------------------------
 # optimizers: AdamW for the tower (replicated; weight decay on matrices only, not the position
@@ -314,20 +322,8 @@ if ckpt is not None:
     state['state'] = {0: {'step': adam_step, 'exp_avg': m, 'exp_avg_sq': v}}
     optimizer_c.load_state_dict(state)
     set_rng_state(own['rng'] if own is not None else ckpt['rng'], device)
-    # a sampler state is of one device kind (a CPU generator's is 5,056 bytes, a CUDA one's 16):
-    # written on the other kind, or for another number of ranks, the sampler is reseeded
-    same_kind = own is not None and own['generator'].numel() == pfc.generator.get_state().numel()
-    if same_kind:
-        pfc.generator.set_state(own['generator'])
-        pfc.draw_generator.set_state(own['draws'])
-    else:  # the old samplers do not map onto these shards or this device
-        pfc.generator.manual_seed(seed * 1_000_003 + rank + world * step)
-        pfc.draw_generator.manual_seed(seed * 1_000_003 - 1 + world * step)
-        if master:
-            print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded, "
-                  'negative sampling reseeded' if own is None else
-                  f'resuming on {device_type}: the negative sampler was written on the other '
-                  'device kind, reseeded (the run is no longer bitwise the uninterrupted one)')
+    if own is None and master:
+        print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded")
     resumed_global = ckpt.get('global_batch_size')
     del ckpt, w, m, v, own
 
@@ -339,7 +335,7 @@ if ckpt is not None:
 
 def try_micro_step(m):
     """One micro-step of m images of the run's shape: tower under autocast, loss, backward."""
-    rng, sampler, draws = rng_state(device), pfc.generator.get_state(), pfc.draw_generator.get_state()
+    rng = rng_state(device)
     # on a fresh run the Adam moments (2 fp32 copies of tower and centre shard) come at the first
     # step: held here as empty tensors, so that what fits now still fits then
     reserve = [torch.empty_like(p) for opt in (optimizer, optimizer_c) if not opt.state
@@ -354,8 +350,6 @@ def try_micro_step(m):
         optimizer.zero_grad(set_to_none=True)
         optimizer_c.zero_grad(set_to_none=True)
         set_rng_state(rng, device)
-        pfc.generator.set_state(sampler)
-        pfc.draw_generator.set_state(draws)
 
 
 if auto_micro:
@@ -413,10 +407,9 @@ def save_checkpoint():
     shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
              'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
              'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
-             'generator': pfc.generator.get_state(), 'draws': pfc.draw_generator.get_state(),
              'rng': rng_state(device)}
     common.save(shard, os.path.join(out_dir, names[rank]))
-    sums = [common.state_sha256(shard)]  # the whole shard: centres, Adam, sampler and RNG state
+    sums = [common.state_sha256(shard)]  # the whole shard: centres, Adam and RNG state
     if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it
         sums = [None] * world
         dist.all_gather_object(sums, common.state_sha256(shard))
@@ -539,6 +532,7 @@ while step < end:
         emb_finite &= torch.isfinite(emb).all()
         # Eq. 5 (or Eq. 4), mean over the global micro-batch; / accum: mean over the global batch.
         # PartialFC hands each rank world_size x its rows' gradient, so DDP's average is exact.
+        seed_samplers(step, micro)
         loss = pfc(emb.float(), batch['labels']) / accum
         loss.backward()
         loss_sum += loss.detach()

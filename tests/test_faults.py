@@ -282,13 +282,13 @@ def test_atomic_writes_fsync_the_folder_after_the_rename(tmp_path, monkeypatch):
     assert torch.load(tmp_path / 'ck.pt', weights_only=True)['x'].sum() == 2
 
 
-@pytest.mark.parametrize('part', ['generator', 'rng'])
-def test_a_centre_shard_whose_sampler_or_rng_state_changed_is_refused(data, two_runs, part):
+@pytest.mark.parametrize('part', ['exp_avg', 'rng'])
+def test_a_centre_shard_whose_adam_or_rng_state_changed_is_refused(data, two_runs, part):
     out = copy_run(two_runs, data, f'changed_{part}')
     name = 'centres_00000002_rank0_of_1.pt'
     sh = torch.load(os.path.join(out, name), weights_only=True)
-    t = sh['generator'] if part == 'generator' else sh['rng']['torch']
-    t[100] ^= 1  # one bit of the negative sampler's or the torch RNG's state
+    t = sh['exp_avg'].view(-1).view(torch.uint8) if part == 'exp_avg' else sh['rng']['torch']
+    t[100] ^= 1  # one bit of the centres' Adam moment or of the torch RNG's state
     torch.save(sh, os.path.join(out, name))
     p = run(data['data'] + BASE + ['--init_from=resume', '--max_steps=3'], out, expect_ok=False)
     one_line(p, name, 'checksum')
