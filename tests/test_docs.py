@@ -1,5 +1,6 @@
 """README.md and docs/*.md: every relative link resolves (files, and #anchors as GitHub slugs
-headings), README stays a guide (at most 25,000 bytes), and CI runs README's test command."""
+headings), README stays a guide (at most 25,000 bytes) and says how many tests there are, and CI
+runs README's test command."""
 import glob
 import os
 import re
@@ -122,3 +123,15 @@ def test_code_comments_point_at_sections_that_exist():
             assert title in heads, f'{os.path.relpath(path, ROOT)}: {doc}, "{title}" is not a heading there'
             checked += 1
     assert checked >= 6
+
+
+def test_readme_says_how_many_tests_there_are():
+    """README's count of the tests is pytest's: a test added or removed must update it."""
+    import subprocess
+    import sys
+    said = re.search(r'The tests \(([\d,]+);', open(os.path.join(ROOT, 'README.md')).read())
+    assert said, "README.md: no 'The tests (N; ...' line"
+    p = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    collected = sum(1 for line in p.stdout.splitlines() if '::' in line)
+    assert collected == int(said.group(1).replace(',', '')), (collected, said.group(1))
