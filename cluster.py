@@ -28,15 +28,17 @@ import heapq
 import signal
 import resource
 
-import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
-import data
-import provenance
+import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from common import npy_create, npy_write  # whole rows by positional writes
+import data
+import files
+from files import npy_create, npy_write  # whole rows by positional writes
+import jobs
+import provenance
 try:
     import faiss
 except ImportError:  # search='torch' needs no faiss (e.g. a GPU machine without faiss-gpu)
@@ -72,14 +74,14 @@ max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OP
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-common.check_device(device)  # before anything is made: one line, no out_dir
+runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 # every phase splits its work evenly over the ranks: no rank waits long for another
-ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
+ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
-common.exit_on_signals('finished phases are kept; the same command continues', master)
-common.check_writable('out_dir', out_dir)
+jobs.exit_on_signals('finished phases are kept; the same command continues', master)
+jobs.check_writable('out_dir', out_dir)
 if search == 'auto':
     search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
               else 'faiss')
@@ -115,8 +117,8 @@ def barrier():
 
 
 def rank_rows(n):
-    """(start, end) of this rank's contiguous rows of n (common.shard_range)."""
-    start, n_r = common.shard_range(n, rank, world)
+    """(start, end) of this rank's contiguous rows of n (runtime.shard_range)."""
+    start, n_r = runtime.shard_range(n, rank, world)
     return start, start + n_r
 
 
@@ -241,7 +243,7 @@ if embeddings_path:
 else:
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(meta_path):  # no dataset, or an unfinished build: its one line
-        common.open_dataset('data_dir', data_dir)
+        data.open_dataset('data_dir', data_dir)
     try:
         missing = [os.path.join(data_dir, s[key]) for s in json.load(open(meta_path))['shards']
                    for key in (('images', 'texts') if teacher_text else ('images',))
@@ -250,7 +252,7 @@ else:
         missing = []
     if missing:
         fail(f'missing shard {missing[0]} listed in {meta_path}')
-    ds = common.open_dataset('data_dir', data_dir, max_open_shards)
+    ds = data.open_dataset('data_dir', data_dir, max_open_shards)
     N = len(ds)
     if teacher_text and not ds.meta.get('has_text'):
         fail(f'teacher_text=True but the dataset {data_dir} has no texts')
@@ -304,7 +306,7 @@ if ds is not None or os.path.exists(os.path.join(data_dir, 'meta.json')):
               'name no data and train.py checks only the row count')
 
 # only now: a run refused above leaves no empty folder; the lock, and one folder for all ranks
-common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
+jobs.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
 
 # -----------------------------------------------------------------------------
 # which phases run: a phase runs if forced, unfinished, or anything before it ran in this run
@@ -372,9 +374,9 @@ def finish_phase(p, shape, t0, **extra):
     barrier()  # all ranks' rows are on disk
     if master:
         if os.path.exists(outputs[p] + '.tmp'):  # whole now: under its final name
-            common.rename(outputs[p] + '.tmp', outputs[p])
-        common.save_json(state_path(p), dict(config=keys[p], shape=list(shape), data=data_fp,
-                                             seconds=round(time.time() - t0, 2), **extra))
+            files.rename(outputs[p] + '.tmp', outputs[p])
+        files.save_json(state_path(p), dict(config=keys[p], shape=list(shape), data=data_fp,
+                                            seconds=round(time.time() - t0, 2), **extra))
     barrier()  # the file is under its final name before any rank reads it
     times[p] = round(time.time() - t0, 2)
 
@@ -392,8 +394,8 @@ if todo['embed']:
         d = np.load(embeddings_path, mmap_mode='r').shape[1]
         npy_create(emb_tmp, (N, d), np.float16)
         r0, r1 = rank_rows(N)
-        for i in common.progress(range(r0, r1, assign_batch), desc='embed (copy)',
-                                 disable=not master):
+        for i in runtime.progress(range(r0, r1, assign_batch), desc='embed (copy)',
+                                  disable=not master):
             x = npy_rows(embeddings_path, slice(i, min(i + assign_batch, r1)))
             check_finite(x, i)
             npy_write(emb_tmp, i, l2n(x))
@@ -418,15 +420,15 @@ if todo['embed']:
             evals, evecs = np.linalg.eigh(ss / n - np.outer(mean, mean))  # covariance, ascending
             comps = evecs[:, ::-1][:, :pca_dim]
             comps *= np.where(comps[np.abs(comps).argmax(0), np.arange(pca_dim)] < 0, -1, 1)  # fix signs
-            common.write_atomic(pca_path, lambda fh: np.savez(
+            files.write_atomic(pca_path, lambda fh: np.savez(
                 fh, mean=mean, components=comps, explained=evals[::-1][:pca_dim] / evals.sum()))
         barrier()
         pca = np.load(pca_path)
         d = pca_dim
         npy_create(emb_tmp, (N, d), np.float16)
         r0, r1 = rank_rows(N)
-        for i in common.progress(range(r0, r1, batch_size), desc='embed (pixels)',
-                                 disable=not master):
+        for i in runtime.progress(range(r0, r1, batch_size), desc='embed (pixels)',
+                                  disable=not master):
             x = pool(np.arange(i, min(i + batch_size, r1)))
             npy_write(emb_tmp, i, l2n((x - pca['mean']) @ pca['components']))
             kill_point('embed')
@@ -449,8 +451,8 @@ if todo['embed']:
         r0, r1 = rank_rows(N)
         batches = data.eval_batches(data_dir, batch_size, vision.image_size, rank=rank, world_size=world, device=device,
                                     max_open_shards=max_open_shards)
-        for index, images in common.progress(batches, desc='embed (teacher)', disable=not master,
-                                             total=-(-(r1 - r0) // batch_size)):
+        for index, images in runtime.progress(batches, desc='embed (teacher)', disable=not master,
+                                              total=-(-(r1 - r0) // batch_size)):
             with torch.no_grad(), autocast:
                 e = F.normalize(vision(images).float(), dim=-1)
                 if teacher_text:  # the authors' (image + text) / 2 on normalised features, renormalised
@@ -492,8 +494,8 @@ def sample_share(n, a, b):
     ends = np.cumsum(counts)
     starts = ends - counts
     x = np.empty((b - a, d), np.float16)
-    for blk in common.progress(np.flatnonzero((ends > a) & (starts < b)), desc='kmeans sample',
-                               disable=not master):
+    for blk in runtime.progress(np.flatnonzero((ends > a) & (starts < b)), desc='kmeans sample',
+                                disable=not master):
         lo = blk * SAMPLE_BLOCK
         rows = np.arange(lo, lo + sizes[blk])
         if counts[blk] < sizes[blk]:
@@ -569,8 +571,8 @@ if todo['kmeans']:
         if ddp:
             dist.all_reduce(C)  # one nonzero term per row: a copy
         C = normalise(C.double()).float()
-    pbar = common.progress(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master,
-                           initial=it0, total=niter, unit='it')
+    pbar = runtime.progress(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master,
+                            initial=it0, total=niter, unit='it')
     for it in pbar:
         f = searcher(C.cpu().numpy())
         acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
@@ -589,13 +591,13 @@ if todo['kmeans']:
         objs.append(float(obj) / n)  # mean cosine of a point to its centre, before this update
         pbar.set_postfix(mean_cos=f'{objs[-1]:.4f}', empty=n_empty)
         if master and ((it + 1) % kmeans_ckpt_interval == 0) and it + 1 < niter:
-            common.write_atomic(kms_path, lambda fh: np.savez(
+            files.write_atomic(kms_path, lambda fh: np.savez(
                 fh, centroids=C.cpu().numpy(), iteration=it + 1, obj=np.array(objs),
                 config=json.dumps(keys['kmeans'])))
         kill_point('kmeans')
     kmeans_obj = objs[-1]
     if master:
-        common.write_atomic(cen_path, lambda fh: np.save(fh, C.cpu().numpy()))
+        files.write_atomic(cen_path, lambda fh: np.save(fh, C.cpu().numpy()))
     del x
     finish_phase('kmeans', (k, d), t0, mean_cos=kmeans_obj)
     if master and os.path.exists(kms_path):
@@ -617,8 +619,8 @@ if todo['assign']:
     # the next chunks are read in a thread while this one is searched
     rows = data.prefetched(lambda i: npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16),
                          starts, 2)
-    for i, x in common.progress(zip(starts, rows), desc=f'assign top-{l}', disable=not master,
-                                total=len(starts)):
+    for i, x in runtime.progress(zip(starts, rows), desc=f'assign top-{l}', disable=not master,
+                                 total=len(starts)):
         _, I = f(x, l)  # sorted, nearest first
         npy_write(lab_path + '.tmp', i, I.cpu().numpy().astype(np.int32))
         kill_point('assign')
@@ -661,7 +663,7 @@ if master:
     result.update(phases={p: ('done' if todo[p] else 'skipped') for p in todo}, seconds=times,
                   search=search, faiss_gpu=use_gpu_faiss, world_size=world,
                   peak_rss_gib=[round(r, 3) for r in rss], out_dir=out_dir)
-    common.save_json(os.path.join(out_dir, 'cluster.json'), result, indent=1)
+    files.save_json(os.path.join(out_dir, 'cluster.json'), result, indent=1)
     print(json.dumps(result))
 barrier()
 if ddp:

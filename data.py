@@ -26,7 +26,7 @@ import threading
 import numpy as np
 import torch
 
-import common
+import runtime
 
 from transforms import (color_jitter, color_params, crop_params, crop_resize_cpu, normalize,
                         pad_params, plain, resized_crop, to_float)
@@ -64,7 +64,7 @@ def _stop(msg):
     # stops at once; a prefetch thread hands the error to its consumer (prefetch), which stops
     # there: tearing down the process group from a worker would pull it from under the main thread.
     if threading.current_thread() is threading.main_thread():
-        common.stop(msg)
+        runtime.stop(msg)
     raise ShardError(msg)
 
 
@@ -323,6 +323,17 @@ class Dataset:
         self.images(idx, out=buf.numpy())
         return buf
 
+def open_dataset(key, path, max_open_shards=None):
+    """data.Dataset(path); its errors become one line that names the setting the path came
+    from (`data_dir=data/x: no meta.json ...`)."""
+    try:
+        return Dataset(path, max_open_shards or MAX_OPEN_SHARDS)
+    except RecursionError:  # json's parser on thousands of nested brackets
+        runtime.stop(f'{key}={path}: meta.json is nested too deeply to be a dataset description')
+    except (ValueError, OSError) as e:
+        runtime.stop(f"{key}={path}: {str(e).removeprefix(str(path) + ': ')}")
+
+
 # -----------------------------------------------------------------------------
 # training and evaluation batches
 
@@ -420,7 +431,7 @@ def prefetched(fn, args, depth):
                 return
             if kind == 2:
                 if isinstance(x, ShardError):  # a bad shard or too many open files: one line
-                    common.stop(str(x))
+                    runtime.stop(str(x))
                 raise x
             yield x
     finally:
@@ -572,12 +583,12 @@ def _warn_dropped(data_dir, n, batch, rank=0):
 def eval_batches(data_dir, batch_size, image_size, rank=0, world_size=1, device='cpu', prefetch=4,
                  max_open_shards=MAX_OPEN_SHARDS):
     """Evaluation order, no augmentation: rank r reads its contiguous slice of the rows
-    (common.shard_range).
+    (runtime.shard_range).
     Yields (index int64 [b], images [b,3,S,S])."""
     ds = Dataset(data_dir, max_open_shards)
     _warn_upsampling(data_dir, ds.image_size, image_size)
     N = len(ds)
-    start, n = common.shard_range(N, rank, world_size)
+    start, n = runtime.shard_range(N, rank, world_size)
     device = torch.device(device)
 
     def load(a):

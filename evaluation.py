@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import progress, shard_range
+from runtime import progress, shard_range
 # CLIP's 80 prompt templates for ImageNet (CLIP repo, notebooks/Prompt_Engineering_for_ImageNet),
 # '{}' marks the class name. tests/test_probe.py checks them against open_clip's copy.
 CLIP_TEMPLATES = [

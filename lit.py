@@ -37,7 +37,7 @@ import math
 import os
 import time
 
-import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,11 +45,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
-from common import rng_state, set_rng_state, shard_range, stop
+from contrastive import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
+import data
 from data import Loader, ShardError, eval_batches, prefetched
-from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
+import files
+from files import rng_state, set_rng_state
+import jobs
 from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
+import optim
 import provenance
+from runtime import shard_range, stop
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
@@ -118,7 +123,7 @@ timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, O
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 _TAKES_AUTO = ('micro_batch_size',)  # int settings that configurator.py also lets be 'auto'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-common.check_device(device)  # before anything is made: one line, no out_dir
+runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 if loss not in ('clip', 'uniclip', 'simclr'):
@@ -134,18 +139,18 @@ if precompute_features and not locked:
 if augment not in ('rrc', 'pad_crop', 'flip', 'none'):
     raise SystemExit(f"config error: augment must be 'rrc', 'pad_crop', 'flip' or 'none', got "
                      f'{augment!r}')
-threads = common.set_threads(threads)
-ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
+threads = runtime.set_threads(threads)
+ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ctx = common.autocast(device, dtype)
+ctx = runtime.autocast(device, dtype)
 # images per rank per step: micro x accum, the global batch nearest to the one asked (batch_plan;
 # 'auto': planned once the towers exist and a step has been tried, below)
 auto_micro = micro_batch_size == 'auto'
 if not auto_micro:
-    global_batch_size, micro, accum, batch_note = common.batch_plan(global_batch_size, world,
-                                                                    micro_batch_size)
-common.check_out_dir(out_dir, init_from, overwrite)
+    global_batch_size, micro, accum, batch_note = optim.batch_plan(global_batch_size, world,
+                                                                   micro_batch_size)
+jobs.check_out_dir(out_dir, init_from, overwrite)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 torch.manual_seed(seed)
@@ -178,7 +183,7 @@ def fingerprint_and_tokens(vocab_size):
 
 # -----------------------------------------------------------------------------
 # the image tower (frozen or trained) and the text tower
-dataset = common.open_dataset('data_dir', data_dir, max_open_shards)
+dataset = data.open_dataset('data_dir', data_dir, max_open_shards)
 has_text = bool(dataset.meta.get('has_text'))
 if loss == 'clip' and not has_text:
     stop(f"data_dir={data_dir}: has no captions (texts_*.npy); {'LiT' if locked else 'CLIP'} needs "
@@ -200,14 +205,14 @@ run_setup = dict(model=model, vision_checkpoint='' if model else vision_checkpoi
                  vision_act=vision_act, image_size=image_size, text_preset=text_preset,
                  text_width=text_width, text_layers=text_layers, text_heads=text_heads,
                  views=views)
-common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
+jobs.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
 ckpt = None
 if init_from == 'resume':
-    ckpt = common.load_checkpoint(ckpt_path, 'init_from=resume', (
+    ckpt = files.load_checkpoint(ckpt_path, 'init_from=resume', (
         'vision_config', 'vision', 'optimizer', 'step', 'world_size', 'rng', 'vision_source'))
     was = ckpt.get('setup', dict(setup, loss='clip', lock_image=True, text=True, aug_dim=0,
                                  aug_hidden=0, domain_similarity=False, domain_offsets=False))
-    common.check_same_run(ckpt_path, {**ckpt.get('run_setup', {}), **was}, {**run_setup, **setup})
+    files.check_same_run(ckpt_path, {**ckpt.get('run_setup', {}), **was}, {**run_setup, **setup})
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
     tcfg = ckpt.get('text_config')
@@ -271,7 +276,7 @@ else:
     sim = None
     logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale_init), device=device))
     temps = [logit_scale]
-run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
+run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else runtime.run_id(ddp)
 
 # -----------------------------------------------------------------------------
 # one step: the embeddings of a batch, the loss over the global batch and its gradients (the
@@ -331,15 +336,15 @@ def contrastive_loss(img, txt=None):
 def step_backward(batch, rows, micro, ddp_model=None):
     """This step's loss over the global batch (this rank: `rows` of it), back-propagated into
     every trained parameter, and its embeddings (for the checks): at once, or `micro` rows at a
-    time through the gradient cache (common.grad_cache: the same gradients up to rounding, one
+    time through the gradient cache (optim.grad_cache: the same gradients up to rounding, one
     micro-batch's activations held at a time)."""
     if micro >= rows:
         embs = embed(batch, slice(None))
         value = contrastive_loss(*embs)
         value.backward()
         return value, embs
-    return common.grad_cache(lambda sl, again: embed(batch, sl, again), contrastive_loss,
-                             rows, micro, ddp_model)
+    return optim.grad_cache(lambda sl, again: embed(batch, sl, again), contrastive_loss,
+                            rows, micro, ddp_model)
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +373,7 @@ def try_batch(rows):
 def try_step(m):
     """One step of the rank's share in micro-batches of at most m (batch_plan's split of it), with
     room kept for what the run holds beside it."""
-    _, m_used, n, _ = common.batch_plan(global_batch_size, world, m)
+    _, m_used, n, _ = optim.batch_plan(global_batch_size, world, m)
     rng, trained = rng_state(device), [p for p in [*towers.parameters(), *temps] if p.requires_grad]
     held = []
     try:
@@ -388,7 +393,7 @@ def try_step(m):
 
 
 if auto_micro:
-    global_batch_size, micro, accum, batch_note = common.auto_batch_plan(
+    global_batch_size, micro, accum, batch_note = optim.auto_batch_plan(
         try_step, global_batch_size, world, ddp, device, 'no gradient cache needed')
 batch_size = micro * accum
 
@@ -420,7 +425,7 @@ def embed_all():
     """Frozen-tower embeddings of every image, eval transform, in out_dir/image_features.npy:
     float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
     larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank writes its
-    contiguous slice as whole rows (common.npy_write). Reused by later runs (a resume) when
+    contiguous slice as whole rows (files.npy_write). Reused by later runs (a resume) when
     image_features.json names the same tower, images (their fingerprint) and resolution. Written
     under a temporary name and renamed when every rank's rows are in: the file is whole or absent."""
     path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
@@ -433,20 +438,20 @@ def embed_all():
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(stamp):
             os.remove(stamp)
-    common.npy_create(path + '.tmp', (len(dataset), vision.embed_dim), np.float32)  # a barrier
+    files.npy_create(path + '.tmp', (len(dataset), vision.embed_dim), np.float32)  # a barrier
     n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
     batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
                            device=device, max_open_shards=max_open_shards)
-    for idx, images in common.progress(batches, disable=not master, desc='embed images',
-                                       total=math.ceil(n / 256), leave=False):
+    for idx, images in runtime.progress(batches, disable=not master, desc='embed images',
+                                        total=math.ceil(n / 256), leave=False):
         with ctx:
             rows = vision(images).float().cpu().numpy()
-        common.npy_write(path + '.tmp', int(idx[0]), rows)  # idx: consecutive rows
+        files.npy_write(path + '.tmp', int(idx[0]), rows)  # idx: consecutive rows
     if ddp:
         dist.barrier()
     if master:
-        common.rename(path + '.tmp', path)
-        common.save_json(stamp, key)
+        files.rename(path + '.tmp', path)
+        files.save_json(stamp, key)
     if ddp:
         dist.barrier()  # under its final name before any rank maps it
     return np.load(path, mmap_mode='r')
@@ -481,9 +486,9 @@ def feature_batch(epoch, s):
 
 
 # -----------------------------------------------------------------------------
-# optimizer: AdamW as in train.py, decay on matrices only (common.param_groups); the token and
+# optimizer: AdamW as in train.py, decay on matrices only (optim.param_groups); the token and
 # position embeddings (lookup tables / additive inputs) and the temperatures get none
-groups = common.param_groups(towers, weight_decay, skip=('pos_embed', 'token_embed'))
+groups = optim.param_groups(towers, weight_decay, skip=('pos_embed', 'token_embed'))
 groups[1]['params'] += temps
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
 
@@ -496,7 +501,7 @@ if ckpt is not None:
             logit_scale.copy_(ckpt['logit_scale'])
     else:
         sim.load_state_dict(ckpt['similarity'])
-    common.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
+    optim.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
     step = ckpt['step']
     if ckpt['world_size'] != world:
         stop(f"{ckpt_path}: written by {ckpt['world_size']} ranks; resume with the same number")
@@ -520,8 +525,8 @@ def save_checkpoint():
     the augmentation-aware embedding the tower of the unaugmented view, folded."""
     tensors = [*raw_towers.parameters(), *temps]
     tensors += [s[k] for s in optimizer.state.values() for k in ('exp_avg', 'exp_avg_sq')]
-    if not common.all_finite(tensors):  # the same on every rank (everything is replicated)
-        common.stop_unsaved(step, ckpt_path)
+    if not files.all_finite(tensors):  # the same on every rank (everything is replicated)
+        jobs.stop_unsaved(step, ckpt_path)
     rngs = [rng_state(device)]
     if ddp:
         rngs = [None] * world
@@ -543,7 +548,7 @@ def save_checkpoint():
             ck['logit_scale'] = logit_scale.detach().cpu()
         else:
             ck['similarity'] = sim.state_dict()
-        common.save(ck, ckpt_path)
+        files.save(ck, ckpt_path)
     if ddp:
         dist.barrier()
 
@@ -574,17 +579,17 @@ if master:
           + f'embed {vision.embed_dim}, '
           + ('precomputed features' if precompute_features else 'full image forward')
           + f', device {device}, {threads} thread(s), run {run_id}')
-    common.start_log(log_path, step)
+    files.start_log(log_path, step)
 last = {'loss': None, 'grad_norm': None, 'images_per_s': None}
 first_loss = None
-pbar = common.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
-                       desc=loss)
+pbar = runtime.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
+                        desc=loss)
 batches, batches_epoch = None, -1
 t_log, t_loop, pairs, steps_run, ckpt_s = time.time(), time.time(), 0, 0, 0.0
 saved = None
 end = min(max_steps, stop_at) if stop_at else max_steps
 n_t = sum(p.numel() for p in temps)
-common.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
+jobs.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     if epoch != batches_epoch:
@@ -596,12 +601,12 @@ while step < end:
         else:
             batches = loader.iterate(epoch, start_step=step_in_epoch)
         batches_epoch = epoch
-    lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
+    lr = optim.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for group in optimizer.param_groups:
         group['lr'] = lr
     value, embs = step_backward(next(batches), batch_size, micro, towers if ddp else None)
     emb_bad = ~torch.stack([torch.isfinite(e).all() for e in embs]).all()
-    signal_flag = torch.full((), common.signalled is not None, device=device)
+    signal_flag = torch.full((), jobs.signalled is not None, device=device)
     t_grad = torch.cat([p.grad.view(-1) for p in temps])
     if ddp:  # the losses give each rank the temperatures' gradient of its share (times the ranks
         # for mp_nce_loss): the average is the global one; the flags ride along (summed: > 0 if
@@ -612,7 +617,7 @@ while step < end:
         for p, g in zip(temps, t_grad.split([p.numel() for p in temps])):
             p.grad.copy_(g.view_as(p))
         emb_bad, signal_flag = red[n_t] > 0, red[n_t + 1] > 0
-    grad_norm = common.grad_norm(raw_towers.parameters(), grad_clip)
+    grad_norm = optim.grad_norm(raw_towers.parameters(), grad_clip)
     # the step's one device read: the values to log and every reason to stop, the same on all ranks
     t_val = torch.cat([p.detach().view(-1) for p in temps])
     vals = torch.cat([torch.stack([value.detach(), grad_norm]), t_grad, t_val]).float()
@@ -624,7 +629,7 @@ while step < end:
     if any(bad):  # before the optimizer step: the weights are still those of the last step
         what = [n for n, b in zip(('loss', 'gradient norm', 'temperature gradient', 'temperature',
                                    'embeddings'), bad) if b]
-        common.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
+        jobs.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # CLIP clamps the parameter itself after each step
@@ -646,7 +651,7 @@ while step < end:
         rec = {'step': step, 'epoch': step / steps_per_epoch, 'loss': lossf, 'lr': lr,
                **similarity_values(t_used), 'grad_norm': gnorm, 'images_per_s': pairs / dt}
         if master:
-            common.log_line(log_path, rec)
+            files.log_line(log_path, rec)
             shown = ', '.join(f'{k} ' + (f'{v:.2f}' if isinstance(v, float) else
                                         '/'.join(f'{x:.2f}' for x in v))
                               for k, v in similarity_values(t_used).items() if v is not None)
@@ -661,7 +666,7 @@ while step < end:
         t_log += time.time() - t0
         ckpt_s += time.time() - t0
     if stopping:
-        common.stop_signalled(step, max_steps, ckpt_path, master)
+        jobs.stop_signalled(step, max_steps, ckpt_path, master)
 loop_s = time.time() - t_loop - ckpt_s  # training steps only: no checkpoint writing
 pbar.close()
 if batches is not None:
@@ -680,7 +685,7 @@ result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps,
           'threads': threads, 'run_id': run_id, 'vision_unchanged': vision_unchanged,
           'vision_sha256': vision_sha256, 'ckpt': ckpt_path}
 if master:
-    common.save_json(os.path.join(out_dir, 'lit.json'), result)
+    files.save_json(os.path.join(out_dir, 'lit.json'), result)
     print(json.dumps(result))
 if ddp:
     dist.destroy_process_group()

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import common
+import runtime
+import files
+import jobs
 from data import CONTEXT_LENGTH, shard_file
 from sources import Skip, _open_source, _tar_items, decode  # what a worker reads and decodes
 from synthetic import synthetic_one
@@ -181,8 +183,8 @@ def _run_tars(jobs, n_tars, out, done, pool, progress):
     """Tar s -> shard s, tars spread over the workers; returns the images written."""
     name = os.path.basename(out.rstrip('/'))
     n_new = 0
-    with common.progress(total=n_tars, initial=len(done), disable=not progress,
-                         desc=f'data {name}', unit='tar') as bar:
+    with runtime.progress(total=n_tars, initial=len(done), disable=not progress,
+                          desc=f'data {name}', unit='tar') as bar:
         for s, record in (pool.imap_unordered(_tar_shard, jobs) if pool else map(_tar_shard, jobs)):
             done[s] = record
             n_new += record['count']
@@ -210,8 +212,8 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
     try:
         results = pool.imap(_process, bounded(stream), chunksize=16) if pool else \
             map(_process, stream)
-        bar = common.progress(total=total, initial=sum(d['items'] for d in done.values()),
-                              disable=not progress, desc=f'data {name}', unit='img')
+        bar = runtime.progress(total=total, initial=sum(d['items'] for d in done.values()),
+                               disable=not progress, desc=f'data {name}', unit='img')
         for i, key, img, tokens, cls, reason in results:
             if pool:
                 bound.release()
@@ -345,7 +347,7 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
                 flat=dict(count=len(flat), items=flat[:1000]),
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
-    common.save_json(meta_path, meta)
+    files.save_json(meta_path, meta)
     for s in order:
         empty = [shard_file('images', s), shard_file('texts', s)] if not done[s]['count'] else []
         for f in [f'shard_{s:05d}.json'] + empty:
@@ -405,7 +407,7 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
     meta = dict(ds.meta, count=len(rows), shards=shards, split=split)
     if split['part'] == 'holdout':  # what was skipped is listed once, in the other part
         meta['skipped'] = dict(count=0, reasons={}, items=[])
-    common.save_json(os.path.join(out, 'meta.json'), meta)
+    files.save_json(os.path.join(out, 'meta.json'), meta)
     return meta
 
 
@@ -447,17 +449,17 @@ def holdout_dirs(out):
     return out, out + '_holdout', out + '.all'
 
 # -----------------------------------------------------------------------------
-# one build per output at a time: the stages' lock (common.take_lock) on every folder it writes,
+# one build per output at a time: the stages' lock (jobs.take_lock) on every folder it writes,
 # so that prepare.py never writes into a running stage's out_dir or another build's out either
 
-def lock_outputs(out, dirs, name=common.LOCK):
+def lock_outputs(out, dirs, name=jobs.LOCK):
     """None once this process holds the lock of every folder in dirs, else the one line to
     stop with; on a refusal the locks taken go, and with them the folders this run made (take_lock
     creates the folder)."""
     for d in dirs:
-        busy = common.take_lock(d, name)
+        busy = jobs.take_lock(d, name)
         if busy:
-            common.release_out_dir()
+            jobs.release_out_dir()
             where = f'out={out}' if d == out.rstrip('/') or d == out else f'out={out}: {d}'
             return busy.replace(f'out_dir={d}', where, 1)
     return None
@@ -494,9 +496,9 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     dirs = holdout_dirs(out) if holdout else [out]
     check_links(out, dirs)
-    common.check_writable('out', out)  # a file, a read-only folder: one line before any work
+    jobs.check_writable('out', out)  # a file, a read-only folder: one line before any work
     # parts on several machines build one out at once: each locks its own part
-    busy = lock_outputs(out, dirs, common.LOCK if parts == 1 else f'.lock.part{part}of{parts}')
+    busy = lock_outputs(out, dirs, jobs.LOCK if parts == 1 else f'.lock.part{part}of{parts}')
     if busy:
         raise SystemExit(busy)
     try:
@@ -542,4 +544,4 @@ if __name__ == '__main__':
         print(f"warning: {flat['count']:,} image(s) decode to one flat colour (first: "
               f"{', '.join(map(str, flat['items'][:3]))}); kept, listed in "
               f"{os.path.join(out, 'meta.json')} under 'flat'", file=sys.stderr)
-    common.save_json(os.path.join(out, 'data.json'), result)
+    files.save_json(os.path.join(out, 'data.json'), result)

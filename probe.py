@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -39,6 +39,8 @@ import data
 from evaluation import (CLIP_TEMPLATES, FEATURES, extract, linear_probe, normalise, parse_features,
                         retrieval_recall, split_train_val, text_encoder, topk_accuracy,
                         zero_shot_weights)
+import files
+import jobs
 
 # -----------------------------------------------------------------------------
 # defaults as plain globals (python probe.py [config/x.py] [--key=value ...])
@@ -70,13 +72,13 @@ cache_features = False  # keep features in out_dir and reuse them on the next ru
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 timeout_minutes = 30.0  # torchrun: a rank waiting this long for another (dead, stopped) exits
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-common.check_device(device)  # before anything is made: one line, no out_dir
+runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 # torchrun: every rank embeds its slice of each dataset, rank 0 gathers, fits and writes
-ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
-common.exit_on_signals('probe.json is written only at the end (cached features are whole)', rank == 0)
-common.check_writable('out_dir', out_dir)
+ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
+jobs.exit_on_signals('probe.json is written only at the end (cached features are whole)', rank == 0)
+jobs.check_writable('out_dir', out_dir)
 torch.manual_seed(seed)
 if not checkpoint:
     raise SystemExit('probe.py: set --checkpoint=<path> (or --checkpoint=pixels)')
@@ -91,9 +93,9 @@ for key, d in (('train_dir', train_dir), ('val_dir', val_dir), ('test_dir', test
     if d and not os.path.exists(os.path.join(d, 'meta.json')):
         raise SystemExit(f'probe.py: {key}={d} has no meta.json (build it with prepare.py)')
     # bad meta.json, shards: one line
-    y = common.open_dataset(key, d, max_open_shards).classes if d else None
+    y = data.open_dataset(key, d, max_open_shards).classes if d else None
     if y is not None and len(y) and y.min() < 0:
-        common.stop(f'{key}={d}: classes.npy holds {y.min()}; every image needs a class id >= 0')
+        runtime.stop(f'{key}={d}: classes.npy holds {y.min()}; every image needs a class id >= 0')
 if train_dir and not test_dir:
     raise SystemExit('probe.py: the linear probe needs --test_dir as well as --train_dir')
 
@@ -114,7 +116,7 @@ else:
         text.to(device).eval().requires_grad_(False)
     size = vision.image_size
 # only now: a run refused above leaves no empty folder; the lock, and one folder for all ranks
-common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
+jobs.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)
 
 memo = {}
 
@@ -137,7 +139,7 @@ def features_of(d, desc=''):
         memo[d] = f = extract(vision, d, batch_size, size, device, rank, world, desc,
                               max_open_shards)
         if cache_features and rank == 0:
-            with common.atomic_open(path) as fh:
+            with files.atomic_open(path) as fh:
                 np.savez(fh, **{k: v for k, v in f.items()
                                 if k == 'pooled' or v is not f['pooled']})
     return memo[d]
@@ -254,5 +256,5 @@ w = max([14] + [len(ev) for ev, _, _ in table])
 print(f"\n{'evaluation':<{w}} {'metric':<24} {'value':>10}")
 for ev, metric, v in table:
     print(f'{ev:<{w}} {metric:<24} {v:>10.4g}')
-common.save_json(os.path.join(out_dir, 'probe.json'), results)
+files.save_json(os.path.join(out_dir, 'probe.json'), results)
 print(json.dumps(results))

@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch.distributed as dist
 
+import runtime
+
 ROW_BYTES = 16384  # bytes read from the middle of each sampled row (a 224 px row is 150,528)
 
 
@@ -178,17 +180,16 @@ def labels_data(labels_dir, data_dir, rank, world):
     """train.py, before any work: data_dir's fingerprint, once labels_dir holds finished labels
     of this very data (cluster.py's record); stops with one line otherwise. Labels without a
     record (made by hand) are taken with a note: only their row count can be checked."""
-    import common
     try:
         rec = cluster_record(labels_dir)
         fp = data_fingerprint(data_dir, rank, world)
     except ValueError as e:
-        common.stop(str(e))
+        runtime.stop(str(e))
     was = (rec or {}).get('data')
     line = was and same_data(f'labels_dir={labels_dir}', was, fp, data_dir)
     if line:
-        common.stop(f'{line}: cluster this data_dir into a new out_dir, or point data_dir at the '
-                    'data the labels are of')
+        runtime.stop(f'{line}: cluster this data_dir into a new out_dir, or point data_dir at the '
+                     'data the labels are of')
     if not was and rank == 0:
         print(f'labels_dir={labels_dir}: its labels name no data (not from cluster.py, or '
               'clustered from embeddings_path alone): only their row count is checked')
@@ -198,8 +199,7 @@ def labels_data(labels_dir, data_dir, rank, world):
 def check_resume(ckpt, fp, ckpt_path, data_dir):
     """A resume must read the data its checkpoint was trained on (older checkpoints that recorded
     none are not compared)."""
-    import common
     line = ckpt.get('data') and same_data(ckpt_path, ckpt['data'], fp, data_dir)
     if line:
-        common.stop(f'{line}: resume on the data it was written with, or start a new run in '
-                    'another out_dir')
+        runtime.stop(f'{line}: resume on the data it was written with, or start a new run in '
+                     'another out_dir')

@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-import common  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,11 +30,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
-from common import rng_state, set_rng_state, shard_range, stop
+import data
 from data import Dataset, Loader, eval_batches
+import files
+from files import rng_state, set_rng_state
+import jobs
 from loss import LOSSES, PartialFC
 from model import PRESETS, VisionTransformer
+import optim
 import provenance
+from runtime import shard_range, stop
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
@@ -100,7 +105,7 @@ timeout_minutes = 30.0  # a rank waiting this long for another (dead, stopped, O
 max_open_shards = 128  # shard files mapped at once per reader (LRU; data.MAX_OPEN_SHARDS)
 _TAKES_AUTO = ('micro_batch_size',)  # int settings that configurator.py also lets be 'auto'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-common.check_device(device)  # before anything is made: one line, no out_dir
+runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 if loss_type not in LOSSES:  # here, before the data and the tower; PartialFC's own check comes late
@@ -110,29 +115,29 @@ if batch_positives_as_negatives not in (None, True, False):
                      f'got {batch_positives_as_negatives!r}')
 if batch_positives_as_negatives is None:  # the loss type's own sampling, as PartialFC's default
     batch_positives_as_negatives = loss_type == 'onevision'
-threads = common.set_threads(threads)
-ddp, rank, world, device = common.init_distributed(device, timeout_minutes)
+threads = runtime.set_threads(threads)
+ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 # bf16 autocast for the tower only; PartialFC runs outside it in fp32, because s * cos(theta) with
 # s = 64 would carry ~0.25 of logit error at bf16's 8-bit mantissa
-ctx = common.autocast(device, dtype)
+ctx = runtime.autocast(device, dtype)
 # the global batch: micro x ranks x accumulation steps, the nearest to the one asked ('auto':
 # planned once the tower and centres exist and a micro-step has been tried, below)
 auto_micro = micro_batch_size == 'auto'
 if not auto_micro:
-    global_batch_size, micro_batch_size, accum, batch_note = common.batch_plan(
+    global_batch_size, micro_batch_size, accum, batch_note = optim.batch_plan(
         global_batch_size, world, micro_batch_size)
-common.check_out_dir(out_dir, init_from, overwrite)
+jobs.check_out_dir(out_dir, init_from, overwrite)
 torch.manual_seed(seed)  # the same on every rank: same initial tower (DDP broadcasts it anyway)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 
 # -----------------------------------------------------------------------------
 # data and labels, checked before any work
-dataset = common.open_dataset('data_dir', data_dir, max_open_shards)
-if eval_data_dir and common.open_dataset('eval_data_dir', eval_data_dir,
-                                         max_open_shards).classes is None:
+dataset = data.open_dataset('data_dir', data_dir, max_open_shards)
+if eval_data_dir and data.open_dataset('eval_data_dir', eval_data_dir,
+                                       max_open_shards).classes is None:
     stop(f'eval_data_dir={eval_data_dir}: no classes.npy, so no kNN accuracy (it needs classes)')
 # labels of finished cluster.py work on this very data (provenance.py); the fingerprint of the data
 # goes into every checkpoint, so that a resume on other data is refused
@@ -172,11 +177,11 @@ if not auto_micro:
 
 def label_range():
     """(min, max) label id over the whole file, and the labels' fingerprint (what a resume
-    compares): each rank scans its slice and keeps its rows of common.sample_rows, then
+    compares): each rank scans its slice and keeps its rows of files.sample_rows, then
     all-reduce and all-gather."""
     lo, hi = torch.tensor([1 << 62]), torch.tensor([-(1 << 62)])
     s, n = shard_range(len(labels), rank, world)
-    idx, mine = common.sample_rows(len(labels)), [np.asarray(labels[:0])]
+    idx, mine = files.sample_rows(len(labels)), [np.asarray(labels[:0])]
     for i in range(s, s + n, 1 << 20):
         chunk = np.asarray(labels[i:min(i + (1 << 20), s + n)])
         lo = torch.minimum(lo, torch.tensor([int(chunk.min())]))
@@ -189,7 +194,7 @@ def label_range():
         lo, hi = -both[:1].cpu(), both[1:].cpu()
         rows = [None] * world
         dist.all_gather_object(rows, np.concatenate(mine))
-    return int(lo), int(hi), common.fingerprint(labels, np.concatenate(rows))
+    return int(lo), int(hi), files.fingerprint(labels, np.concatenate(rows))
 
 
 label_min, label_max, labels_fingerprint = label_range()
@@ -204,7 +209,7 @@ if label_max >= num_classes or label_min < -1:
     stop(f'{labels_path}: label ids span [{label_min}, {label_max}] but num_classes is '
          f'{num_classes} (ids must be in [0, num_classes), -1 = none)')
 
-common.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
+jobs.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
 # what defines this run: a resume must ask for the same (the rest, margin and scale included,
 # may change like the learning rate: README)
 run_setup = dict(labels=labels_fingerprint, num_classes=num_classes, num_positives=num_positives,
@@ -217,10 +222,10 @@ run_setup = dict(labels=labels_fingerprint, num_classes=num_classes, num_positiv
 # the image tower
 ckpt = None
 if init_from == 'resume':
-    ckpt = common.load_checkpoint(ckpt_path, 'init_from=resume', (
+    ckpt = files.load_checkpoint(ckpt_path, 'init_from=resume', (
         'vision_config', 'vision', 'optimizer', 'step', 'world_size', 'num_classes', 'embed_dim',
         'centres', 'rng'))
-    common.check_same_run(ckpt_path, ckpt.get('run_setup', {}), run_setup)
+    files.check_same_run(ckpt_path, ckpt.get('run_setup', {}), run_setup)
     provenance.check_resume(ckpt, data_fingerprint, ckpt_path, data_dir)
     vision = VisionTransformer(**ckpt['vision_config'])
     vision.load_state_dict(ckpt['vision'])
@@ -238,7 +243,7 @@ else:  # a checkpoint: ours, OpenAI, open_clip or Hugging Face
 vision.to(device)
 vision.grad_checkpointing = grad_checkpointing
 embed_dim = vision.embed_dim
-run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else common.run_id(ddp)
+run_id = ckpt['run_id'] if ckpt is not None and 'run_id' in ckpt else runtime.run_id(ddp)
 
 
 # -----------------------------------------------------------------------------
@@ -262,8 +267,8 @@ def seed_samplers(step, micro):
 # optimizers: AdamW for the tower (replicated; weight decay on matrices only, not the position
 # embedding) and a separate AdamW for this rank's centre shard (its state is per rank, never
 # all-reduced)
-optimizer = torch.optim.AdamW(common.param_groups(vision, weight_decay, skip=('pos_embed',)),
-                              lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
+optimizer = torch.optim.AdamW(optim.param_groups(vision, weight_decay, skip=('pos_embed',)),
+                             lr=learning_rate, betas=(beta1, beta2), eps=adam_eps)
 # Dense AdamW on the centres, as insightface and unicom: an unsampled row keeps drifting along its
 # momentum (a lazy update would cut the centres' effective lr by about r), and no weight decay:
 # the loss sees only w / |w| (docs/method.md, "AdamW on the centres")
@@ -286,7 +291,7 @@ def load_centres(ckpt, start, n):
         if lo >= hi:
             continue
         path = os.path.join(out_dir, name)
-        sh = common.load(path, f"centre shard {r_old} of {ckpt_path}", mmap=True)
+        sh = files.load(path, f"centre shard {r_old} of {ckpt_path}", mmap=True)
         if sh.get('run_id') != ckpt.get('run_id'):
             stop(f"{path}: belongs to run {sh.get('run_id')}, but {ckpt_path} to run "
                  f"{ckpt.get('run_id')}: files of two runs are mixed in out_dir={out_dir}")
@@ -294,8 +299,8 @@ def load_centres(ckpt, start, n):
             stop(f"{path}: holds rows {sh['start']}+{sh['rows']} of step {sh['step']}, expected "
                  f"{s0}+{n0} of step {ckpt['step']}")
         key = 'shards_sha256' if 'shards_sha256' in ckpt else 'centres_sha256'  # older: centres
-        got = (common.state_sha256(sh) if key == 'shards_sha256' else
-               common.sha256(sh['weight'], sh['exp_avg'], sh['exp_avg_sq']))
+        got = (files.state_sha256(sh) if key == 'shards_sha256' else
+               files.sha256(sh['weight'], sh['exp_avg'], sh['exp_avg_sq']))
         if key in ckpt and got != ckpt[key][r_old]:
             stop(f'{path}: its centres, Adam moments or RNG state do not match the checksum in '
                  f'{ckpt_path} (the file changed after it was written)')
@@ -314,7 +319,7 @@ if ckpt is not None:
         stop(f"{ckpt_path}: has {ckpt['num_classes']} centres of dim {ckpt['embed_dim']}, "
              f'config asks for {num_classes} of dim {embed_dim}')
     step = ckpt['step']
-    common.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
+    optim.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
     w, m, v, adam_step, own = load_centres(ckpt, pfc.start, pfc.num_local)
     with torch.no_grad():
         pfc.weight.copy_(w)
@@ -353,7 +358,7 @@ def try_micro_step(m):
 
 
 if auto_micro:
-    global_batch_size, micro_batch_size, accum, batch_note = common.auto_batch_plan(
+    global_batch_size, micro_batch_size, accum, batch_note = optim.auto_batch_plan(
         try_micro_step, global_batch_size, world, ddp, device, 'no accumulation needed')
     print_batch_plan()
 if master and resumed_global not in (None, global_batch_size):
@@ -397,30 +402,30 @@ def save_checkpoint():
     st = optimizer_c.state[pfc.weight]
     tensors = [*raw_vision.parameters(), pfc.weight, st['exp_avg'], st['exp_avg_sq']]
     tensors += [s[k] for s in optimizer.state.values() for k in ('exp_avg', 'exp_avg_sq')]
-    bad = torch.tensor(float(not common.all_finite(tensors)), device=device)
+    bad = torch.tensor(float(not files.all_finite(tensors)), device=device)
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        common.stop_unsaved(step, ckpt_path)
+        jobs.stop_unsaved(step, ckpt_path)
     os.makedirs(out_dir, exist_ok=True)
     names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
     shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
              'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
              'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
              'rng': rng_state(device)}
-    common.save(shard, os.path.join(out_dir, names[rank]))
-    sums = [common.state_sha256(shard)]  # the whole shard: centres, Adam and RNG state
+    files.save(shard, os.path.join(out_dir, names[rank]))
+    sums = [files.state_sha256(shard)]  # the whole shard: centres, Adam and RNG state
     if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it
         sums = [None] * world
-        dist.all_gather_object(sums, common.state_sha256(shard))
+        dist.all_gather_object(sums, files.state_sha256(shard))
     if master:
-        common.save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
-                     'optimizer': optimizer.state_dict(), 'step': step,
-                     'epoch': step / steps_per_epoch, 'world_size': world, 'run_id': run_id,
-                     'global_batch_size': global_batch_size, 'num_classes': num_classes,
-                     'embed_dim': embed_dim, 'centres': names, 'shards_sha256': sums,
-                     'run_setup': run_setup, 'data': data_fingerprint, 'rng': rng_state(device),
-                     'config': config}, ckpt_path)
+        files.save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
+                    'optimizer': optimizer.state_dict(), 'step': step,
+                    'epoch': step / steps_per_epoch, 'world_size': world, 'run_id': run_id,
+                    'global_batch_size': global_batch_size, 'num_classes': num_classes,
+                    'embed_dim': embed_dim, 'centres': names, 'shards_sha256': sums,
+                    'run_setup': run_setup, 'data': data_fingerprint, 'rng': rng_state(device),
+                    'config': config}, ckpt_path)
         for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
             if os.path.basename(f) not in names:
                 os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
@@ -486,12 +491,12 @@ if wandb_log and master:
     except ImportError:
         print('wandb_log=True but wandb is not installed: logging to log.jsonl only')
 if master:
-    common.start_log(log_path, step)
+    files.start_log(log_path, step)
 
 
 def log(record):
     if master:
-        common.log_line(log_path, record)
+        files.log_line(log_path, record)
         if run is not None:
             run.log(record, step=record['step'])
 
@@ -499,23 +504,23 @@ def log(record):
 # -----------------------------------------------------------------------------
 # training loop
 flops_per_image = 3 * raw_vision.flops()  # forward + backward (2x forward) of the tower
-peak = common.peak_flops(device)
+peak = runtime.peak_flops(device)
 last = {'loss': None, 'pos_cos': None, 'neg_cos': None, 'grad_norm': None, 'images_per_s': None,
         'mfu': None, 'knn_acc': None}
-pbar = common.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
-                       desc='train')
+pbar = runtime.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True,
+                        desc='train')
 batches, batches_epoch = None, -1
 t_log, wait, images_seen, t_start = time.time(), 0.0, 0, time.time()
 saved = None  # the step of the last checkpoint this invocation wrote
 end = min(max_steps, stop_at) if stop_at else max_steps
-common.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
+jobs.catch_signals(master)  # SIGTERM / SIGINT / SIGHUP: finish the step, checkpoint, exit
 while step < end:
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     if epoch != batches_epoch:  # the loader's steps are micro-batches: accum of them per step
         if batches is not None:
             batches.close()
         batches, batches_epoch = loader.iterate(epoch, start_step=step_in_epoch * accum), epoch
-    lr = common.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
+    lr = optim.get_lr(step, learning_rate, min_lr, warmup_steps, max_steps)
     for opt in (optimizer, optimizer_c):
         for group in opt.param_groups:
             group['lr'] = lr
@@ -538,13 +543,13 @@ while step < end:
         loss_sum += loss.detach()
         pos_cos += pfc.stats['pos_cos'] / accum
         neg_cos += pfc.stats['neg_cos'] / accum
-    grad_norm = common.grad_norm(raw_vision.parameters(), grad_clip)
+    grad_norm = optim.grad_norm(raw_vision.parameters(), grad_clip)
     # Everything the step must agree on, in one tensor, all-reduced (MAX) and read once: the one
     # device sync of the step. The loss, cosines and tower gradient norm are the same on every
     # rank; the flags (non-finite values, this rank's embeddings, a signal) are 0 / 1 per rank.
     vals = torch.stack([loss_sum, grad_norm, pfc.weight.grad.norm(), pos_cos, neg_cos]).float()
     flags = torch.cat([~torch.isfinite(vals), ~emb_finite.view(1),
-                       torch.full((1,), common.signalled is not None, device=device)]).float()
+                       torch.full((1,), jobs.signalled is not None, device=device)]).float()
     packed = torch.cat([vals, flags])
     if ddp:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
@@ -552,7 +557,7 @@ while step < end:
     if any(bad):  # before the optimizer step: the weights are still those of the last step
         what = [n for n, b in zip(('loss', 'gradient norm', 'centre gradient norm', 'positive '
                                    'cosine', 'negative cosine', 'embeddings'), bad) if b]
-        common.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
+        jobs.stop_non_finite(what, step, lossf, gnorm, ckpt_path)
     optimizer.step()
     optimizer_c.step()
     optimizer.zero_grad(set_to_none=True)
@@ -595,7 +600,7 @@ while step < end:
         saved = step
         t_log += time.time() - t0
     if stopping:
-        common.stop_signalled(step, max_steps, ckpt_path, master)
+        jobs.stop_signalled(step, max_steps, ckpt_path, master)
 pbar.close()
 if batches is not None:
     batches.close()
@@ -606,7 +611,7 @@ result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps,
           'global_batch_size': global_batch_size, 'num_classes': num_classes, **last,
           'threads': threads, 'run_id': run_id, 'time_s': time.time() - t_start, 'ckpt': ckpt_path}
 if master:
-    common.save_json(os.path.join(out_dir, 'train.json'), result)
+    files.save_json(os.path.join(out_dir, 'train.json'), result)
     print(json.dumps(result))
 if ddp:
     dist.destroy_process_group()

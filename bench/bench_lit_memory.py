@@ -28,8 +28,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
-from loss import clip_loss  # noqa: E402
+import runtime  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import optim  # noqa: E402
+from contrastive import clip_loss  # noqa: E402
 from model import PRESETS, TextTransformer  # noqa: E402
 
 presets = 'ViT-B/16,ViT-L/14'
@@ -122,8 +123,8 @@ def one_shot():
 
 
 def cached():
-    common.grad_cache(lambda rows, again: [None if again else img[rows], text(ids[rows])],
-                      lambda i, t: clip_loss(i, t, scale), b, m)
+    optim.grad_cache(lambda rows, again: [None if again else img[rows], text(ids[rows])],
+                     lambda i, t: clip_loss(i, t, scale), b, m)
 
 
 times = {'one_shot': [], 'grad_cache': []}

@@ -40,9 +40,10 @@ before = 'dc8ae7a'  # git revision of the loss.py to compare against
 variant = ''  # '' = run all and compare; 'before' or 'after' = one child run
 world = 0  # the child's world size
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, root)  # configurator.py, common.py and loss.py sit one level up
+sys.path.insert(0, root)  # configurator.py, runtime.py and loss.py sit one level up
 exec(open(os.path.join(root, 'configurator.py')).read())
-import common  # noqa: E402
+import runtime  # noqa: E402
+import optim  # noqa: E402
 
 
 def load_loss():
@@ -79,9 +80,9 @@ def child():
     from torch.profiler import profile, record_function, ProfilerActivity
     torch.set_num_threads(threads)
     loss = load_loss()
-    _, micro, _, _ = common.batch_plan(global_batch_size, world, micro_batch_size)
+    _, micro, _, _ = optim.batch_plan(global_batch_size, world, micro_batch_size)
     B, d, l = world * micro, embed_dim, num_positives
-    n = common.shard_range(num_classes, 0, world)[1]
+    n = runtime.shard_range(num_classes, 0, world)[1]
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         pfc = loss.PartialFC(d, n, sample_ratio, 64.0, 0.3, 'mlcd', seed=0)

@@ -52,7 +52,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]  # the project's modules; sync_count (tests/)
 
-import common  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import runtime  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -102,7 +102,7 @@ def env_info(device):
         p = torch.cuda.get_device_properties(device)
         e.update(gpu=torch.cuda.get_device_name(device), capability=f'{p.major}.{p.minor}',
                  memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count,
-                 cudnn=torch.backends.cudnn.version(), peak_bf16_flops=common.peak_flops(device),
+                 cudnn=torch.backends.cudnn.version(), peak_bf16_flops=runtime.peak_flops(device),
                  cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
     else:
         e.update(gpu=None, peak_bf16_flops=None, cpu=platform.processor() or platform.machine())

@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]  # the project's modules; sync_count (tests/)
 
-import common  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import runtime  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import copy  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402

@@ -9,7 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]  # the project's modules; sync_count (tests/)
 
-import common  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import runtime  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -125,7 +125,7 @@ def time_model(name, S, device, tmp, note):
     if B is None:
         return r
     params, ctx = list(vision.parameters()), autocast(device, S['dtype'])
-    peak = common.peak_flops(device)
+    peak = runtime.peak_flops(device)
     batches = synthetic_batches(B, vcfg['image_size'], vision.embed_dim, S['world'],
                                 S['k_total'], device)
 
@@ -243,7 +243,7 @@ def compile_child(name, B, S, device, out_dir, backend):
         sync(device)
         r['first_step_s'] = time.perf_counter() - t0  # compiling forward and backward
         dt = time_steps(compiled, params, pfc, opt, opt_c, batches, ctx, device, 1, S['steps'])
-        peak = common.peak_flops(device)
+        peak = runtime.peak_flops(device)
         r.update(ok=True, step_s=dt, images_per_s=B / dt,
                  mfu=B / dt * 3 * vision.flops() / peak if peak else None)
     except Exception as e:  # noqa: BLE001 (recorded, as every section's errors)

@@ -9,7 +9,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]  # the project's modules; sync_count (tests/)
 
-import common  # noqa: E402 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import runtime  # noqa: E402,F401 (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import jobs  # noqa: E402
+import optim  # noqa: E402
 import gc  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -117,7 +119,7 @@ def train_step(vision, params, pfc, optimizer, optimizer_c, batches, accum, ctx,
                  else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     vals = torch.stack([loss_sum, grad_norm, pfc.weight.grad.norm(), pos_cos, neg_cos]).float()
     flags = torch.cat([~torch.isfinite(vals), ~emb_finite.view(1),
-                       torch.full((1,), common.signalled is not None, device=device)]).float()
+                       torch.full((1,), jobs.signalled is not None, device=device)]).float()
     out = torch.cat([vals, flags]).tolist()
     optimizer.step()
     optimizer_c.step()
@@ -133,8 +135,8 @@ def build_training(vcfg, num_classes, device, lr=5e-4):
     vision = VisionTransformer(**vcfg).to(device)
     pfc = PartialFC(vision.embed_dim, num_classes, sample_ratio=SAMPLE_RATIO).to(device)
     pfc.generator.manual_seed(0)
-    optimizer = torch.optim.AdamW(common.param_groups(vision, 0.2, skip=('pos_embed',)), lr=lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(optim.param_groups(vision, 0.2, skip=('pos_embed',)), lr=lr,
+                                 betas=(0.9, 0.98), eps=1e-6)
     optimizer_c = torch.optim.AdamW([pfc.weight], lr=lr, betas=(0.9, 0.98), eps=1e-6,
                                     weight_decay=0.0)
     return vision, pfc, optimizer, optimizer_c

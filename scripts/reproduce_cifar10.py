@@ -57,7 +57,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import runtime  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
@@ -87,7 +87,7 @@ onevision_scale = 32.0
 if {'-h', '--help'} & set(sys.argv[1:]):
     print(__doc__.strip() + '\n')  # the run names, then the settings
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
-common.check_device(device)  # here, not in the first stage's log
+runtime.check_device(device)  # here, not in the first stage's log
 # -----------------------------------------------------------------------------
 
 if split not in ('test', 'val'):

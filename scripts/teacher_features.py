@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import runtime  # noqa: E402
+import files  # noqa: E402
 from checkpoints import from_pretrained  # noqa: E402
 from data import Dataset  # noqa: E402
 from transforms import crop_params, crop_resize_cpu, pad_params, plain  # noqa: E402
@@ -40,7 +41,7 @@ batch_size = 500
 seed = 0
 device = 'cpu'
 exec(open(os.path.join(ROOT, 'configurator.py')).read())
-common.check_device(device)
+runtime.check_device(device)
 # -----------------------------------------------------------------------------
 if not (checkpoint and data_dir and out):
     raise SystemExit('teacher_features.py: checkpoint, data_dir and out are required')
@@ -52,7 +53,7 @@ ds = Dataset(data_dir)
 S, N = vision.image_size, len(ds)
 g = torch.Generator().manual_seed(seed)
 result = None
-for i in common.progress(range(0, N, batch_size), desc=f'features x{views}'):
+for i in runtime.progress(range(0, N, batch_size), desc=f'features x{views}'):
     u8 = ds.images(np.arange(i, min(i + batch_size, N)))
     x = [plain(u8, device, S)]
     for _ in range(views - 1):
@@ -68,6 +69,6 @@ for i in common.progress(range(0, N, batch_size), desc=f'features x{views}'):
         result = np.zeros((N, f.shape[1]), np.float32)
     result[i:i + len(u8)] = f.cpu().numpy()
 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-with common.atomic_open(out) as fh:
+with files.atomic_open(out) as fh:
     np.save(fh, result)
 print(f'{out}: {N} x {result.shape[1]} {feature} features, mean of {views} view(s)')

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
-import common  # noqa: E402
+import runtime  # noqa: E402
 import data  # noqa: E402
 import sources  # noqa: E402
 import transforms  # noqa: E402
@@ -130,7 +130,7 @@ if __name__ == '__main__':
     seed = 0          # of the init:<preset> towers
     device = 'cpu'
     exec(open(os.path.join(ROOT, 'configurator.py')).read())
-    common.check_device(device)
+    runtime.check_device(device)
     specs = [s for s in checkpoint.split(',') if s]
     if not specs or not (data_dir or images):
         raise SystemExit('visualize.py: give --checkpoint=a[,b...] and --data_dir=... or '

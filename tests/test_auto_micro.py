@@ -1,4 +1,4 @@
-"""micro_batch_size='auto' (train.py, common.auto_micro_batch): on a device that runs out of
+"""micro_batch_size='auto' (train.py, optim.auto_micro_batch): on a device that runs out of
 memory above some micro-batch (the MLCD_FAKE_OOM_ABOVE test hook), it picks the largest that fits
 by halving, says so on the first line, and leaves no trace of its tries: the run's losses equal
 bitwise those of a run given that micro-batch outright, on 1 process and on 2 gloo ranks."""

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import runtime
 from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,20 +59,20 @@ def test_check_device_names_what_is_missing(monkeypatch):
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
     with pytest.raises(SystemExit, match=r"^device=cuda: no CUDA GPU is visible "
                                          r"\(CUDA_VISIBLE_DEVICES=''\); available here: cpu$"):
-        common.check_device('cuda')
+        runtime.check_device('cuda')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    common.check_device('cuda:1')  # these pass
-    common.check_device('cpu')
+    runtime.check_device('cuda:1')  # these pass
+    runtime.check_device('cpu')
     with pytest.raises(SystemExit, match=r'^device=cuda:2: cuda:2 needs 3 GPUs, 2 visible; '
                                          r'available here: cpu, cuda \(cuda:0..cuda:1\)$'):
-        common.check_device('cuda:2')
+        runtime.check_device('cuda:2')
     monkeypatch.setenv('LOCAL_RANK', '3')  # torchrun --nproc_per_node=4 on 2 GPUs
     with pytest.raises(SystemExit, match=r'^device=cuda: torchrun local rank 3 needs 4 GPUs'):
-        common.check_device('cuda')
+        runtime.check_device('cuda')
     with pytest.raises(SystemExit, match=r'^device=cuda0: unknown device \(cpu, cuda or cuda:<i>\); '
                                          r'available here: cpu, cuda \(cuda:0..cuda:1\)$'):
-        common.check_device('cuda0')
+        runtime.check_device('cuda0')
 
 
 # -----------------------------------------------------------------------------
@@ -264,9 +264,9 @@ def test_documented_commands_are_found():
 # -----------------------------------------------------------------------------
 # progress on a terminal and in a log
 
-BAR = ("import sys, time; sys.path.insert(0, {root!r}); import common; "
-       "common.PROGRESS_SECONDS = 0.25\n"
-       "bar = common.progress(range(40), desc='work')\n"
+BAR = ("import sys, time; sys.path.insert(0, {root!r}); import runtime; "
+       "runtime.PROGRESS_SECONDS = 0.25\n"
+       "bar = runtime.progress(range(40), desc='work')\n"
        "for i in bar:\n    time.sleep(0.025); bar.set_postfix(i=i)\n")
 
 

@@ -1,4 +1,4 @@
-"""The instance discrimination losses of loss.py (UniCLIP's MP-NCE with domain dependent
+"""The instance discrimination losses of contrastive.py (UniCLIP's MP-NCE with domain dependent
 similarity, SimCLR's NT-Xent) and model.AugAwareVision, against float64 references written from
 the formulas with loops over every pair, against clip_loss, and 2 gloo processes against 1."""
 import math
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from loss import IMAGE, TEXT, DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
+from contrastive import IMAGE, TEXT, DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import AugAwareVision, VisionTransformer
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import files
+import jobs
 from test_lit import lit, lit_fails, setup  # noqa: F401 (setup: a fixture)
 from test_train import (BASE, ROOT, SIG_ARGS, copy_run, data, files, free_port,  # noqa: F401
                         losses, run, start, two_runs, wait_for_step)  # (data, two_runs: fixtures)
@@ -226,20 +227,20 @@ def test_a_second_run_on_a_busy_out_dir_stops_naming_the_holder(data):
 
 
 def test_the_lock_is_released_by_the_os_when_its_holder_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, '-c', 'import common, time; '
-                               f'print(common.take_lock({str(tmp_path)!r}), flush=True); '
+    holder = subprocess.Popen([sys.executable, '-c', 'import jobs, time; '
+                               f'print(jobs.take_lock({str(tmp_path)!r}), flush=True); '
                                'time.sleep(300)'], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                               text=True)
     assert holder.stdout.readline().strip() == 'None'
     try:
-        msg = common.take_lock(str(tmp_path))
+        msg = jobs.take_lock(str(tmp_path))
         assert msg and f'process {holder.pid}' in msg, msg
     finally:
         holder.kill()
         holder.wait()
-    assert common.take_lock(str(tmp_path)) is None  # kill -9 left the file, not the lock
-    common.release_out_dir()
-    assert not (tmp_path / common.LOCK).exists()
+    assert jobs.take_lock(str(tmp_path)) is None  # kill -9 left the file, not the lock
+    jobs.release_out_dir()
+    assert not (tmp_path / jobs.LOCK).exists()
 
 
 @pytest.mark.parametrize('stage', ['train.py', 'cluster.py'])
@@ -277,7 +278,7 @@ def test_atomic_writes_fsync_the_folder_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'fsync', lambda fd: events.append(
         'fsync dir' if stat.S_ISDIR(os.fstat(fd).st_mode) else 'fsync file') or real_fsync(fd))
     monkeypatch.setattr(os, 'replace', lambda a, b: events.append('rename') or real_replace(a, b))
-    common.atomic_save({'x': torch.ones(2)}, str(tmp_path / 'ck.pt'))
+    files.atomic_save({'x': torch.ones(2)}, str(tmp_path / 'ck.pt'))
     assert events == ['fsync file', 'rename', 'fsync dir']
     assert torch.load(tmp_path / 'ck.pt', weights_only=True)['x'].sum() == 2
 

@@ -1,4 +1,4 @@
-"""micro_batch_size='auto' in lit.py (as train.py's, common.auto_micro_batch): on a device that runs
+"""micro_batch_size='auto' in lit.py (as train.py's, optim.auto_micro_batch): on a device that runs
 out of memory above some micro-batch (the MLCD_FAKE_OOM_ABOVE test hook), it picks the largest
 that fits by halving, says so on the first line, and leaves no trace of its tries: the run's
 losses, text tower, temperature and optimizer state equal bitwise those of a run given that

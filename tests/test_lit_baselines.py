@@ -20,7 +20,7 @@ import prepare
 import synthetic
 import tokenizer
 import model
-from loss import simclr_loss
+from contrastive import simclr_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--global_batch_size=32', '--text_width=64', '--text_layers=1', '--text_heads=2',

@@ -1,4 +1,4 @@
-"""lit.py's micro-batches (micro_batch_size) through the gradient cache (common.grad_cache): in
+"""lit.py's micro-batches (micro_batch_size) through the gradient cache (optim.grad_cache): in
 float64 the step gives the one-shot step's gradients, towers and temperatures alike, for clip
 (LiT from precomputed features, and CLIP from scratch), uniclip and simclr, on 1 process and on
 2 gloo ranks under DDP; lit.py with micro-batches trains as it does without them (1 process and
@@ -19,11 +19,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
+import files
+import optim
 import model
 import prepare
 from data import eval_batches
-from loss import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
+from contrastive import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 from model import AugAwareVision, TextTransformer, Towers, VisionTransformer
 from sync_count import count_syncs
 
@@ -106,7 +107,7 @@ def one_shot(mode):
 
 
 def grad_cached(mode, micro, rank=0, world=1):
-    """This rank's share of the global batch through common.grad_cache, micro rows at a time;
+    """This rank's share of the global batch through optim.grad_cache, micro rows at a time;
     under DDP the temperatures' gradients are averaged by hand, as lit.py does."""
     towers, temps, data = build(mode)
     b = B // world
@@ -119,8 +120,8 @@ def grad_cached(mode, micro, rank=0, world=1):
         return embed(mode, net, towers, data, rows, again)
 
     with count_syncs() as syncs:  # host reads of the device: lit.py's step has one, after this
-        loss, embs = common.grad_cache(forward, loss_of(mode, temps), b, micro,
-                                       net if world > 1 else None)
+        loss, embs = optim.grad_cache(forward, loss_of(mode, temps), b, micro,
+                                      net if world > 1 else None)
     for p in temps.parameters():
         if world > 1:
             dist.all_reduce(p.grad)
@@ -182,10 +183,10 @@ def test_grad_cache_on_two_ranks_gives_the_one_process_gradients_float64(two_ran
 
 def test_npy_write_writes_exactly_its_rows(tmp_path):
     path = str(tmp_path / 'x.npy')
-    common.npy_create(path, (10, 3), np.float32)
+    files.npy_create(path, (10, 3), np.float32)
     before = open(path, 'rb').read()
     rows = np.arange(12, dtype=np.float64).reshape(4, 3)  # converted to the file's dtype
-    common.npy_write(path, 5, rows)
+    files.npy_write(path, 5, rows)
     after = open(path, 'rb').read()
     x = np.load(path)
     assert x.dtype == np.float32 and x.shape == (10, 3)
@@ -337,5 +338,5 @@ def test_lit_paper_configs_split_the_32k_batch_on_one_node(name):
     assert (got['learning_rate'], got['micro_batch_size'], got['global_batch_size']) == (
         lr, "'auto'", '32768')
     assert micro in [4096 >> i for i in range(4)]  # a step of 'auto's halving from 32768 / 8
-    assert common.batch_plan(32768, 8, micro) == (32768, micro, 4096 // micro, '')
-    assert common.batch_plan(32768, 80, -(-32768 // 80))[:3] == (32800, 410, 1)  # 10 nodes: one each
+    assert optim.batch_plan(32768, 8, micro) == (32768, micro, 4096 // micro, '')
+    assert optim.batch_plan(32768, 80, -(-32768 // 80))[:3] == (32800, 410, 1)  # 10 nodes: one each

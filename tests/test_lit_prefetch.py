@@ -27,12 +27,13 @@ setup = tm.setup  # its fixture: the synthetic set and a frozen ViT-T/4 tower
 REFERENCE = r'''
 import json, sys
 import numpy as np, torch
-import common
+import runtime
+import data
 from data import Loader
-from loss import clip_loss
+from contrastive import clip_loss
 from model import TextTransformer
 out, syn, epoch, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-common.set_threads(0)
+runtime.set_threads(0)
 ck = torch.load(out + '/ckpt.pt', weights_only=False)
 text = TextTransformer(**ck['text_config'])
 text.load_state_dict(ck['text'])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loss import LOSSES, PartialFC, _CentreRows, clip_loss, init_centres, shard_range
+from contrastive import clip_loss
+from loss import LOSSES, PartialFC, _CentreRows, init_centres, shard_range
 from sync_count import count_syncs
 
 SCALE, MARGIN = 64.0, 0.3

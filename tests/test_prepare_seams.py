@@ -11,7 +11,7 @@ import time
 import numpy as np
 from PIL import Image
 
-import common
+import jobs
 from test_faults import one_line
 from test_train import ROOT, one_line_error
 
@@ -44,7 +44,7 @@ def test_a_second_build_of_the_same_out_stops_and_leaves_the_first_alone(tmp_pat
     assert not [f for f in os.listdir(out) if f.endswith('.tmp') or f == '.lock']
     # a stage's out_dir in use
     busy = tmp_path / 'run'
-    code = ('import sys, time, common; assert common.take_lock(sys.argv[1]) is None; '
+    code = ('import sys, time, jobs; assert jobs.take_lock(sys.argv[1]) is None; '
             'print("held", flush=True); time.sleep(60)')
     holder = subprocess.Popen([sys.executable, '-c', code, str(busy)], cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE, text=True)
@@ -52,7 +52,7 @@ def test_a_second_build_of_the_same_out_stops_and_leaves_the_first_alone(tmp_pat
     try:
         p = prepare('--src=synthetic', f'--out={busy}', '--count=16', '--image_size=16')
         one_line_error(p, f'out={busy} is in use by another run')
-        assert os.listdir(busy) == [common.LOCK]
+        assert os.listdir(busy) == [jobs.LOCK]
     finally:
         holder.kill()
 
@@ -131,8 +131,8 @@ def test_the_flat_warning_of_a_holdout_build_names_the_meta_json_that_stays(tmp_
 
 def hold(folder):
     """A process holding a stage's lock on folder (as a running train.py holds its out_dir's)."""
-    code = ('import sys, time, common; assert common.take_lock(sys.argv[1]) is None; '
-            'print("held", flush=True); time.sleep(120)')
+    code = ('import sys, time, jobs; assert jobs.take_lock(sys.argv[1]) is None; '
+        'print("held", flush=True); time.sleep(120)')
     holder = subprocess.Popen([sys.executable, '-c', code, str(folder)], cwd=ROOT, env=ENV,
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'held'
@@ -151,7 +151,7 @@ def test_a_holdout_build_locks_every_folder_it_writes_and_a_refusal_leaves_none(
                         '--holdout=0.5')
             one_line(p, f'out={out}: {busy} is in use by another run', f'process {holder.pid}')
             assert sorted(os.listdir(tmp_path)) == sorted(['in', os.path.basename(busy)])
-            assert os.listdir(busy) == [common.LOCK]  # the holder's folder, untouched
+            assert os.listdir(busy) == [jobs.LOCK]  # the holder's folder, untouched
         finally:
             holder.kill()
             holder.wait()
@@ -218,7 +218,7 @@ def test_a_worker_that_cannot_write_and_one_stopped_mid_shard_leave_no_tmp(tmp_p
                              '--workers=2'], FAIL='images_00000', STALL='images_00001')
     one_line(p, f'out={out}: cannot write a shard (OSError: [Errno 28] No space left on device)')
     assert time.time() - t0 < 50  # the stalled worker was stopped, not waited for
-    assert tmp_files(out) == [] and not os.path.exists(out / common.LOCK)
+    assert tmp_files(out) == [] and not os.path.exists(out / jobs.LOCK)
 
 
 def test_a_failed_holdout_split_removes_its_temporary_files(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import files
+import jobs
 import provenance
 from test_lit import lit_cmd, setup  # noqa: F401 (setup: a fixture)
 from test_train import ROOT, SIG_ARGS, losses, one_line_error, run, start, wait_for_step
@@ -208,7 +209,7 @@ def test_sighup_checkpoints_releases_the_lock_and_resumes_exactly(two, tmp_path)
     err = open(f'{part}.err').read()
     assert 'Traceback' not in err and 'stopped by SIGHUP' in err.strip().splitlines()[-1], err
     assert err.count('SIGHUP: stopping after this step') == 1
-    assert not os.path.exists(os.path.join(part, common.LOCK))
+    assert not os.path.exists(os.path.join(part, jobs.LOCK))
     assert torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)['step'] >= 2
     run(args + ['--init_from=resume'], part)
     assert losses(part) == losses(full)
@@ -235,12 +236,12 @@ def test_sighup_stops_lit_and_cluster_with_one_line(setup, two, tmp_path):  # no
     err = hup_once_there(lit_cmd(setup, out, '--max_steps=100000', '--log_interval=1'),
                          out / 'log.jsonl')
     assert 'stopped by SIGHUP' in err.strip().splitlines()[-1] and (out / 'ckpt.pt').exists()
-    assert not (out / common.LOCK).exists()
+    assert not (out / jobs.LOCK).exists()
     err = hup_once_there([sys.executable, 'cluster.py', f'--data_dir={two / "A"}', f'--out_dir={c}',
                           '--num_classes=32', '--niter=100000', '--kmeans_ckpt_interval=1'],
                          c / 'kmeans_state.npz')
     assert 'stopped by SIGHUP: finished phases are kept' in err.strip().splitlines()[-1]
-    assert not (c / common.LOCK).exists() and (c / 'phase_embed.json').exists()
+    assert not (c / jobs.LOCK).exists() and (c / 'phase_embed.json').exists()
 
 
 @pytest.mark.parametrize('limit', [4096, 40000])
@@ -267,14 +268,14 @@ def test_a_dangling_out_dir_link_is_one_line(two, tmp_path):
 
 def test_json_has_no_bare_nan(tmp_path):
     """save_json writes non-finite floats as null: every stage's JSON parses strictly."""
-    common.save_json(str(tmp_path / 'x.json'), {'a': float('nan'), 'b': [1.0, float('inf')], 'c': 2})
+    files.save_json(str(tmp_path / 'x.json'), {'a': float('nan'), 'b': [1.0, float('inf')], 'c': 2})
     strict = json.loads((tmp_path / 'x.json').read_text(), parse_constant=lambda c: 1 / 0)
     assert strict == {'a': None, 'b': [1.0, None], 'c': 2}
 
 
 def test_the_lost_rank_line_drops_gloos_sign_off():
     """The lost-rank line quotes the cause without gloo's 'GLHF!' sign-off."""
-    code = ('import common; common.lost_rank(RuntimeError, RuntimeError("[gloo] Connection closed '
+    code = ('import jobs; jobs.lost_rank(RuntimeError, RuntimeError("[gloo] Connection closed '
             'by peer [127.0.0.1]:29500 GLHF! \\U0001F3D6\\nmore"), None, 1, 30.0)')
     p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=60)
