@@ -6,7 +6,8 @@ them):
   (search_lambda), refit on train+val, top-1 and mean-per-class accuracy (linear_probe);
 - zero-shot classification with CLIP's 80 prompt templates (zero_shot_weights, topk_accuracy);
 - image-text retrieval R@k in both directions (retrieval_recall);
-- the tower's features of a dataset, over ranks (extract).
+- the tower's features of a dataset, over ranks (extract);
+- train.py's monitor: leave-one-out kNN accuracy over ranks (knn_accuracy).
 """
 import contextlib
 import math
@@ -14,9 +15,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from data import Dataset, eval_batches
 from runtime import progress, shard_range
+
 # CLIP's 80 prompt templates for ImageNet (CLIP repo, notebooks/Prompt_Engineering_for_ImageNet),
 # '{}' marks the class name. tests/test_probe.py checks them against open_clip's copy.
 CLIP_TEMPLATES = [
@@ -427,3 +431,46 @@ def text_encoder(text, batch_size, device):
             out.append(text(ids).float().cpu())
         return torch.cat(out)
     return encode
+
+
+@torch.no_grad()
+def knn_accuracy(tower, data_dir, batch_size, knn_k, rank, world, device, ctx, max_open_shards):
+    """Leave-one-out weighted kNN (cosine, k = knn_k, weights exp(s / 0.07)) over data_dir, a
+    cheap monitor of the features. Every rank embeds its contiguous slice of the images, the
+    features are all-gathered, each rank scores its own slice against all of them, and the
+    counts of correct votes are summed: no rank waits while another works. Returns (accuracy,
+    the k used, the majority class's share: the accuracy of a vote that ignores the image)."""
+    ds = Dataset(data_dir, max_open_shards)
+    start, n = shard_range(len(ds), rank, world)  # eval_batches' slice
+    tower.eval()
+    mine = torch.zeros(n, tower.embed_dim, device=device)
+    for idx, images in eval_batches(data_dir, batch_size, tower.image_size, rank=rank,
+                                    world_size=world, device=device,
+                                    max_open_shards=max_open_shards):
+        with ctx:
+            mine[idx.to(device) - start] = F.normalize(tower(images).float(), dim=-1)
+    tower.train()
+    f = mine
+    if world > 1:  # slices differ by at most one row: pad, gather, drop the padding
+        rows = -(-len(ds) // world)
+        fs = [torch.empty(rows, tower.embed_dim, device=device) for _ in range(world)]
+        dist.all_gather(fs, torch.cat([mine, mine.new_zeros(rows - n, tower.embed_dim)]))
+        f = torch.cat([x[:shard_range(len(ds), r, world)[1]] for r, x in enumerate(fs)])
+    y = torch.as_tensor(np.asarray(ds.classes), dtype=torch.long, device=device)
+    nc = int(y.max()) + 1
+    counts = torch.bincount(y)
+    # leaving an image out leaves its own class one member short: with k near the class size that
+    # alone pulls the vote below chance (3 classes of 20, uninformative features: 0.29 at k = 20,
+    # 0 at k = 59, 0.32 at k = 5), so k stays under half the smallest class
+    k = max(1, min(knn_k, (int(counts[counts > 0].min()) - 1) // 2, len(f) - 1))
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for a in range(start, start + n, 1024):
+        sim = f[a:min(a + 1024, start + n)] @ f.T
+        rows = torch.arange(len(sim), device=device)
+        sim[rows, rows + a] = -2.0  # leave one out
+        s, j = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), nc, device=device).scatter_add_(1, y[j], (s / 0.07).exp())
+        correct += (votes.argmax(1) == y[a:a + len(sim)]).sum()
+    if world > 1:
+        dist.all_reduce(correct)
+    return correct.item() / len(f), k, counts.max().item() / len(f)

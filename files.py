@@ -226,6 +226,15 @@ def rename(tmp, path):
     fsync_dir(os.path.dirname(path) or '.')
 
 
+def module_sha256(module):
+    """SHA-256 of every parameter and buffer, bit for bit: proves a frozen tower never changed."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def sha256(*tensors):
     """Hex digest of the tensors' bytes, in order (checksums of centre shards)."""
     h = hashlib.sha256()

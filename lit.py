@@ -31,14 +31,12 @@ embedding (AugAwareVision.folded()) and 'aug_vision' what a resume needs.
 It stops with one line as train.py does (bad input, a non-finite value, a rank that stops
 answering, SIGTERM / SIGINT after a checkpoint), never writing a checkpoint from a bad state.
 """
-import hashlib
 import json
 import math
 import os
 import time
 
 import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -47,14 +45,15 @@ from tqdm import tqdm
 from checkpoints import from_pretrained
 from contrastive import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 import data
-from data import Loader, ShardError, eval_batches, prefetched
+from data import Loader, prefetched
+import image_features
 import files
 from files import rng_state, set_rng_state
 import jobs
-from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer
+from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer, text_config
 import optim
 import provenance
-from runtime import shard_range, stop
+from runtime import stop
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them
@@ -156,31 +155,6 @@ log_path = os.path.join(out_dir, 'log.jsonl')
 torch.manual_seed(seed)
 
 
-def state_hash(module):
-    """SHA-256 of every parameter and buffer, bit for bit: proves the image tower never changed."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint_and_tokens(vocab_size):
-    """data_dir's fingerprint (provenance.py), with every caption in it when the text tower is
-    trained: the same pass checks that every token id is < vocab_size. Each rank reads its share
-    of the shards, through files it opens and closes itself (no shard maps beside the loader's).
-    LAION-400M's 62 GB of ids take ~40 s on 8 ranks, if the disk reads 1.5 GB/s."""
-    try:
-        fp = provenance.data_fingerprint(data_dir, rank, world, all_texts=bool(vocab_size))
-    except ValueError as e:
-        stop(str(e))
-    if vocab_size and fp['max_token'] >= vocab_size:
-        stop(f"data_dir={data_dir}: caption token ids reach {fp['max_token']}, but the text tower "
-             f'has vocab_size={vocab_size} (ids 0..{vocab_size - 1}): the texts_*.npy shards are '
-             'not of its tokenizer')
-    return fp
-
-
 # -----------------------------------------------------------------------------
 # the image tower (frozen or trained) and the text tower
 dataset = data.open_dataset('data_dir', data_dir, max_open_shards)
@@ -234,25 +208,23 @@ elif init_from == 'scratch':
             stop(f"vision_checkpoint={vision_checkpoint}: "
                  f"{str(e).splitlines()[0].removeprefix(vision_checkpoint + ': ')}")
         vision_source = vision_checkpoint
-    embed_dim = vision.embed_dim
-    name = text_preset or next((k for k, v in PRESETS.items() if v['text']['embed_dim'] == embed_dim), 'ViT-B/16')
-    if name not in PRESETS:
-        stop(f"config error: text_preset {name!r} is not one of {', '.join(PRESETS)}")
-    tcfg = dict(PRESETS[name]['text'], embed_dim=embed_dim)
-    tcfg.update({k: v for k, v in (('width', text_width), ('layers', text_layers), ('heads', text_heads)) if v})
-    tcfg = tcfg if use_text else None
+    try:
+        tcfg = text_config(vision.embed_dim, text_preset, text_width, text_layers, text_heads) if use_text else None
+    except ValueError as e:
+        stop(f'config error: {e}')
 else:
     stop(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
 # a caption token the text tower has no embedding for would fail deep in a step; a resume must
 # read the data (captions included) its checkpoint was trained on
-data_fingerprint = fingerprint_and_tokens(tcfg['vocab_size'] if tcfg else 0)
+data_fingerprint = provenance.fingerprint_and_tokens(data_dir, rank, world,
+                                                     tcfg['vocab_size'] if tcfg else 0)
 if ckpt is not None:
     provenance.check_resume(ckpt, data_fingerprint, ckpt_path, data_dir)
 vision.to(device)
 vision_sha256 = None
 if locked:
     vision.eval().requires_grad_(False)  # locked: eval mode, no gradients, no optimizer
-    vision_sha256 = state_hash(vision)
+    vision_sha256 = files.module_sha256(vision)
     if ckpt is not None and ckpt['vision_sha256'] != vision_sha256:
         stop(f'{ckpt_path}: its image tower does not match the hash recorded when the run started')
     trained_vision = None
@@ -420,69 +392,11 @@ if master:  # the first line of the run
           + (f' ({batch_note})' if batch_note else ''))
 
 
-@torch.no_grad()
-def embed_all():
-    """Frozen-tower embeddings of every image, eval transform, in out_dir/image_features.npy:
-    float32 [N, d] (fp32 so that both modes see the same numbers), a memory map, so it may be
-    larger than RAM or GPU memory (LAION-400M at d = 768: 1.2 TB of disk). Each rank writes its
-    contiguous slice as whole rows (files.npy_write). Reused by later runs (a resume) when
-    image_features.json names the same tower, images (their fingerprint) and resolution. Written
-    under a temporary name and renamed when every rank's rows are in: the file is whole or absent."""
-    path, stamp = os.path.join(out_dir, 'image_features.npy'), os.path.join(out_dir, 'image_features.json')
-    key = {'vision_sha256': vision_sha256, 'data_dir': os.path.abspath(data_dir), 'count': len(dataset),
-           'images': provenance.short(data_fingerprint, images_only=True),
-           'image_size': vision.image_size}
-    if os.path.exists(stamp) and json.load(open(stamp)) == key:
-        return np.load(path, mmap_mode='r')
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(stamp):
-            os.remove(stamp)
-    files.npy_create(path + '.tmp', (len(dataset), vision.embed_dim), np.float32)  # a barrier
-    n = shard_range(len(dataset), rank, world)[1]  # eval_batches' slice
-    batches = eval_batches(data_dir, 256, vision.image_size, rank=rank, world_size=world,
-                           device=device, max_open_shards=max_open_shards)
-    for idx, images in runtime.progress(batches, disable=not master, desc='embed images',
-                                        total=math.ceil(n / 256), leave=False):
-        with ctx:
-            rows = vision(images).float().cpu().numpy()
-        files.npy_write(path + '.tmp', int(idx[0]), rows)  # idx: consecutive rows
-    if ddp:
-        dist.barrier()
-    if master:
-        files.rename(path + '.tmp', path)
-        files.save_json(stamp, key)
-    if ddp:
-        dist.barrier()  # under its final name before any rank maps it
-    return np.load(path, mmap_mode='r')
-
-
 t_pre = time.time()
-features = embed_all() if precompute_features else None
+features = (image_features.embed_all(vision, vision_sha256, dataset, data_dir, data_fingerprint,
+                                     out_dir, rank, world, device, ctx, max_open_shards)
+            if precompute_features else None)  # [N, d], memory-mapped
 precompute_s = time.time() - t_pre
-
-
-def feature_batch(epoch, s):
-    """Step s of the epoch in precomputed mode, made in a prefetch thread (data.prefetch,
-    PREFETCH steps ahead, as the loader's batches): this rank's indices, captions and
-    frozen features, gathered from the memory maps into pinned memory on CUDA, so that the copies
-    to the device are asynchronous and the step never waits for the disk; plain memory on a CPU
-    (the same bits as a gather in the main thread). A failure is one line in the main thread."""
-    idx, pin = loader.indices(epoch, s), device_type == 'cuda'
-    try:
-        texts = torch.from_numpy(loader.ds.texts(idx))
-        rows = torch.empty((len(idx), features.shape[1]), dtype=torch.float32, pin_memory=pin)
-        np.take(features, idx, axis=0, out=rows.numpy())
-        return {'index': torch.from_numpy(idx.astype(np.int64)),
-                'features': rows.to(device, non_blocking=pin),
-                'texts': (texts.pin_memory() if pin else texts).to(device, non_blocking=pin)}
-    except ShardError:  # a caption shard: data.py's own line
-        raise
-    except Exception as e:  # prefetch stops the main thread with this line (no traceback)
-        raise ShardError(f'precompute_features=True: the prefetch thread failed making the batch '
-                         f'of step {epoch * steps_per_epoch + s + 1} from '
-                         f"{os.path.join(out_dir, 'image_features.npy')} ({type(e).__name__}: {e})"
-                         ) from e
 
 
 # -----------------------------------------------------------------------------
@@ -596,8 +510,9 @@ while step < end:
         if batches is not None:
             batches.close()
         if precompute_features:  # features, indices and texts: no image decoding at all
-            batches = prefetched(lambda s, e=epoch: feature_batch(e, s),
-                                range(step_in_epoch, steps_per_epoch), PREFETCH)
+            what = os.path.join(out_dir, 'image_features.npy')
+            batches = prefetched(lambda s, e=epoch: image_features.feature_batch(
+                features, loader, e, s, device, what), range(step_in_epoch, steps_per_epoch), PREFETCH)
         else:
             batches = loader.iterate(epoch, start_step=step_in_epoch)
         batches_epoch = epoch
@@ -675,7 +590,7 @@ if saved != step:
     save_checkpoint()
 
 # LiT: the frozen tower, bit for bit, after all the training (None: the tower was trained)
-vision_unchanged = state_hash(vision) == vision_sha256 if locked else None
+vision_unchanged = files.module_sha256(vision) == vision_sha256 if locked else None
 result = {'step': step, 'epoch': step / steps_per_epoch, 'max_steps': max_steps, 'world_size': world,
           'global_batch_size': global_batch_size, 'micro_batches': accum, 'first_loss': first_loss,
           **last,

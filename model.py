@@ -247,6 +247,19 @@ class VisionTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+
+def text_config(embed_dim, preset='', width=0, layers=0, heads=0):
+    """The text tower for an image tower of output width embed_dim: the preset whose embedding
+    width is embed_dim (ViT-B: 512, ViT-L: 768, ViT-T/4: 128), else ViT-B's with embed_dim set to
+    it; `preset` names one instead; width, layers, heads override the preset's (0: keep)."""
+    name = preset or next((k for k, v in PRESETS.items() if v['text']['embed_dim'] == embed_dim), 'ViT-B/16')
+    if name not in PRESETS:
+        raise ValueError(f"text_preset {name!r} is not one of {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[name]['text'], embed_dim=embed_dim)
+    cfg.update({k: v for k, v in (('width', width), ('layers', layers), ('heads', heads)) if v})
+    return cfg
+
+
 class TextTransformer(nn.Module):
 
     def __init__(self, context_length=77, vocab_size=49408, width=512, layers=12, heads=8,

@@ -18,8 +18,10 @@ import json
 import os
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
+import files
 import runtime
 
 ROW_BYTES = 16384  # bytes read from the middle of each sampled row (a 224 px row is 150,528)
@@ -203,3 +205,71 @@ def check_resume(ckpt, fp, ckpt_path, data_dir):
     if line:
         runtime.stop(f'{line}: resume on the data it was written with, or start a new run in '
                      'another out_dir')
+
+
+def open_labels(labels_dir, data_dir, n_images):
+    """train.py: labels_dir/labels.npy, memory-mapped, once it is int [N, l] (nearest centre
+    first) with one row per image of data_dir; stops with one line otherwise."""
+    path = os.path.join(labels_dir, 'labels.npy')
+    if not os.path.exists(path):
+        runtime.stop(f'labels_dir={labels_dir}: no labels.npy (run cluster.py with out_dir={labels_dir})')
+    try:
+        labels = np.load(path, mmap_mode='r')
+    except (ValueError, OSError) as e:
+        runtime.stop(f'labels_dir={labels_dir}: labels.npy is not a readable .npy file ({e})')
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        runtime.stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] (nearest centre '
+                     f'first), got {labels.dtype} {list(labels.shape)}')
+    if labels.shape[0] != n_images:
+        runtime.stop(f'labels_dir={labels_dir}: labels.npy has {labels.shape[0]} label rows but '
+                     f'data_dir={data_dir} has {n_images} images')
+    return labels
+
+
+def check_label_ids(labels, labels_dir, num_classes, rank, world, device):
+    """(num_classes, the labels' fingerprint: what a resume compares) once every id of the
+    labels (the columns train.py uses) is in [0, num_classes) or -1 (none); num_classes 0: the
+    rows of labels_dir/centroids.npy, else the largest id + 1. Each rank scans its slice and keeps
+    its rows of files.sample_rows, then all-reduce and all-gather."""
+    lo, hi = torch.tensor([1 << 62]), torch.tensor([-(1 << 62)])
+    s, n = runtime.shard_range(len(labels), rank, world)
+    idx, mine = files.sample_rows(len(labels)), [np.asarray(labels[:0])]
+    for i in range(s, s + n, 1 << 20):
+        chunk = np.asarray(labels[i:min(i + (1 << 20), s + n)])
+        lo = torch.minimum(lo, torch.tensor([int(chunk.min())]))
+        hi = torch.maximum(hi, torch.tensor([int(chunk.max())]))
+        mine.append(chunk[idx[(idx >= i) & (idx < i + len(chunk))] - i])
+    rows = [np.concatenate(mine)]
+    if world > 1:  # gloo and nccl both reduce int64; MIN as MAX of the negation keeps one op kind
+        both = torch.cat([-lo, hi]).to(device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        lo, hi = -both[:1].cpu(), both[1:].cpu()
+        rows = [None] * world
+        dist.all_gather_object(rows, np.concatenate(mine))
+    lo, hi = int(lo), int(hi)
+    if hi < 0:
+        runtime.stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] with class ids, but '
+                     'every id is -1 (no label)')
+    centroids = os.path.join(labels_dir, 'centroids.npy')
+    if num_classes == 0:
+        num_classes = np.load(centroids, mmap_mode='r').shape[0] if os.path.exists(centroids) else hi + 1
+    if hi >= num_classes or lo < -1:
+        runtime.stop(f"{os.path.join(labels_dir, 'labels.npy')}: label ids span [{lo}, {hi}] but "
+                     f'num_classes is {num_classes} (ids must be in [0, num_classes), -1 = none)')
+    return num_classes, files.fingerprint(labels, np.concatenate(rows))
+
+
+def fingerprint_and_tokens(data_dir, rank, world, vocab_size):
+    """lit.py: data_dir's fingerprint, with every caption in it when the text tower is
+    trained: the same pass checks that every token id is < vocab_size. Each rank reads its share
+    of the shards, through files it opens and closes itself (no shard maps beside the loader's).
+    LAION-400M's 62 GB of ids take ~40 s on 8 ranks, if the disk reads 1.5 GB/s."""
+    try:
+        fp = data_fingerprint(data_dir, rank, world, all_texts=bool(vocab_size))
+    except ValueError as e:
+        runtime.stop(str(e))
+    if vocab_size and fp['max_token'] >= vocab_size:
+        runtime.stop(f"data_dir={data_dir}: caption token ids reach {fp['max_token']}, but the "
+                     f'text tower has vocab_size={vocab_size} (ids 0..{vocab_size - 1}): the '
+                     'texts_*.npy shards are not of its tokenizer')
+    return fp

@@ -16,7 +16,6 @@ embedding, loss, gradient or weight, bad input, a rank that stops answering (tim
 or SIGTERM / SIGINT (after the current step and a checkpoint; exit status 1, resume with
 --init_from=resume).
 """
-import glob
 import json
 import os
 import time
@@ -25,13 +24,14 @@ import runtime  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import centres
 from checkpoints import from_pretrained
 import data
-from data import Dataset, Loader, eval_batches
+from data import Loader
+from evaluation import knn_accuracy
 import files
 from files import rng_state, set_rng_state
 import jobs
@@ -39,7 +39,7 @@ from loss import LOSSES, PartialFC
 from model import PRESETS, VisionTransformer
 import optim
 import provenance
-from runtime import shard_range, stop
+from runtime import stop
 
 # -----------------------------------------------------------------------------
 # default config values: ViT-B/16 on the paper's recipe (Tables 9, 10); config/*.py override them
@@ -142,23 +142,11 @@ if eval_data_dir and data.open_dataset('eval_data_dir', eval_data_dir,
 # labels of finished cluster.py work on this very data (provenance.py); the fingerprint of the data
 # goes into every checkpoint, so that a resume on other data is refused
 data_fingerprint = provenance.labels_data(labels_dir, data_dir, rank, world)
-labels_path = os.path.join(labels_dir, 'labels.npy')
-if not os.path.exists(labels_path):
-    stop(f'labels_dir={labels_dir}: no labels.npy (run cluster.py with out_dir={labels_dir})')
-try:
-    all_labels = np.load(labels_path, mmap_mode='r')
-except (ValueError, OSError) as e:
-    stop(f'labels_dir={labels_dir}: labels.npy is not a readable .npy file ({e})')
-if all_labels.ndim != 2 or not np.issubdtype(all_labels.dtype, np.integer):
-    stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] (nearest centre first), got '
-         f'{all_labels.dtype} {list(all_labels.shape)}')
-if all_labels.shape[0] != len(dataset):
-    stop(f'labels_dir={labels_dir}: labels.npy has {all_labels.shape[0]} label rows but '
-         f'data_dir={data_dir} has {len(dataset)} images')
+all_labels = provenance.open_labels(labels_dir, data_dir, len(dataset))  # [N, l], memory-mapped
 num_positives = num_positives or all_labels.shape[1]
 if not 1 <= num_positives <= all_labels.shape[1]:
-    stop(f'config error: num_positives {num_positives} but {labels_path} has '
-         f'{all_labels.shape[1]} columns')
+    stop(f"config error: num_positives {num_positives} but {os.path.join(labels_dir, 'labels.npy')} "
+         f'has {all_labels.shape[1]} columns')
 if loss_type == 'onevision' and onevision_pool > num_positives:
     stop(f'config error: onevision_pool {onevision_pool} draws from the first {onevision_pool} '
          f'labels but num_positives is {num_positives} (labels.npy has {all_labels.shape[1]} columns)')
@@ -173,41 +161,9 @@ def print_batch_plan():  # the first line of the run
 
 if not auto_micro:
     print_batch_plan()
-
-
-def label_range():
-    """(min, max) label id over the whole file, and the labels' fingerprint (what a resume
-    compares): each rank scans its slice and keeps its rows of files.sample_rows, then
-    all-reduce and all-gather."""
-    lo, hi = torch.tensor([1 << 62]), torch.tensor([-(1 << 62)])
-    s, n = shard_range(len(labels), rank, world)
-    idx, mine = files.sample_rows(len(labels)), [np.asarray(labels[:0])]
-    for i in range(s, s + n, 1 << 20):
-        chunk = np.asarray(labels[i:min(i + (1 << 20), s + n)])
-        lo = torch.minimum(lo, torch.tensor([int(chunk.min())]))
-        hi = torch.maximum(hi, torch.tensor([int(chunk.max())]))
-        mine.append(chunk[idx[(idx >= i) & (idx < i + len(chunk))] - i])
-    rows = [np.concatenate(mine)]
-    if ddp:  # gloo and nccl both reduce int64; MIN as MAX of the negation keeps one op kind
-        both = torch.cat([-lo, hi]).to(device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        lo, hi = -both[:1].cpu(), both[1:].cpu()
-        rows = [None] * world
-        dist.all_gather_object(rows, np.concatenate(mine))
-    return int(lo), int(hi), files.fingerprint(labels, np.concatenate(rows))
-
-
-label_min, label_max, labels_fingerprint = label_range()
-if label_max < 0:
-    stop(f'labels_dir={labels_dir}: labels.npy must be int [N, l] with class ids, but every id is '
-         '-1 (no label)')
-centroids_path = os.path.join(labels_dir, 'centroids.npy')
-if num_classes == 0:
-    num_classes = (np.load(centroids_path, mmap_mode='r').shape[0]
-                   if os.path.exists(centroids_path) else label_max + 1)
-if label_max >= num_classes or label_min < -1:
-    stop(f'{labels_path}: label ids span [{label_min}, {label_max}] but num_classes is '
-         f'{num_classes} (ids must be in [0, num_classes), -1 = none)')
+# k, and the labels' fingerprint (a resume must train on the same labels); ids checked in [0, k)
+num_classes, labels_fingerprint = provenance.check_label_ids(labels, labels_dir, num_classes,
+                                                             rank, world, device)
 
 jobs.claim_out_dir(out_dir, ddp, rank, world, timeout_minutes)  # the lock; one folder for all
 # what defines this run: a resume must ask for the same (the rest, margin and scale included,
@@ -279,40 +235,6 @@ optimizer_c = torch.optim.AdamW([pfc.weight], lr=learning_rate, betas=(beta1, be
 # resume: tower, optimizer, counters, RNG; centres re-read row by row from the old shards
 
 
-def load_centres(ckpt, start, n):
-    """This rank's rows and their Adam state, copied from every old shard that overlaps them:
-    works for any old and new number of ranks. Each shard must be of this run (run_id) and hash
-    to the checksum ckpt.pt recorded for it."""
-    w, m, v = torch.empty(n, embed_dim), torch.empty(n, embed_dim), torch.empty(n, embed_dim)
-    adam_step, own = None, None
-    for r_old, name in enumerate(ckpt['centres']):
-        s0, n0 = shard_range(num_classes, r_old, ckpt['world_size'])
-        lo, hi = max(start, s0), min(start + n, s0 + n0)
-        if lo >= hi:
-            continue
-        path = os.path.join(out_dir, name)
-        sh = files.load(path, f"centre shard {r_old} of {ckpt_path}", mmap=True)
-        if sh.get('run_id') != ckpt.get('run_id'):
-            stop(f"{path}: belongs to run {sh.get('run_id')}, but {ckpt_path} to run "
-                 f"{ckpt.get('run_id')}: files of two runs are mixed in out_dir={out_dir}")
-        if (sh['start'], sh['rows'], sh['step']) != (s0, n0, ckpt['step']):
-            stop(f"{path}: holds rows {sh['start']}+{sh['rows']} of step {sh['step']}, expected "
-                 f"{s0}+{n0} of step {ckpt['step']}")
-        key = 'shards_sha256' if 'shards_sha256' in ckpt else 'centres_sha256'  # older: centres
-        got = (files.state_sha256(sh) if key == 'shards_sha256' else
-               files.sha256(sh['weight'], sh['exp_avg'], sh['exp_avg_sq']))
-        if key in ckpt and got != ckpt[key][r_old]:
-            stop(f'{path}: its centres, Adam moments or RNG state do not match the checksum in '
-                 f'{ckpt_path} (the file changed after it was written)')
-        w[lo - start:hi - start] = sh['weight'][lo - s0:hi - s0]
-        m[lo - start:hi - start] = sh['exp_avg'][lo - s0:hi - s0]
-        v[lo - start:hi - start] = sh['exp_avg_sq'][lo - s0:hi - s0]
-        adam_step = sh['adam_step']
-        if ckpt['world_size'] == world and r_old == rank:
-            own = sh
-    return w, m, v, adam_step, own
-
-
 step, resumed_global = 0, None
 if ckpt is not None:
     if (ckpt['num_classes'], ckpt['embed_dim']) != (num_classes, embed_dim):
@@ -320,17 +242,12 @@ if ckpt is not None:
              f'config asks for {num_classes} of dim {embed_dim}')
     step = ckpt['step']
     optim.load_optimizer(optimizer, ckpt['optimizer'], weight_decay)
-    w, m, v, adam_step, own = load_centres(ckpt, pfc.start, pfc.num_local)
-    with torch.no_grad():
-        pfc.weight.copy_(w)
-    state = optimizer_c.state_dict()
-    state['state'] = {0: {'step': adam_step, 'exp_avg': m, 'exp_avg_sq': v}}
-    optimizer_c.load_state_dict(state)
-    set_rng_state(own['rng'] if own is not None else ckpt['rng'], device)
-    if own is None and master:
+    # this rank's rows, re-read from every old shard that holds some (any old number of ranks)
+    set_rng_state(centres.restore(pfc, optimizer_c, ckpt, ckpt_path, out_dir, rank, world), device)
+    if ckpt['world_size'] != world and master:
         print(f"resuming {ckpt['world_size']} ranks on {world}: centres re-sharded")
     resumed_global = ckpt.get('global_batch_size')
-    del ckpt, w, m, v, own
+    del ckpt
 
 # -----------------------------------------------------------------------------
 # micro_batch_size='auto': the largest micro-batch (from global / ranks down, halving) whose
@@ -408,16 +325,8 @@ def save_checkpoint():
     if bad.item():
         jobs.stop_unsaved(step, ckpt_path)
     os.makedirs(out_dir, exist_ok=True)
-    names = [f'centres_{step:08d}_rank{r}_of_{world}.pt' for r in range(world)]
-    shard = {'start': pfc.start, 'rows': pfc.num_local, 'step': step, 'run_id': run_id,
-             'weight': pfc.weight.detach().cpu(), 'exp_avg': st['exp_avg'].cpu(),
-             'exp_avg_sq': st['exp_avg_sq'].cpu(), 'adam_step': st['step'].cpu(),
-             'rng': rng_state(device)}
-    files.save(shard, os.path.join(out_dir, names[rank]))
-    sums = [files.state_sha256(shard)]  # the whole shard: centres, Adam and RNG state
-    if ddp:  # also the barrier: every shard is on disk before ckpt.pt names it
-        sums = [None] * world
-        dist.all_gather_object(sums, files.state_sha256(shard))
+    names = centres.shard_names(step, world)
+    sums = centres.save_shard(pfc, optimizer_c, step, run_id, out_dir, rank, world, device)
     if master:
         files.save({'vision_config': raw_vision.config, 'vision': raw_vision.state_dict(),
                     'optimizer': optimizer.state_dict(), 'step': step,
@@ -426,54 +335,9 @@ def save_checkpoint():
                     'embed_dim': embed_dim, 'centres': names, 'shards_sha256': sums,
                     'run_setup': run_setup, 'data': data_fingerprint, 'rng': rng_state(device),
                     'config': config}, ckpt_path)
-        for f in glob.glob(os.path.join(out_dir, 'centres_*_rank*_of_*.pt')):
-            if os.path.basename(f) not in names:
-                os.remove(f)  # shards of older checkpoints, no longer named by ckpt.pt
+        centres.remove_stale(out_dir, names)
     if ddp:
         dist.barrier()
-
-
-@torch.no_grad()
-def knn_accuracy():
-    """Leave-one-out weighted kNN (cosine, k = knn_k, weights exp(s / 0.07)) over eval_data_dir,
-    a cheap monitor of the features. Every rank embeds its contiguous slice of the images, the
-    features are all-gathered, each rank scores its own slice against all of them, and the
-    counts of correct votes are summed: no rank waits while another works. Returns (accuracy,
-    the k used, the majority class's share: the accuracy of a vote that ignores the image)."""
-    ds = Dataset(eval_data_dir, max_open_shards)
-    start, n = shard_range(len(ds), rank, world)  # eval_batches' slice
-    raw_vision.eval()
-    mine = torch.zeros(n, embed_dim, device=device)
-    for idx, images in eval_batches(eval_data_dir, eval_batch_size, raw_vision.image_size,
-                                    rank=rank, world_size=world, device=device,
-                                    max_open_shards=max_open_shards):
-        with ctx:
-            mine[idx.to(device) - start] = F.normalize(raw_vision(images).float(), dim=-1)
-    raw_vision.train()
-    f = mine
-    if ddp:  # slices differ by at most one row: pad, gather, drop the padding
-        rows = -(-len(ds) // world)
-        fs = [torch.empty(rows, embed_dim, device=device) for _ in range(world)]
-        dist.all_gather(fs, torch.cat([mine, mine.new_zeros(rows - n, embed_dim)]))
-        f = torch.cat([x[:shard_range(len(ds), r, world)[1]] for r, x in enumerate(fs)])
-    y = torch.as_tensor(np.asarray(ds.classes), dtype=torch.long, device=device)
-    nc = int(y.max()) + 1
-    counts = torch.bincount(y)
-    # leaving an image out leaves its own class one member short: with k near the class size that
-    # alone pulls the vote below chance (3 classes of 20, uninformative features: 0.29 at k = 20,
-    # 0 at k = 59, 0.32 at k = 5), so k stays under half the smallest class
-    k = max(1, min(knn_k, (int(counts[counts > 0].min()) - 1) // 2, len(f) - 1))
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for a in range(start, start + n, 1024):
-        sim = f[a:min(a + 1024, start + n)] @ f.T
-        rows = torch.arange(len(sim), device=device)
-        sim[rows, rows + a] = -2.0  # leave one out
-        s, j = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), nc, device=device).scatter_add_(1, y[j], (s / 0.07).exp())
-        correct += (votes.argmax(1) == y[a:a + len(sim)]).sum()
-    if ddp:
-        dist.all_reduce(correct)
-    return correct.item() / len(f), k, counts.max().item() / len(f)
 
 
 # -----------------------------------------------------------------------------
@@ -587,7 +451,8 @@ while step < end:
         t_log, wait, images_seen = time.time(), 0.0, 0
     if eval_data_dir and not stopping and (step == end or (eval_interval and step % eval_interval == 0)):
         t0 = time.time()
-        acc, k, majority = knn_accuracy()
+        acc, k, majority = knn_accuracy(raw_vision, eval_data_dir, eval_batch_size, knn_k, rank,
+                                         world, device, ctx, max_open_shards)
         last['knn_acc'] = acc
         log({'step': step, 'knn_acc': acc})
         if master:
