@@ -38,11 +38,8 @@ import data
 import files
 from files import npy_create, npy_write  # whole rows by positional writes
 import jobs
+import nearest
 import provenance
-try:
-    import faiss
-except ImportError:  # search='torch' needs no faiss (e.g. a GPU machine without faiss-gpu)
-    faiss = None
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -82,21 +79,7 @@ ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
 jobs.exit_on_signals('finished phases are kept; the same command continues', master)
 jobs.check_writable('out_dir', out_dir)
-if search == 'auto':
-    search = ('torch' if faiss is None or device.startswith('cuda') and faiss.get_num_gpus() == 0
-              else 'faiss')
-if search == 'faiss' and faiss is None:
-    raise SystemExit('cluster.py: search=faiss but faiss is not installed (pip install faiss-cpu); '
-                     'search=torch needs no faiss')
-use_gpu_faiss = search == 'faiss' and device.startswith('cuda') and faiss.get_num_gpus() > 0
-if search_dtype == 'auto':
-    search_dtype = 'float16' if device.startswith('cuda') else 'float32'
-if search_dtype not in ('float32', 'float16', 'bfloat16'):
-    raise SystemExit(f"cluster.py: search_dtype={search_dtype!r} must be 'auto', 'float32', "
-                     "'float16' or 'bfloat16'")
-if use_gpu_faiss and search_dtype == 'bfloat16':
-    raise SystemExit('cluster.py: faiss on GPUs searches in float32 or float16, not bfloat16; '
-                     'search_dtype=float16, or search=torch')
+search, search_dtype, use_gpu_faiss = nearest.resolve(search, search_dtype, device)
 emb_path, cen_path, lab_path = (os.path.join(out_dir, f) for f in ('embeddings.npy', 'centroids.npy', 'labels.npy'))
 kms_path = os.path.join(out_dir, 'kmeans_state.npz')
 SAMPLE_BLOCK = 1 << 16  # rows per block of the k-means sample draw (fixed: the sample must not depend
@@ -140,62 +123,6 @@ def fail(msg):
     raise SystemExit(f'cluster.py: {msg}')
 
 
-RESCORE = 8  # extra candidates of a half-precision search, re-scored in float32 (docs/scale.md)
-LOW = {'float32': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}[search_dtype]
-
-
-def searcher(cen):
-    """f(x float16 [m, d] numpy, kk) -> (scores, ids) of the kk largest inner products with the
-    centres, sorted, as torch tensors on this rank's device: faiss (on this rank's GPU when faiss
-    has GPUs) or a torch matmul + top-k. In half precision, each row's kk + RESCORE best
-    candidates are re-scored in float32 and the kk best of those kept."""
-    C = torch.from_numpy(cen).to(device)
-    kc = lambda kk: kk if LOW is None else min(k, kk + RESCORE)  # noqa: E731
-    if search == 'torch':
-        Ch = C if LOW is None else C.to(LOW)
-
-        def find(x, kk):
-            return torch.topk(torch.from_numpy(x).to(device).to(Ch.dtype) @ Ch.T, kc(kk))
-    else:
-        index = faiss.IndexFlatIP(d) if LOW is None else faiss.IndexScalarQuantizer(
-            d, getattr(faiss.ScalarQuantizer, 'QT_fp16' if LOW == torch.float16 else 'QT_bf16'),
-            faiss.METRIC_INNER_PRODUCT)
-        if use_gpu_faiss and LOW is None:
-            index = faiss.index_cpu_to_gpu(gpu_res, torch.cuda.current_device(), index)
-        elif use_gpu_faiss:  # float16 storage and GEMM on the GPU
-            cfg = faiss.GpuIndexFlatConfig()
-            cfg.device, cfg.useFloat16 = torch.cuda.current_device(), True
-            index = faiss.GpuIndexFlatIP(gpu_res, d, cfg)
-        index.train(cen)  # a no-op for a flat index; a float16 / bfloat16 one records its type
-        index.add(cen)
-
-        def find(x, kk):
-            D, I = index.search(x.astype(np.float32), kc(kk))
-            return torch.from_numpy(D).to(device), torch.from_numpy(I).to(device)
-
-    def f(x, kk):
-        D, I = find(x, kk)
-        if LOW is None:
-            return D, I
-        return rescore(torch.from_numpy(x).to(device), I, C, kk)
-    return f
-
-
-def rescore(x, I, C, kk):
-    """The kk best of each row's candidates I [m, c] by their float32 inner products with x, sorted;
-    in blocks of rows that keep the gathered candidate centres [rows, c, d] near 64 MiB."""
-    D, J = [], []
-    step = max(1, (1 << 24) // (I.shape[1] * C.shape[1]))
-    for i in range(0, len(x), step):
-        cand = I[i:i + step]
-        s = torch.bmm(C[cand], x[i:i + step].float()[:, :, None])[:, :, 0]  # [rows, c] float32
-        top, j = torch.topk(s, kk)
-        D.append(top)
-        J.append(cand.gather(1, j))
-    return torch.cat(D), torch.cat(J)
-
-
-gpu_res = faiss.StandardGpuResources() if use_gpu_faiss else None
 emb_tmp = emb_path + '.tmp'
 bad_rows = [0, []]  # this rank's non-finite feature rows: count, the first few
 
@@ -271,8 +198,6 @@ if num_classes < 1 or num_classes > N:
 if max_points_per_centroid < 1 or niter < 1 or kmeans_ckpt_interval < 1 or assign_batch < 1:
     fail(f'max_points_per_centroid={max_points_per_centroid}, niter={niter}, '
          f'kmeans_ckpt_interval={kmeans_ckpt_interval} and assign_batch={assign_batch} must be >= 1')
-if search not in ('faiss', 'torch'):
-    fail(f"search={search!r} must be 'auto', 'faiss' or 'torch'")
 if num_positives < 1 or num_positives > num_classes:
     fail(f'num_positives={num_positives} must be between 1 and num_classes={num_classes}')
 cls_path = classes_path or (os.path.join(data_dir, 'classes.npy') if data_dir and not embeddings_path else '')
@@ -470,7 +395,7 @@ d = np.load(emb_path, mmap_mode='r').shape[1]
 k, l = num_classes, num_positives
 # rows per search; the torch search also holds rows x k scores: at most 1 GiB, on CUDA 1/16 of the
 # device's memory (5 GiB on 80 GB: 2,560 rows at k = 1M in float16, a GEMM far longer than its copies)
-score_size = 4 if LOW is None else 2
+score_size = 4 if search_dtype == 'float32' else 2
 score_cap = (torch.cuda.get_device_properties(device).total_memory // 16 if device.startswith('cuda')
              else 1 << 30)
 chunk_rows = assign_batch if search == 'faiss' else max(1, min(assign_batch, score_cap // (k * score_size)))
@@ -574,7 +499,7 @@ if todo['kmeans']:
     pbar = runtime.progress(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master,
                             initial=it0, total=niter, unit='it')
     for it in pbar:
-        f = searcher(C.cpu().numpy())
+        f = nearest.searcher(C.cpu().numpy(), device, search, search_dtype)
         acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
         obj = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, b - a, chunk_rows):  # no bar of its own: one k-means bar, not niter
@@ -612,7 +537,7 @@ if master and kmeans_obj is None:
 # phase 3: assignment, every image's l nearest centres by inner product (= cosine, both unit)
 if todo['assign']:
     t0 = start_phase('assign')
-    f = searcher(cen)
+    f = nearest.searcher(cen, device, search, search_dtype)
     npy_create(lab_path + '.tmp', (N, l), np.int32)
     r0, r1 = rank_rows(N)
     starts = range(r0, r1, chunk_rows)

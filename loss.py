@@ -237,6 +237,22 @@ def init_centres(start, n, d, seed, block=4096):
     return w
 
 
+def check_settings(loss_type, sample_ratio, draws, pool, batch_positives_as_negatives=None):
+    """PartialFC's loss settings, checked (ValueError) before any work: train.py calls it at
+    start-up, PartialFC when it is made. Returns batch_positives_as_negatives, None resolved to
+    the loss type's own sampling (insightface's, True, for 'onevision'; else False)."""
+    if loss_type not in LOSSES:
+        raise ValueError(f'loss_type must be one of {", ".join(LOSSES)}; got {loss_type!r}')
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f'sample_ratio must be in (0, 1], got {sample_ratio}')
+    if not 1 <= draws <= pool:
+        raise ValueError(f'draws must be in [1, pool], got draws={draws}, pool={pool}')
+    if batch_positives_as_negatives not in (None, True, False):
+        raise ValueError(f'batch_positives_as_negatives must be None, True or False, got '
+                         f'{batch_positives_as_negatives!r}')
+    return loss_type == 'onevision' if batch_positives_as_negatives is None else batch_positives_as_negatives
+
+
 class PartialFC(nn.Module):
     """k class centres split over ranks. Each step every rank draws S, a uniform random subset of
     round(sample_ratio * n_r) of its n_r centres. A sample's positives are its own labels, always
@@ -253,17 +269,11 @@ class PartialFC(nn.Module):
     def __init__(self, embed_dim, num_classes, sample_ratio=0.1, scale=64.0, margin=0.3,
                  loss_type='mlcd', batch_positives_as_negatives=None, draws=3, pool=10, seed=None):
         super().__init__()
-        if loss_type not in LOSSES:
-            raise ValueError(f'loss_type must be one of {", ".join(LOSSES)}; got {loss_type!r}')
-        if not 0.0 < sample_ratio <= 1.0:
-            raise ValueError(f'sample_ratio must be in (0, 1], got {sample_ratio}')
-        if not 1 <= draws <= pool:
-            raise ValueError(f'draws must be in [1, pool], got draws={draws}, pool={pool}')
+        batch_positives_as_negatives = check_settings(loss_type, sample_ratio, draws, pool,
+                                                      batch_positives_as_negatives)
         rank, world = rank_and_world()
         if num_classes < world:
             raise ValueError(f'num_classes ({num_classes}) must be at least the world size ({world})')
-        if batch_positives_as_negatives is None:
-            batch_positives_as_negatives = loss_type == 'onevision'
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.sample_ratio, self.scale, self.margin, self.loss_type = sample_ratio, scale, margin, loss_type
         self.batch_positives_as_negatives, self.draws, self.pool = batch_positives_as_negatives, draws, pool

@@ -105,7 +105,7 @@ class _ImageShard:
     rewritten with the final row count (numpy pads it for this) and the file renamed into place."""
 
     def __init__(self, path, image_size):
-        self.path, self.n, self.S, self.flat = path, 0, image_size, []
+        self.path, self.n, self.S, self.flat, self.sources = path, 0, image_size, [], []
         self.f = open(f'{path}.{os.getpid()}.tmp', 'wb')
         self.header_len = self._header()
 
@@ -116,12 +116,13 @@ class _ImageShard:
             self.f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
         return self.f.tell()
 
-    def write(self, img, key=None):
+    def write(self, img, key, check_flat=True):
         # one flat colour (max - min <= FLAT levels): a 16-bit PNG whose values all sit near 0
         # decodes to black, a blank scan to white; kept, but named, so the user can look
-        if key is not None and int(img.max()) - int(img.min()) <= FLAT:
+        if check_flat and int(img.max()) - int(img.min()) <= FLAT:
             self.flat.append(key)
         self.f.write(img.tobytes())
+        self.sources.append(key)  # where the row came from: a path, tar:key or synthetic index
         self.n += 1
 
     def close(self):
@@ -130,6 +131,14 @@ class _ImageShard:
         os.fsync(self.f.fileno())  # the shard record, written next, must never outlive the rows
         self.f.close()
         os.replace(self.f.name, self.path)
+        # sources_XXXXX.txt beside the shard: row i's source as a JSON string on line i
+        folder, name = os.path.split(self.path)  # images_XXXXX.npy -> sources_XXXXX.txt
+        _atomic(os.path.join(folder, 'sources_' + name[len('images_'):-len('.npy')] + '.txt'),
+                lambda f: f.writelines(json.dumps(k) + '\n' for k in self.sources), 'w')
+
+
+def _sources_file(s):
+    return f'sources_{s:05d}.txt'
 
 
 def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
@@ -156,7 +165,7 @@ def _remove_tmp(out, pids):
 def _clear(out):
     for p in glob.glob(os.path.join(out, '*')):
         base = os.path.basename(p)
-        if re.fullmatch(r'((images|texts|shard)_\d+\.(npy|json)'
+        if re.fullmatch(r'((images|texts|shard)_\d+\.(npy|json)|sources_\d+\.txt'
                         r'|classes\.npy|meta\.json|build\.json|data\.json)(\.(\d+\.)?tmp)?', base):
             os.remove(p)
 
@@ -263,24 +272,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         print(f'warning: --src={src}: {len(missing):,} of {len(tars) + len(missing):,} tar files '
               f'do not exist (first: {missing[0]}); building from the {len(tars):,} that do '
               '(listed in meta.json)', file=sys.stderr)
-    os.makedirs(out, exist_ok=True)
-    state_path, meta_path = os.path.join(out, 'build.json'), os.path.join(out, 'meta.json')
-    if os.path.exists(meta_path) or os.path.exists(state_path):
-        if overwrite:
-            _clear(out)
-        elif os.path.exists(meta_path):
-            raise ValueError(f'{meta_path} exists: {out} holds a finished dataset; pass '
-                             '--overwrite=True to rebuild it')
-        elif json.load(open(state_path)) != params:
-            raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
-                             f'{json.load(open(state_path))}); pass --overwrite=True to start over')
-    _atomic(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
-
-    # shards that an interrupted run finished are kept (their record is written last)
-    done = {}
-    for p in glob.glob(os.path.join(out, 'shard_*.json')):
-        done[int(os.path.basename(p)[6:-5])] = json.load(open(p))
-    skip = lambda i: i // shard_size in done
+    done = _start(out, params, overwrite)  # the shards an interrupted run finished are kept
+    skip = lambda i: i // shard_size in done  # noqa: E731
     if kind == 'synthetic':
         total = count
         stream = ((i, str(i), 'synthetic', i, None, None) for i in range(count) if not skip(i))
@@ -296,18 +289,48 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     # a member larger than an uncompressed RGBA image of max_pixels is not an image we could use
     init = (image_size, max_pixels, seed, has_text, out, 4 * max_pixels + 2 ** 20)
     if kind == 'tar':
-        jobs = [(s, p) for s, p in enumerate(tars) if s not in done and s % parts == part]
-        workers = min(workers, len(jobs))
+        todo = [(s, p) for s, p in enumerate(tars) if s not in done and s % parts == part]
+        run = lambda pool: _run_tars(todo, len(tars), out, done, pool, progress)  # noqa: E731
+        workers = min(workers, len(todo))
+    else:
+        run = lambda pool: _run_items(stream, total, out, done, shard_size, has_text,  # noqa: E731
+                                      classnames, pool, workers, progress)
+    n_new = _in_workers(run, workers, init, out)
+    if parts > 1:
+        return None
+    return _finish(out, src, kind, done, params, image_size, has_text, classnames, missing,
+                   time.time() - t0, n_new)
+
+
+def _start(out, params, overwrite):
+    """Before any shard: out holds nothing, or an unfinished build of the same params (its
+    finished shards' records are returned, {shard: record}), or it is cleared (overwrite)."""
+    os.makedirs(out, exist_ok=True)
+    state_path, meta_path = os.path.join(out, 'build.json'), os.path.join(out, 'meta.json')
+    if os.path.exists(meta_path) or os.path.exists(state_path):
+        if overwrite:
+            _clear(out)
+        elif os.path.exists(meta_path):
+            raise ValueError(f'{meta_path} exists: {out} holds a finished dataset; pass '
+                             '--overwrite=True to rebuild it')
+        elif json.load(open(state_path)) != params:
+            raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
+                             f'{json.load(open(state_path))}); pass --overwrite=True to start over')
+    _atomic(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
+    # a shard's record is written last, so a shard with a record is whole
+    return {int(os.path.basename(p)[6:-5]): json.load(open(p))
+            for p in glob.glob(os.path.join(out, 'shard_*.json'))}
+
+
+def _in_workers(run, workers, init, out):
+    """run(pool) with a pool of `workers` decoding processes (none for one); on any failure or
+    interrupt the pool ends and the temporary files of this build are removed."""
     _init_worker(*init, pool=False)
     pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 1 else None
     pids = {os.getpid()} | {p.pid for p in (pool._pool if pool else ())}  # whose .tmp files
     try:
         try:
-            if kind == 'tar':
-                n_new = _run_tars(jobs, len(tars), out, done, pool, progress)
-            else:
-                n_new = _run_items(stream, total, out, done, shard_size, has_text, classnames,
-                                   pool, workers, progress)
+            return run(pool)
         except OSError as e:  # inputs that cannot be read are skipped: this is writing the shards
             raise ValueError(f'out={out}: cannot write a shard ({type(e).__name__}: {e})') from None
         finally:
@@ -318,9 +341,10 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
         _remove_tmp(out, pids | {p.pid for p in (pool._pool if pool else ())})  # + replacements
         raise
 
-    if parts > 1:
-        return None
-    # every shard is on disk: classes.npy, then meta.json last (its presence means "finished")
+
+def _finish(out, src, kind, done, params, image_size, has_text, classnames, missing, seconds, n_new):
+    """Every shard is on disk: classes.npy, then meta.json last (its presence means "finished"),
+    then the build's own records go. Returns meta."""
     order = sorted(done)
     assert order == list(range(len(order))), f'missing shard records in {out}'
     count_all = sum(done[s]['count'] for s in order)
@@ -336,9 +360,8 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
     reasons = {}
     for item in skipped:  # [key, reason], or [key, reason, url] where a tar's key.json has one
         reasons[item[1].split(':')[0]] = reasons.get(item[1].split(':')[0], 0) + 1
-    seconds = time.time() - t0
     shards = [dict(images=shard_file('images', s), count=done[s]['count'],
-                   texts=shard_file('texts', s) if has_text else None)
+                   texts=shard_file('texts', s) if has_text else None, sources=_sources_file(s))
               for s in order if done[s]['count']]  # all-skipped shards left out
     meta = dict(count=count_all, image_size=image_size, has_text=has_text, classnames=classnames,
                 source=src, source_type=kind, context_length=CONTEXT_LENGTH if has_text else None,
@@ -347,15 +370,16 @@ def build(src, out, image_size=224, count=10000, seed=0, shard_size=10000, worke
                 flat=dict(count=len(flat), items=flat[:1000]),
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
-    files.save_json(meta_path, meta)
+    files.save_json(os.path.join(out, 'meta.json'), meta)
     for s in order:
-        empty = [shard_file('images', s), shard_file('texts', s)] if not done[s]['count'] else []
+        empty = ([shard_file('images', s), shard_file('texts', s), _sources_file(s)]
+                 if not done[s]['count'] else [])
         for f in [f'shard_{s:05d}.json'] + empty:
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
     for p in glob.glob(os.path.join(out, '*_[0-9]*.*.[0-9]*.tmp')):  # from workers killed earlier
         os.remove(p)
-    os.remove(state_path)
+    os.remove(os.path.join(out, 'build.json'))
     return meta
 
 # -----------------------------------------------------------------------------
@@ -391,8 +415,8 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
         idx = rows[a:a + per_shard]
         shard, texts = _ImageShard(os.path.join(out, shard_file('images', s)), ds.image_size), []
         for b in range(0, len(idx), chunk):
-            for img in ds.images(idx[b:b + chunk]):
-                shard.write(img)
+            for img, key in zip(ds.images(idx[b:b + chunk]), ds.sources(idx[b:b + chunk])):
+                shard.write(img, key, check_flat=False)
             if has_text:
                 texts.append(ds.texts(idx[b:b + chunk]).astype(np.uint16))
         shard.close()
@@ -400,7 +424,8 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
             _atomic(os.path.join(out, shard_file('texts', s)),
                     lambda f: np.save(f, np.concatenate(texts)))
         shards.append(dict(images=shard_file('images', s), count=len(idx),
-                           texts=shard_file('texts', s) if has_text else None))
+                           texts=shard_file('texts', s) if has_text else None,
+                           sources=_sources_file(s)))
     if ds.classes is not None:
         _atomic(os.path.join(out, 'classes.npy'),
                 lambda f: np.save(f, ds.classes[rows].astype(np.int32)))

@@ -144,6 +144,13 @@ def features_of(d, desc=''):
                                 if k == 'pooled' or v is not f['pooled']})
     return memo[d]
 
+
+def majority_share(y):
+    """The accuracy of always answering the most frequent test class: the chance level of an
+    accuracy on these labels (1 / classes when they are balanced)."""
+    return float(np.bincount(np.asarray(y)).max() / len(y))
+
+
 def labels_of(d):
     ds = data.Dataset(d, max_open_shards)
     if ds.classes is None:
@@ -195,7 +202,7 @@ if train_dir:
         r = dict(top1=lp['top1'], mean_per_class=lp['mean_per_class'], val_top1=lp['val_top1'],
                  l2_lambda=lp['lambda_'], lambdas_tried=lp['lambdas_tried'], feature=name,
                  feature_norm=norm, dim=int(x_tr.shape[1]), n_train=len(y_tr), n_val=len(y_val),
-                 n_test=len(y_test), seconds=round(time.time() - t1, 1))
+                 n_test=len(y_test), chance=majority_share(y_test), seconds=round(time.time() - t1, 1))
         results['linear_probes'][f'{name}:{norm}'] = r
         results.setdefault('linear_probe', r)  # the first: what single-probe readers use
         ev = 'linear probe' + (f' {name}:{norm}' if len(probes) > 1 else '')
@@ -225,7 +232,7 @@ if zero_shot and test_dir:
         img = F.normalize(torch.as_tensor(features_of(test_dir)['embed']), dim=-1)
         logits = img @ cls.T
         zs = dict(top1=topk_accuracy(logits, y_test, 1), top5=topk_accuracy(logits, y_test, 5),
-                  templates=len(tpl), classes=len(classnames), n=len(y_test))
+                  templates=len(tpl), classes=len(classnames), n=len(y_test), chance=majority_share(y_test))
         results['zero_shot'] = zs
         table += [('zero-shot', 'top-1', 100 * zs['top1']),
                   ('zero-shot', 'top-5', 100 * zs['top5'])]
@@ -248,7 +255,7 @@ if retrieval_dir:
                 txt.append(text(ids).float().cpu())
         txt = F.normalize(torch.cat(txt), dim=-1)
         rt = retrieval_recall(img, txt)
-        results['retrieval'] = dict(**rt, n=len(ds))
+        results['retrieval'] = dict(**rt, n=len(ds), chance=1 / len(ds))  # R@1 of a random ranking
         table += [('retrieval', k, 100 * v) for k, v in rt.items()]
 
 results['seconds'] = round(time.time() - t0, 1)

@@ -259,6 +259,19 @@ def _tar_item(tf, key, members, max_bytes):
         return key, 'bad', str(e), None, url
 
 
+def _list_classes(items):
+    """A caption list whose images sit in class folders (each image's parent folder, at least two
+    of them, not all numbered like shard folders 00000/) also has classes, the folders' names, so
+    that its held-out part gives a linear probe and zero-shot beside retrieval. Returns (items
+    with their class ids, classnames), or (items, None)."""
+    folders = [posixpath.basename(posixpath.dirname(p.replace(os.sep, '/'))) for p, *_ in items]
+    names = sorted(set(folders))
+    if '' in names or len(names) < 2 or all(n.isdigit() for n in names):
+        return items, None
+    ids = {n: c for c, n in enumerate(names)}
+    return [it[:4] + (ids[f],) for it, f in zip(items, folders)], names
+
+
 def _open_source(src):
     """-> (type, items (list or None), tar paths (or None), missing tar names, classnames,
     has_text)"""
@@ -270,6 +283,7 @@ def _open_source(src):
     if src.endswith(('.tar', '.tar.gz', '.tgz')) or any(c in src for c in '*?[{') or '::' in src:
         return ('tar', None) + tar_paths(src) + (None, True)
     if os.path.isfile(src):
-        return 'list', _list_source(src), None, [], None, True
+        items, classnames = _list_classes(_list_source(src))
+        return 'list', items, None, [], classnames, True
     raise ValueError(f'--src={src}: not an image folder, a tar file, glob or brace pattern, a '
                      'path<TAB>caption list, or "synthetic"')

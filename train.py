@@ -35,7 +35,7 @@ from evaluation import knn_accuracy
 import files
 from files import rng_state, set_rng_state
 import jobs
-from loss import LOSSES, PartialFC
+from loss import PartialFC, check_settings
 from model import PRESETS, VisionTransformer
 import optim
 import provenance
@@ -108,13 +108,11 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
-if loss_type not in LOSSES:  # here, before the data and the tower; PartialFC's own check comes late
-    raise SystemExit(f"config error: loss_type must be one of {', '.join(LOSSES)}; got {loss_type!r}")
-if batch_positives_as_negatives not in (None, True, False):
-    raise SystemExit(f'config error: batch_positives_as_negatives must be None, True or False, '
-                     f'got {batch_positives_as_negatives!r}')
-if batch_positives_as_negatives is None:  # the loss type's own sampling, as PartialFC's default
-    batch_positives_as_negatives = loss_type == 'onevision'
+try:  # the loss settings, before the data and the tower (PartialFC runs the same check)
+    batch_positives_as_negatives = check_settings(loss_type, sample_ratio, onevision_draws,
+                                                  onevision_pool, batch_positives_as_negatives)
+except ValueError as e:
+    raise SystemExit(f'config error: {e}')
 threads = runtime.set_threads(threads)
 ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0

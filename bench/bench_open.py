@@ -9,7 +9,7 @@ What a dataset of LAION-400M's shape costs before the first batch, and per batch
          mapped), from one evicted from the LRU (mapped again: a miss) and from one still mapped
          (a hit), per row.
   order: the epoch order at N = 400M rows: memory and time of one rank's batch of 256 positions
-         through data.epoch_order vs numpy's permutation of all N rows (measured at 10M and 40M
+         through shuffle.epoch_order vs numpy's permutation of all N rows (measured at 10M and 40M
          rows, 8 bytes per row: 3.2 GB at 400M, computed, not run).
 Tiny images (1x1 px, one row per shard) keep the files small: the costs measured are per file.
 

@@ -10,7 +10,7 @@
 #                                              # $OMP_NUM_THREADS or all usable CPUs)
 # SRC is anything prepare.py reads: an image folder (class sub-folders give a linear probe), a
 # .tar (or a glob of them) of key.jpg + key.txt, or a path<TAB>caption list (captions give LiT and
-# retrieval). The settings come from the data (scripts/quickstart_plan.py): its resolution (at
+# retrieval; a list of images in class folders gives all three evaluations). The settings come from the data (scripts/quickstart_plan.py): its resolution (at
 # most 32 px, the tiny tower's), k = N / 20 clusters, a batch of <= 128 with >= 10 per epoch, 30
 # epochs (at most 50K images seen); IMAGE_SIZE, K, BATCH or STEPS set in the environment win.
 # 20% of every class (or of the captioned pairs) is held out (prepare.py --holdout=0.2) to test on.
@@ -96,7 +96,7 @@ else
     echo "skip: LiT, zero-shot and retrieval: $SRC has no captions (a .tar of key.jpg + key.txt or a path<TAB>caption list has)" >&2
 fi
 # 5. evaluate on the held-out part: linear probe on the classes (and raw pixels as the floor),
-#    retrieval on the captions; zero-shot needs both, which no image folder or caption list has
+#    retrieval on the captions; zero-shot needs both: a caption list of images in class folders
 if [ "$TEXT" = 1 ] && [ "$CLASSES" = 0 ]; then echo "skip: linear probe and zero-shot: $SRC has no class folders" >&2; fi
 if [ "$HELD" = 0 ]; then
     echo "skip: evaluation: $SRC has neither class folders nor captions" >&2

@@ -4,6 +4,8 @@ One results table for a pipeline directory: every <sub>/<stage>.json the stage s
 pipeline order (data, cluster, train, lit, probe; runs of one stage in the order they finished).
     python scripts/summary.py out/quickstart
 Prints the table and ends with one JSON line of the same numbers (also <dir>/summary.json).
+Each accuracy of probe.py comes with its standard error on the test set (± s.e.) and its chance
+level: the most frequent class's share (classification) or 1 / n (retrieval R@1).
 """
 import json
 import os
@@ -23,6 +25,9 @@ METRICS = {
               ('I->T R@1 %', ('retrieval', 'i2t_R@1'), 100),
               ('T->I R@1 %', ('retrieval', 't2i_R@1'), 100)],
 }
+# an accuracy's test-set size and chance level (probe.py's), beside it in the table
+TESTED = {('linear_probe', 'top1'): 'n_test', ('zero_shot', 'top1'): 'n',
+          ('retrieval', 'i2t_R@1'): 'n', ('retrieval', 't2i_R@1'): 'n'}
 
 
 def get(d, path):
@@ -51,14 +56,26 @@ def main(root):
         res = json.load(open(path))
         for label, keys, scale in METRICS[stage]:
             v = get(res, keys)
-            if v is not None:
-                rows.append((sub, stage, label, v * scale))
-                out[f'{sub}/{label}'] = v * scale
+            if v is None:
+                continue
+            n, chance = (get(res, keys[:1] + (k,)) for k in (TESTED.get(keys), 'chance'))
+            # the binomial standard error of an accuracy p on n test items: sqrt(p (1 - p) / n);
+            # two numbers closer than about twice it are not told apart by this test set
+            se = scale * (v * (1 - v) / n) ** 0.5 if n and keys in TESTED else None
+            chance = scale * chance if chance is not None and keys in TESTED else None
+            rows.append((sub, stage, label, v * scale, se, chance))
+            out[f'{sub}/{label}'] = v * scale
+            if se is not None:
+                out[f'{sub}/{label} ±'] = se
+            if chance is not None:
+                out[f'{sub}/{label} chance'] = chance
     if not rows:
         raise SystemExit(f'summary.py: no <stage>.json results under {root}')
-    print(f"\n{'run':<18} {'stage':<8} {'metric':<22} {'value':>10}")
-    for sub, stage, label, v in rows:
-        print(f'{sub:<18} {stage:<8} {label:<22} {v:>10.4g}')
+    print(f"\n{'run':<18} {'stage':<8} {'metric':<22} {'value':>10} {'± s.e.':>8} {'chance':>8}")
+    for sub, stage, label, v, se, chance in rows:
+        print(f'{sub:<18} {stage:<8} {label:<22} {v:>10.4g} '
+              + (f'{se:>8.2f}' if se is not None else ' ' * 8)
+              + (f' {chance:>8.2f}' if chance is not None else ''))
     with open(os.path.join(root, 'summary.json'), 'w') as f:
         json.dump(out, f)
     print(json.dumps(out))

@@ -135,3 +135,42 @@ def test_readme_says_how_many_tests_there_are():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     collected = sum(1 for line in p.stdout.splitlines() if '::' in line)
     assert collected == int(said.group(1).replace(',', '')), (collected, said.group(1))
+
+
+def test_layout_names_every_module():
+    """docs/layout.md has a line for every module and script at the top level (a new file must
+    say there what it holds)."""
+    text = open(os.path.join(ROOT, 'docs', 'layout.md'), encoding='utf-8').read()
+    named = set(re.findall(r'^(\w+\.py)\s', text, re.M))
+    here = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, '*.py'))}
+    assert here <= named, sorted(here - named)
+
+
+def test_the_modules_import_one_another_without_a_circle():
+    """The top-level modules' imports (at the top or inside functions) form no circle: each
+    can be read and imported on its own, after those it builds on."""
+    import ast
+    mods = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, '*.py'))}
+    deps = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + '.py'), encoding='utf-8').read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split('.')[0])
+        deps[m] = names & mods - {m}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == 'done':
+            return
+        assert state.get(m) != 'open', ' -> '.join(path + [m])
+        state[m] = 'open'
+        for d in sorted(deps[m]):
+            visit(d, path + [m])
+        state[m] = 'done'
+    for m in sorted(mods):
+        visit(m, [])
+    assert deps['train'] >= {'runtime', 'loss', 'data'}  # the graph was read

@@ -192,7 +192,7 @@ def test_img2dataset_members_captions_skips_and_odd_names(tmp_path):
     # members were read in memory: nothing was written by its own name, anywhere
     assert not os.path.exists(f'{tmp_path}/f.jpg') and not os.path.exists(f'{tmp_path}/laion/f.jpg')
     assert not os.path.exists(f'{tmp_path}/abs')
-    assert sorted(os.listdir(out)) == ['images_00000.npy', 'meta.json', 'texts_00000.npy']
+    assert sorted(os.listdir(out)) == ['images_00000.npy', 'meta.json', 'sources_00000.txt', 'texts_00000.npy']
 
 # ----------------------------------------------------------------------------- parallel, resumable
 

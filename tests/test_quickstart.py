@@ -1,5 +1,6 @@
 """End to end: scripts/quickstart.sh in its reduced mode (QUICK=1), every stage on real files."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,9 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert 0 <= probe['linear_probe']['top1'] <= 1 and probe['linear_probe']['n_test'] == 400
     assert 0 <= probe['zero_shot']['top1'] <= 1 and probe['zero_shot']['classes'] == 6
     assert 0 <= probe['retrieval']['i2t_R@1'] <= probe['retrieval']['i2t_R@10'] <= 1
+    y = np.asarray(Dataset(str(out / 'test')).classes)  # chance: the most frequent class's share
+    assert probe['linear_probe']['chance'] == probe['zero_shot']['chance'] == np.bincount(y).max() / len(y)
+    assert summary['probe/linear probe top-1 % chance'] == pytest.approx(100 * np.bincount(y).max() / len(y))
     pixels = json.load(open(out / 'probe_pixels' / 'probe.json'))['linear_probe']
     assert 0 <= pixels['top1'] <= 1 and pixels['dim'] == 32 * 32 * 3
     for key in ('train_mlcd/loss', 'probe/linear probe top-1 %', 'probe/zero-shot top-1 %'):
@@ -51,6 +55,28 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert '+ python' not in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == summary
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p.name != 'summary.json')
+
+
+def test_summary_gives_each_accuracy_its_standard_error_and_chance(tmp_path):
+    """± is the binomial standard error sqrt(p (1 - p) / n) of the test set, in points; chance is
+    probe.py's; numbers without a test size (the loss) get neither."""
+    for sub, res in {'probe': {'linear_probe': {'top1': 0.313, 'n_test': 300, 'chance': 0.1},
+                               'retrieval': {'i2t_R@1': 0.05, 't2i_R@1': 0.04, 'n': 200,
+                                             'chance': 1 / 200}},
+                     'train': {'step': 10, 'loss': 2.5}}.items():
+        (tmp_path / sub).mkdir()
+        json.dump(res, open(tmp_path / sub / f'{sub}.json', 'w'))
+    r = subprocess.run([sys.executable, 'scripts/summary.py', str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s['probe/linear probe top-1 % ±'] == pytest.approx(100 * math.sqrt(0.313 * 0.687 / 300))
+    assert s['probe/I->T R@1 % ±'] == pytest.approx(100 * math.sqrt(0.05 * 0.95 / 200))
+    assert s['probe/linear probe top-1 % chance'] == pytest.approx(10.0)
+    assert s['probe/T->I R@1 % chance'] == pytest.approx(0.5)
+    assert 'train/loss ±' not in s and 'train/loss chance' not in s
+    line = next(x for x in r.stdout.splitlines() if 'linear probe' in x).split()
+    assert line[-2:] == ['2.68', '10.00']
 
 
 # -----------------------------------------------------------------------------
@@ -194,22 +220,49 @@ def test_own_class_folders_run_end_to_end_and_probe_on_held_out_images(tmp_path)
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p.name != 'summary.json')
 
 
-def test_own_captioned_images_get_lit_and_retrieval_on_held_out_pairs(tmp_path):
-    """A path<TAB>caption list: LiT on the MLCD tower, retrieval on the 20% held out; no classes,
-    so the linear probe is skipped with a line."""
+def test_own_captioned_images_in_class_folders_get_every_evaluation(tmp_path):
+    """A path<TAB>caption list of images in class folders: LiT on the MLCD tower, and on the 20%
+    held out the linear probe and zero-shot (the folders are the classes) and retrieval, in one
+    command; each accuracy with its chance level in the summary."""
     made = shapes(tmp_path / 'img', 16)
     with open(tmp_path / 'captions.tsv', 'w') as f:
         f.writelines(f'{os.path.relpath(p, tmp_path)}\t{caption}\n' for p, caption, _ in made)
     out = tmp_path / 'qs'
     r = quickstart(tmp_path / 'captions.tsv', out)
-    assert 'skip: linear probe and zero-shot: ' in r.stderr and 'skip: LiT' not in r.stderr
-    assert (len(Dataset(str(out / 'data'))), len(Dataset(str(out / 'data_holdout')))) == (38, 10)
-    lit = json.load(open(out / 'lit' / 'lit.json'))
-    assert lit['vision_unchanged'] is True
+    assert 'skip: linear probe' not in r.stderr and 'skip: LiT' not in r.stderr
+    train, held = Dataset(str(out / 'data')), Dataset(str(out / 'data_holdout'))
+    assert (len(train), len(held)) == (38, 10)
+    assert train.classnames == ['circle', 'square', 'triangle'] and train.classnames == held.classnames
+    for ds in (train, held):  # each image's class is its folder
+        for name, c in zip(ds.sources(np.arange(len(ds))), ds.classes):
+            assert name.split('/')[-2] == ds.classnames[c]
+    assert json.load(open(out / 'lit' / 'lit.json'))['vision_unchanged'] is True
     probe = json.load(open(out / 'probe' / 'probe.json'))
-    assert 'linear_probe' not in probe and 'zero_shot' not in probe
+    y = np.asarray(held.classes)
+    assert probe['linear_probe']['n_test'] == probe['zero_shot']['n'] == probe['retrieval']['n'] == 10
+    assert probe['linear_probe']['chance'] == probe['zero_shot']['chance'] == np.bincount(y).max() / 10
     assert 0 <= probe['retrieval']['i2t_R@1'] <= probe['retrieval']['i2t_R@10'] <= 1
-    assert probe['retrieval']['n'] == 10
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary['probe/zero-shot top-1 % chance'] == pytest.approx(10 * np.bincount(y).max())
+    assert 'probe/linear probe top-1 % ±' in summary and 'probe/I->T R@1 % chance' in summary
+
+
+def test_a_caption_list_without_class_folders_has_no_classes(tmp_path):
+    """Images in one folder, or in numbered shard folders (00000/, 00001/): no classes."""
+    import prepare
+    made = shapes(tmp_path / 'img', 3)
+    for layout in ('flat', 'numbered'):
+        lines = []
+        for k, (p, caption, _) in enumerate(made):
+            d = tmp_path / layout / ('' if layout == 'flat' else f'{k % 2:05d}')
+            os.makedirs(d, exist_ok=True)
+            os.link(p, d / f'{k}.png')
+            lines.append(f'{os.path.relpath(d / f"{k}.png", tmp_path)}\t{caption}\n')
+        open(tmp_path / f'{layout}.tsv', 'w').writelines(lines)
+        meta = prepare.build(str(tmp_path / f'{layout}.tsv'), str(tmp_path / f'd_{layout}'),
+                             image_size=16, workers=1, progress=False)
+        assert meta['classnames'] is None and meta['count'] == len(made)
+        assert not (tmp_path / f'd_{layout}' / 'classes.npy').exists()
 
 
 def test_dropping_over_a_tenth_of_an_epoch_is_warned_once(tmp_path, capsys):
