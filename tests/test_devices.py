@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import files
+import files as file_io
 from test_train import BASE, data, files, losses, one_line_error, run  # noqa: F401 (data: a fixture)
 
 
@@ -29,7 +29,7 @@ def test_a_centre_shard_holds_no_device_state_and_the_sampler_is_keyed(data, tmp
     assert shard['rng']['cuda'] is None
     shard['rng']['cuda'] = torch.zeros(16, dtype=torch.uint8)  # the form a CUDA generator's has
     torch.save(shard, shard_path)
-    ck['shards_sha256'] = [files.state_sha256(shard)]
+    ck['shards_sha256'] = [file_io.state_sha256(shard)]
     torch.save(ck, ck_path)
     run(args + ['--init_from=resume'], out)
     assert losses(out) == losses(full)

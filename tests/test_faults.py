@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import files
+import files as file_io
 import jobs
 from test_lit import lit, lit_fails, setup  # noqa: F401 (setup: a fixture)
 from test_train import (BASE, ROOT, SIG_ARGS, copy_run, data, files, free_port,  # noqa: F401
@@ -278,7 +278,7 @@ def test_atomic_writes_fsync_the_folder_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'fsync', lambda fd: events.append(
         'fsync dir' if stat.S_ISDIR(os.fstat(fd).st_mode) else 'fsync file') or real_fsync(fd))
     monkeypatch.setattr(os, 'replace', lambda a, b: events.append('rename') or real_replace(a, b))
-    files.atomic_save({'x': torch.ones(2)}, str(tmp_path / 'ck.pt'))
+    file_io.atomic_save({'x': torch.ones(2)}, str(tmp_path / 'ck.pt'))
     assert events == ['fsync file', 'rename', 'fsync dir']
     assert torch.load(tmp_path / 'ck.pt', weights_only=True)['x'].sum() == 2
 
