@@ -499,7 +499,7 @@ if todo['kmeans']:
     pbar = runtime.progress(range(it0, niter), desc=f'kmeans {n}x{d} -> {k}', disable=not master,
                             initial=it0, total=niter, unit='it')
     for it in pbar:
-        f = nearest.searcher(C.cpu().numpy(), device, search, search_dtype)
+        f = nearest.searcher(C.cpu().numpy(), device, search, search_dtype, use_gpu_faiss)
         acc = torch.zeros(k, d + 1, dtype=torch.float64, device=device)  # per-centre sums | counts
         obj = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, b - a, chunk_rows):  # no bar of its own: one k-means bar, not niter
@@ -537,7 +537,7 @@ if master and kmeans_obj is None:
 # phase 3: assignment, every image's l nearest centres by inner product (= cosine, both unit)
 if todo['assign']:
     t0 = start_phase('assign')
-    f = nearest.searcher(cen, device, search, search_dtype)
+    f = nearest.searcher(cen, device, search, search_dtype, use_gpu_faiss)
     npy_create(lab_path + '.tmp', (N, l), np.int32)
     r0, r1 = rank_rows(N)
     starts = range(r0, r1, chunk_rows)

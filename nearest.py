@@ -42,9 +42,10 @@ def resolve(search, search_dtype, device):
     return search, search_dtype, gpu
 
 
-def searcher(cen, device, search, search_dtype):
+def searcher(cen, device, search, search_dtype, gpu=False):
     """f(x float16 [m, d] numpy, kk) -> (scores, ids) of the kk largest inner products with the
-    centres cen (float32 [k, d] numpy), sorted, as torch tensors on `device`."""
+    centres cen (float32 [k, d] numpy), sorted, as torch tensors on `device`; gpu: faiss on this
+    rank's GPU (resolve's third value)."""
     (k, d), low = cen.shape, LOW[search_dtype]
     C = torch.from_numpy(cen).to(device)
     kc = lambda kk: kk if low is None else min(k, kk + RESCORE)  # noqa: E731
@@ -57,7 +58,7 @@ def searcher(cen, device, search, search_dtype):
         index = faiss.IndexFlatIP(d) if low is None else faiss.IndexScalarQuantizer(
             d, getattr(faiss.ScalarQuantizer, 'QT_fp16' if low == torch.float16 else 'QT_bf16'),
             faiss.METRIC_INNER_PRODUCT)
-        if device.startswith('cuda') and faiss.get_num_gpus() > 0:
+        if gpu:
             _gpu_res[:] = _gpu_res or [faiss.StandardGpuResources()]
             if low is None:
                 index = faiss.index_cpu_to_gpu(_gpu_res[0], torch.cuda.current_device(), index)
