@@ -110,12 +110,16 @@ def crop_resize_cpu(u8, boxes, flip, size, norm=True):
     """The CPU path: uint8 [B,H,W,3] -> float [B,3,size,size], CLIP-normalised (0..255 with
     norm=False). Each box is cut out on whole pixels (reflected where it leaves the image), resized
     by PyTorch's antialiased bilinear uint8 kernel, mirrored by reversing its columns and converted
-    to float while in cache. Image by image: the boxes differ in size, and uint8 is what is fast."""
+    to float while in cache. Image by image: the boxes differ in size, and uint8 is what is fast;
+    a batch of crops that need no resize (pad_crop) is one gather instead."""
     u8 = torch.as_tensor(u8)
     B, H, W, _ = u8.shape
     out = torch.empty((B, 3, size, size), dtype=torch.float32)
+    px = _pixel_boxes(boxes, H, W)
+    if B and (px[:, 2:] == size).all():  # crops without a resize (pad_crop): one batched gather
+        return _crop_batch(u8, px, flip, size, out, norm)
     scale, bias = (c[0] for c in _norm_consts('cpu'))
-    for i, ((x0, y0, w, h), f) in enumerate(zip(_pixel_boxes(boxes, H, W).tolist(), flip.tolist())):
+    for i, ((x0, y0, w, h), f) in enumerate(zip(px.tolist(), flip.tolist())):
         if x0 >= 0 and y0 >= 0 and x0 + w <= W and y0 + h <= H:
             crop = u8[i, y0:y0 + h, x0:x0 + w]
         else:
@@ -129,6 +133,21 @@ def crop_resize_cpu(u8, boxes, flip, size, norm=True):
         out[i].copy_(crop.flip(2) if f else crop)
         if norm:
             out[i].mul_(scale).add_(bias)
+    return out
+
+
+def _crop_batch(u8, px, flip, size, out, norm):
+    # every box is size x size: the crop, its reflection and the flip are one index map per axis,
+    # and the whole batch is one gather (a loop over the images spent most of its time indexing)
+    j = torch.arange(size)
+    rows = _reflect(px[:, 1:2] + j, u8.shape[1])  # [B, size]
+    cols = _reflect(px[:, 0:1] + j, u8.shape[2])
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    b = torch.arange(len(px))[:, None, None]
+    out.copy_(u8[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2))
+    if norm:
+        scale, bias = _norm_consts('cpu')
+        out.mul_(scale).add_(bias)
     return out
 
 

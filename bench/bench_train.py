@@ -5,11 +5,14 @@ config/cifar10.py's tower and recipe (ViT-T/8, batch 256, l = 8, r = 0.1, pad-an
         the tower and the centres, logging, the packed host read; img/s from its log.jsonl
         (the median over log intervals, the first one left out)
   bare: the same tower, loss and optimizer in a plain loop over the images held in memory as one
-        uint8 tensor, the same augmentation written inline; median step after 5 warm-up steps
+        uint8 tensor, the same augmentation written inline (every image its own crop offset and
+        flip, the batch one gather); median step after 5 warm-up steps
   simclr: lit.py with config/simclr_cifar10.py (the CIFAR-10 reproduction's teacher: SimCLR, two
         views of each image) at the same tower and batch, timed like ours: what a student's step
         costs against its teacher's
-All on `threads` threads, one after the other, `runs` times; the medians are reported.
+All on `threads` threads, one after the other, `runs` times; the medians are reported. All under
+one OpenMP wait policy, the stage scripts' (runtime.py: PASSIVE unless $OMP_WAIT_POLICY is set): a
+bare loop under ACTIVE against train.py under PASSIVE would time the policy, not the script.
 
     python bench/bench_train.py --data_dir=out/cifar10/data/train --labels_dir=out/cifar10/cluster_pixels
 
@@ -25,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runtime  # noqa: E402  (first: the stage scripts' OpenMP wait policy for the bare loop too)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -67,22 +71,30 @@ def simclr():  # the SimCLR teacher's step at the same batch: two views of each 
 def bare():
     torch.manual_seed(0)
     ds = data.Dataset(data_dir)
-    X = torch.from_numpy(ds.images(np.arange(len(ds)))).permute(0, 3, 1, 2).contiguous()
+    X = torch.from_numpy(ds.images(np.arange(len(ds))))  # uint8 [N, 32, 32, 3]
     Y = torch.from_numpy(np.load(os.path.join(labels_dir, 'labels.npy'))[:, :L].astype(np.int64))
     vision, _ = model.create('ViT-T/8')
     pfc = PartialFC(vision.embed_dim, K, sample_ratio=R, scale=32, margin=0.3)
     opt = torch.optim.AdamW(list(vision.parameters()) + list(pfc.parameters()), lr=5e-4, weight_decay=0.05)
     mean = torch.tensor(transforms.CLIP_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(transforms.CLIP_STD).view(1, 3, 1, 1) * 255
+    S, j = X.shape[1], torch.arange(X.shape[1])
+
+    def reflect(i):  # reflect-padding as an index map: -1 -> 1, S -> S - 2
+        i = i.abs()
+        return torch.where(i > S - 1, 2 * (S - 1) - i, i)
+
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         idx = torch.randint(0, len(X), (B,))
-        x = F.pad(X[idx].float(), (4, 4, 4, 4), mode='reflect')  # pad 4, random 32 x 32 crop, flip
-        i, j = torch.randint(0, 9, (2,)).tolist()
-        x = x[:, :, i:i + 32, j:j + 32]
-        x = torch.where((torch.rand(B) < 0.5)[:, None, None, None], x.flip(3), x)
-        loss = pfc((vision((x - mean) / std)), Y[idx])
+        # pad 4, a random S x S crop and a flip for every image: one gather for the batch
+        y0, x0 = torch.randint(-4, 5, (2, B, 1))
+        rows, cols = reflect(y0 + j), reflect(x0 + j)
+        cols = torch.where(torch.rand(B, 1) < 0.5, cols.flip(1), cols)
+        x = X[idx[:, None, None], rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        x = (x.float().contiguous() - mean) / std
+        loss = pfc(vision(x), Y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,7 +108,8 @@ for _ in range(runs):
     res['bare'].append(bare())
     res['simclr'].append(simclr())
 med = {k: float(np.median(v)) for k, v in res.items()}
-print(json.dumps({'threads': threads, 'steps': steps, 'runs': runs, 'ours_img_s': med['ours'],
+print(json.dumps({'threads': threads, 'omp_wait_policy': os.environ['OMP_WAIT_POLICY'],
+                  'steps': steps, 'runs': runs, 'ours_img_s': med['ours'],
                   'bare_img_s': med['bare'], 'ours_over_bare': med['ours'] / med['bare'],
                   'simclr_img_s': med['simclr'], 'ours_over_simclr': med['ours'] / med['simclr'],
                   'all': res}))
