@@ -12,6 +12,7 @@ import torch.nn.functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 def crop_params(n, generator, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), attempts=10, size=None):
     """RandomResizedCrop boxes as fractions of the image: [n, 4] (cx, cy, w, h), and flips [n] bool.
     Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of `attempts` draws that fits

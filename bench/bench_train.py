@@ -28,10 +28,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402  (first: the stage scripts' OpenMP wait policy for the bare loop too)
+import runtime  # noqa: E402,F401  (first: the stage scripts' OpenMP wait policy, for the bare loop too)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
