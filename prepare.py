@@ -9,13 +9,11 @@ caption ids (tokenizer.py), decoded by several worker processes; an interrupted 
     python prepare.py --src=captions.tsv --out=data/cc       (lines of path<TAB>caption)
     python prepare.py --src=synthetic --count=10000 --image_size=32 --out=data/synthetic
 """
-import contextlib
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import threading
@@ -28,6 +26,7 @@ from PIL import Image
 import runtime
 import files
 import jobs
+import shards
 from data import CONTEXT_LENGTH, shard_file
 from sources import Skip, _open_source, _tar_items, decode  # what a worker reads and decodes
 from synthetic import synthetic_one
@@ -77,106 +76,13 @@ def _process(item):
     except Exception as e:  # one line naming the item, instead of a remote traceback
         raise WorkerError(f'{key}: {type(e).__name__}: {e}'.replace('\n', ' ')) from None
 
-# -----------------------------------------------------------------------------
-# shard writer
-
-
-def _atomic(path, write, mode='wb'):
-    """write(f) to a temporary name, fsync, rename. The name carries the pid: a worker left running
-    by a killed build and the resumed build may write the same shard at once (same bytes)."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk: the partial file goes, the space with it
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-FLAT = 2  # an image whose uint8 values span at most this many levels is one flat colour
-
-
-class _ImageShard:
-    """Streams rows into images_XXXXX.npy.<pid>.tmp (memory stays at one row); the .npy header is
-    rewritten with the final row count (numpy pads it for this) and the file renamed into place."""
-
-    def __init__(self, path, image_size):
-        self.path, self.n, self.S, self.flat, self.sources = path, 0, image_size, [], []
-        self.f = open(f'{path}.{os.getpid()}.tmp', 'wb')
-        self.header_len = self._header()
-
-    def _header(self):
-        self.f.seek(0)
-        shape = (self.n, self.S, self.S, 3)
-        np.lib.format.write_array_header_1_0(
-            self.f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
-        return self.f.tell()
-
-    def write(self, img, key, check_flat=True):
-        # one flat colour (max - min <= FLAT levels): a 16-bit PNG whose values all sit near 0
-        # decodes to black, a blank scan to white; kept, but named, so the user can look
-        if check_flat and int(img.max()) - int(img.min()) <= FLAT:
-            self.flat.append(key)
-        self.f.write(img.tobytes())
-        self.sources.append(key)  # where the row came from: a path, tar:key or synthetic index
-        self.n += 1
-
-    def close(self):
-        assert self._header() == self.header_len  # same length, so the rows are untouched
-        self.f.flush()
-        os.fsync(self.f.fileno())  # the shard record, written next, must never outlive the rows
-        self.f.close()
-        os.replace(self.f.name, self.path)
-        # sources_XXXXX.txt beside the shard: row i's source as a JSON string on line i
-        folder, name = os.path.split(self.path)  # images_XXXXX.npy -> sources_XXXXX.txt
-        _atomic(os.path.join(folder, 'sources_' + name[len('images_'):-len('.npy')] + '.txt'),
-                lambda f: f.writelines(json.dumps(k) + '\n' for k in self.sources), 'w')
-
-
-def _sources_file(s):
-    return f'sources_{s:05d}.txt'
-
-
-def _finish_shard(out, s, shard, texts, classes, skipped, n_items):
-    """Closes shard s; its record shard_XXXXX.json, written last, marks it finished."""
-    shard.close()
-    if texts is not None:
-        texts = np.array(texts, np.uint16).reshape(-1, CONTEXT_LENGTH)
-        _atomic(os.path.join(out, shard_file('texts', s)), lambda f: np.save(f, texts))
-    record = dict(count=shard.n, items=n_items, skipped=skipped, classes=classes, flat=shard.flat)
-    _atomic(os.path.join(out, f'shard_{s:05d}.json'), lambda f: json.dump(record, f), 'w')
-    return record
-
-
-def _remove_tmp(out, pids):
-    """A failed build frees its disk: the *.<pid>.tmp files of these processes go (their shards
-    unfinished), so that a re-run on a nearly full disk fits; other processes' are left alone."""
-    pids = {str(x) for x in pids}
-    for p in glob.glob(os.path.join(out, '*.tmp')):
-        if p.rsplit('.', 2)[-2] in pids:
-            with contextlib.suppress(OSError):
-                os.remove(p)
-
-
-def _clear(out):
-    for p in glob.glob(os.path.join(out, '*')):
-        base = os.path.basename(p)
-        if re.fullmatch(r'((images|texts|shard)_\d+\.(npy|json)|sources_\d+\.txt'
-                        r'|classes\.npy|meta\.json|build\.json|data\.json)(\.(\d+\.)?tmp)?', base):
-            os.remove(p)
-
-
 def _tar_shard(job):
     """Worker: tar number s -> shard s, written and recorded by this process. A shard is a pure
     function of its tar, so shards finish in any order and a resumed build skips finished tars
     without opening them; each worker holds one tar and one shard file open."""
     s, path = job
     out, S = _worker['out'], _worker['image_size']
-    shard, texts, skipped, n = _ImageShard(os.path.join(out, shard_file('images', s)), S), [], [], 0
+    shard, texts, skipped, n = shards.ImageShard(os.path.join(out, shard_file('images', s)), S), [], [], 0
     for key, kind, payload, caption, url in _tar_items(path, _worker['max_bytes']):
         _, _, img, tokens, _, reason = _process((n, key, kind, payload, caption, None))
         n += 1
@@ -185,7 +91,7 @@ def _tar_shard(job):
             texts.append(tokens)
         else:
             skipped.append([key, reason] + ([url] if url else []))
-    return s, _finish_shard(out, s, shard, texts, None, skipped, n)
+    return s, shards.finish_shard(out, s, shard, texts, None, skipped, n)
 
 
 def _run_tars(jobs, n_tars, out, done, pool, progress):
@@ -229,9 +135,9 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
             s = i // shard_size
             if cur is None or s != cur[0]:
                 if cur is not None:
-                    done[cur[0]] = _finish_shard(out, *cur)
+                    done[cur[0]] = shards.finish_shard(out, *cur)
                 path = os.path.join(out, shard_file('images', s))
-                shard = _ImageShard(path, _worker['image_size'])
+                shard = shards.ImageShard(path, _worker['image_size'])
                 cur = [s, shard, [] if has_text else None, [] if classnames else None, [], 0]
             if reason is None:
                 cur[1].write(img, key)
@@ -245,7 +151,7 @@ def _run_items(stream, total, out, done, shard_size, has_text, classnames, pool,
             cur[5] += 1
             bar.update(1)
         if cur is not None:
-            done[cur[0]] = _finish_shard(out, *cur)
+            done[cur[0]] = shards.finish_shard(out, *cur)
         bar.close()
     finally:
         stop.set()
@@ -309,14 +215,14 @@ def _start(out, params, overwrite):
     state_path, meta_path = os.path.join(out, 'build.json'), os.path.join(out, 'meta.json')
     if os.path.exists(meta_path) or os.path.exists(state_path):
         if overwrite:
-            _clear(out)
+            shards.clear(out)
         elif os.path.exists(meta_path):
             raise ValueError(f'{meta_path} exists: {out} holds a finished dataset; pass '
                              '--overwrite=True to rebuild it')
         elif json.load(open(state_path)) != params:
             raise ValueError(f'{out} holds an unfinished build with other settings ({state_path}: '
                              f'{json.load(open(state_path))}); pass --overwrite=True to start over')
-    _atomic(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
+    shards.write_file(state_path, lambda f: json.dump(params, f), 'w')  # parts on several machines
     # a shard's record is written last, so a shard with a record is whole
     return {int(os.path.basename(p)[6:-5]): json.load(open(p))
             for p in glob.glob(os.path.join(out, 'shard_*.json'))}
@@ -338,7 +244,7 @@ def _in_workers(run, workers, init, out):
                 pool.terminate()
                 pool.join()
     except BaseException:
-        _remove_tmp(out, pids | {p.pid for p in (pool._pool if pool else ())})  # + replacements
+        shards.remove_tmp(out, pids | {p.pid for p in (pool._pool if pool else ())})  # + replacements
         raise
 
 
@@ -354,25 +260,25 @@ def _finish(out, src, kind, done, params, image_size, has_text, classnames, miss
         raise ValueError(f'--src={src}: none of the {n} items could be read (first: {first})')
     if classnames is not None:
         classes = np.concatenate([np.array(done[s]['classes'], np.int32) for s in order])
-        _atomic(os.path.join(out, 'classes.npy'), lambda f: np.save(f, classes))
+        shards.write_file(os.path.join(out, 'classes.npy'), lambda f: np.save(f, classes))
     skipped = [x for s in order for x in done[s]['skipped']]
     flat = [k for s in order for k in done[s].get('flat', [])]
     reasons = {}
     for item in skipped:  # [key, reason], or [key, reason, url] where a tar's key.json has one
         reasons[item[1].split(':')[0]] = reasons.get(item[1].split(':')[0], 0) + 1
-    shards = [dict(images=shard_file('images', s), count=done[s]['count'],
-                   texts=shard_file('texts', s) if has_text else None, sources=_sources_file(s))
+    listed = [dict(images=shard_file('images', s), count=done[s]['count'],
+                   texts=shard_file('texts', s) if has_text else None, sources=shards.sources_file(s))
               for s in order if done[s]['count']]  # all-skipped shards left out
     meta = dict(count=count_all, image_size=image_size, has_text=has_text, classnames=classnames,
                 source=src, source_type=kind, context_length=CONTEXT_LENGTH if has_text else None,
-                shards=shards, skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
+                shards=listed, skipped=dict(count=len(skipped), reasons=reasons, items=skipped),
                 missing_tars=dict(count=len(missing), names=missing[:1000]) if missing else None,
                 flat=dict(count=len(flat), items=flat[:1000]),
                 build=dict(params, seconds=round(seconds, 3),
                            images_per_s=round(n_new / max(seconds, 1e-9), 1)))
     files.save_json(os.path.join(out, 'meta.json'), meta)
     for s in order:
-        empty = ([shard_file('images', s), shard_file('texts', s), _sources_file(s)]
+        empty = ([shard_file('images', s), shard_file('texts', s), shards.sources_file(s)]
                  if not done[s]['count'] else [])
         for f in [f'shard_{s:05d}.json'] + empty:
             if os.path.exists(os.path.join(out, f)):
@@ -409,11 +315,11 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
                  or max(sh['count'] for sh in ds.meta['shards']))
     has_text = ds.meta['has_text']
     os.makedirs(out, exist_ok=True)
-    _clear(out)
-    shards = []
+    shards.clear(out)
+    written = []
     for s, a in enumerate(range(0, len(rows), per_shard)):
         idx = rows[a:a + per_shard]
-        shard, texts = _ImageShard(os.path.join(out, shard_file('images', s)), ds.image_size), []
+        shard, texts = shards.ImageShard(os.path.join(out, shard_file('images', s)), ds.image_size), []
         for b in range(0, len(idx), chunk):
             for img, key in zip(ds.images(idx[b:b + chunk]), ds.sources(idx[b:b + chunk])):
                 shard.write(img, key, check_flat=False)
@@ -421,15 +327,15 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
                 texts.append(ds.texts(idx[b:b + chunk]).astype(np.uint16))
         shard.close()
         if has_text:
-            _atomic(os.path.join(out, shard_file('texts', s)),
+            shards.write_file(os.path.join(out, shard_file('texts', s)),
                     lambda f: np.save(f, np.concatenate(texts)))
-        shards.append(dict(images=shard_file('images', s), count=len(idx),
+        written.append(dict(images=shard_file('images', s), count=len(idx),
                            texts=shard_file('texts', s) if has_text else None,
-                           sources=_sources_file(s)))
+                           sources=shards.sources_file(s)))
     if ds.classes is not None:
-        _atomic(os.path.join(out, 'classes.npy'),
+        shards.write_file(os.path.join(out, 'classes.npy'),
                 lambda f: np.save(f, ds.classes[rows].astype(np.int32)))
-    meta = dict(ds.meta, count=len(rows), shards=shards, split=split)
+    meta = dict(ds.meta, count=len(rows), shards=written, split=split)
     if split['part'] == 'holdout':  # what was skipped is listed once, in the other part
         meta['skipped'] = dict(count=0, reasons={}, items=[])
     files.save_json(os.path.join(out, 'meta.json'), meta)
@@ -462,7 +368,7 @@ def build_holdout(src, out, fraction, seed=0, overwrite=False, **kwargs):
         meta = write_rows(full, keep, out, dict(split, part='train'))
     except BaseException:  # a full disk: the split's partial shards go, as a build's do
         for d in (held_dir, out):
-            _remove_tmp(d, {os.getpid()})
+            shards.remove_tmp(d, {os.getpid()})
         raise
     shutil.rmtree(full)
     return meta, hmeta
