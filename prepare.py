@@ -76,6 +76,7 @@ def _process(item):
     except Exception as e:  # one line naming the item, instead of a remote traceback
         raise WorkerError(f'{key}: {type(e).__name__}: {e}'.replace('\n', ' ')) from None
 
+
 def _tar_shard(job):
     """Worker: tar number s -> shard s, written and recorded by this process. A shard is a pure
     function of its tar, so shards finish in any order and a resumed build skips finished tars
@@ -328,13 +329,13 @@ def write_rows(src_dir, rows, out, split, chunk=1024):
         shard.close()
         if has_text:
             shards.write_file(os.path.join(out, shard_file('texts', s)),
-                    lambda f: np.save(f, np.concatenate(texts)))
+                              lambda f: np.save(f, np.concatenate(texts)))
         written.append(dict(images=shard_file('images', s), count=len(idx),
-                           texts=shard_file('texts', s) if has_text else None,
-                           sources=shards.sources_file(s)))
+                            texts=shard_file('texts', s) if has_text else None,
+                            sources=shards.sources_file(s)))
     if ds.classes is not None:
         shards.write_file(os.path.join(out, 'classes.npy'),
-                lambda f: np.save(f, ds.classes[rows].astype(np.int32)))
+                          lambda f: np.save(f, ds.classes[rows].astype(np.int32)))
     meta = dict(ds.meta, count=len(rows), shards=written, split=split)
     if split['part'] == 'holdout':  # what was skipped is listed once, in the other part
         meta['skipped'] = dict(count=0, reasons={}, items=[])
@@ -382,6 +383,7 @@ def holdout_dirs(out):
 # -----------------------------------------------------------------------------
 # one build per output at a time: the stages' lock (jobs.take_lock) on every folder it writes,
 # so that prepare.py never writes into a running stage's out_dir or another build's out either
+
 
 def lock_outputs(out, dirs, name=jobs.LOCK):
     """None once this process holds the lock of every folder in dirs, else the one line to

@@ -14,6 +14,7 @@ import numpy as np
 
 from data import CONTEXT_LENGTH, shard_file
 
+
 def write_file(path, write, mode='wb'):
     """write(f) to a temporary name, fsync, rename. The name carries the pid: a worker left running
     by a killed build and the resumed build may write the same shard at once (same bytes)."""
@@ -67,7 +68,7 @@ class ImageShard:
         # sources_XXXXX.txt beside the shard: row i's source as a JSON string on line i
         folder, name = os.path.split(self.path)  # images_XXXXX.npy -> sources_XXXXX.txt
         write_file(os.path.join(folder, 'sources_' + name[len('images_'):-len('.npy')] + '.txt'),
-                lambda f: f.writelines(json.dumps(k) + '\n' for k in self.sources), 'w')
+                   lambda f: f.writelines(json.dumps(k) + '\n' for k in self.sources), 'w')
 
 
 def sources_file(s):
