@@ -39,6 +39,7 @@ import files
 from files import npy_create, npy_write  # whole rows by positional writes
 import jobs
 import nearest
+import phases
 import provenance
 
 # -----------------------------------------------------------------------------
@@ -248,49 +249,15 @@ keys['assign'] = dict(num_positives=num_positives)
 if search_dtype != 'float32':  # a half-precision search is recorded (a float32 one: as before)
     keys['kmeans']['search_dtype'] = keys['assign']['search_dtype'] = search_dtype
 outputs = {'embed': emb_path, 'kmeans': cen_path, 'assign': lab_path}
-state_path = lambda p: os.path.join(out_dir, f'phase_{p}.json')
-todo, upstream = {}, False
-for p in ('embed', 'kmeans', 'assign'):
-    try:  # a phase file that is not ours (unreadable, foreign) means the phase is not done
-        st = json.load(open(state_path(p)))
-        st = st if isinstance(st, dict) and isinstance(st.get('config'), dict) else None
-    except (OSError, ValueError, RecursionError):
-        st = None
-    if p == 'embed':
-        st_embed = st or {}
-    if force or upstream or st is None or not os.path.exists(outputs[p]):
-        todo[p] = upstream = True
-        continue
-    diff = [f'{k}={st["config"].get(k)!r} (now {v!r})' for k, v in keys[p].items() if st['config'].get(k) != v]
-    if set(st['config']) != set(keys[p]):
-        diff.append(f'settings {sorted(st["config"])} (now {sorted(keys[p])})')
-    if diff:
-        fail(f'{state_path(p)}: the finished {p} phase in {out_dir} was made with {", ".join(diff)}; '
-             f'pass force=True to redo it here, or use a new out_dir'
-             + (f' (embeddings_path={emb_path} reuses the embeddings)' if p != 'embed' else ''))
-    shape = list(np.load(outputs[p], mmap_mode='r').shape)
-    if shape != st['shape']:
-        fail(f'{outputs[p]} is {shape} but {state_path(p)} recorded {st["shape"]}: the file changed; force=True redoes it')
-    todo[p] = False
-if not todo['embed'] and data_fp is not None and st_embed.get('data'):
-    line = provenance.same_data(f'{state_path("embed")} (the embeddings)', st_embed['data'],
-                                data_fp, data_dir)
-    if line:
-        fail(f'{line}; pass force=True to redo every phase here, or use a new out_dir')
+todo = phases.plan(out_dir, keys, outputs, force, data_fp, data_dir, fail)
 barrier()  # every rank has decided before rank 0 removes any state below
 
 
 def start_phase(p):
-    # a phase about to rewrite its file invalidates itself and everything downstream: their
-    # records and outputs go (a run that maps an output keeps its open file), so no consumer
-    # ever reads a mix of old and new
+    # a phase about to rewrite its file invalidates itself and everything downstream (with the
+    # k-means state of old embeddings)
     if master:
-        for q in ('embed', 'kmeans', 'assign')[('embed', 'kmeans', 'assign').index(p):]:
-            for f in (state_path(q), outputs[q], outputs[q] + '.tmp'):
-                if os.path.exists(f):
-                    os.remove(f)
-        if p == 'embed' and os.path.exists(kms_path):  # k-means state of the old embeddings
-            os.remove(kms_path)
+        phases.clear_from(p, out_dir, outputs, [kms_path] if p == 'embed' else [])
     barrier()
     return time.time()
 
@@ -298,10 +265,7 @@ def start_phase(p):
 def finish_phase(p, shape, t0, **extra):
     barrier()  # all ranks' rows are on disk
     if master:
-        if os.path.exists(outputs[p] + '.tmp'):  # whole now: under its final name
-            files.rename(outputs[p] + '.tmp', outputs[p])
-        files.save_json(state_path(p), dict(config=keys[p], shape=list(shape), data=data_fp,
-                                            seconds=round(time.time() - t0, 2), **extra))
+        phases.finish(p, out_dir, outputs, keys[p], shape, data_fp, time.time() - t0, **extra)
     barrier()  # the file is under its final name before any rank reads it
     times[p] = round(time.time() - t0, 2)
 
@@ -531,7 +495,7 @@ cen = np.load(cen_path)
 if cen.shape[1] != d:
     fail(f'{cen_path} has dim {cen.shape[1]} but {emb_path} has dim {d}; force=True redoes it')
 if master and kmeans_obj is None:
-    kmeans_obj = json.load(open(state_path('kmeans'))).get('mean_cos')
+    kmeans_obj = json.load(open(phases.state_path(out_dir, 'kmeans'))).get('mean_cos')
 
 # -----------------------------------------------------------------------------
 # phase 3: assignment, every image's l nearest centres by inner product (= cosine, both unit)
