@@ -506,7 +506,7 @@ if todo['assign']:
     r0, r1 = rank_rows(N)
     starts = range(r0, r1, chunk_rows)
     # the next chunks are read in a thread while this one is searched
-    rows = data.prefetched(lambda i: npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16),
+    rows = runtime.prefetched(lambda i: npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16),
                          starts, 2)
     for i, x in runtime.progress(zip(starts, rows), desc=f'assign top-{l}', disable=not master,
                                  total=len(starts)):

@@ -12,13 +12,11 @@ A dataset is a directory:
     classes.npy         int32 [count]: class ids, for class folders and the synthetic set
 meta.json is written last: a directory with one holds a finished dataset.
 """
-import atexit
 import collections
 import errno
 import json
 import mmap
 import os
-import queue
 import resource
 import sys
 import threading
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 import runtime
+from runtime import prefetched
 
 from shuffle import epoch_order
 from transforms import (color_jitter, color_params, crop_params, crop_resize_cpu, normalize,
@@ -56,7 +55,7 @@ MAX_OPEN_SHARDS = 128
 SPARE_FILES = 32  # descriptors left free for torch, sockets and logs when checking the limit
 
 
-class ShardError(ValueError):
+class ShardError(runtime.OneLine, ValueError):
     """A shard that cannot be read (bad file, too many open files): a one-line stop."""
 
 
@@ -339,6 +338,7 @@ class Dataset:
         self.images(idx, out=buf.numpy())
         return buf
 
+
 def open_dataset(key, path, max_open_shards=None):
     """data.Dataset(path); its errors become one line that names the setting the path came
     from (`data_dir=data/x: no meta.json ...`)."""
@@ -358,59 +358,6 @@ AUGMENTS = ('rrc', 'pad_crop', 'flip', 'none')
 
 def _seed(*xs):
     return int(np.random.SeedSequence(list(xs)).generate_state(1, np.uint64)[0] >> 1)
-
-
-_running = set()  # (stop event, thread) of every live prefetcher
-
-
-@atexit.register
-def _stop_prefetchers():
-    # A generator left unfinished (training ends mid-epoch) is only closed when the interpreter
-    # tears down, and a worker thread still inside a torch op at that point aborts the process
-    # ("terminate called without an active exception"): stop and join the workers first.
-    for stop, thread in list(_running):
-        stop.set()
-        thread.join()
-
-
-def prefetched(fn, args, depth):
-    """Yields fn(a) for a in args, computed `depth` ahead in a background thread."""
-    q, stop = queue.Queue(depth), threading.Event()
-
-    def put(x):
-        while not stop.is_set():
-            try:
-                return q.put(x, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def work():
-        try:
-            for a in args:
-                if stop.is_set():
-                    return
-                put((0, fn(a)))
-            put((1, None))
-        except BaseException as e:  # re-raised in the consumer
-            put((2, e))
-
-    thread = threading.Thread(target=work, daemon=True)
-    _running.add((stop, thread))
-    thread.start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == 1:
-                return
-            if kind == 2:
-                if isinstance(x, ShardError):  # a bad shard or too many open files: one line
-                    runtime.stop(str(x))
-                raise x
-            yield x
-    finally:
-        stop.set()
-        thread.join()
-        _running.discard((stop, thread))
 
 
 class Loader:

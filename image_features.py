@@ -56,7 +56,7 @@ def embed_all(vision, vision_sha256, dataset, data_dir, data_fingerprint, out_di
 
 
 def feature_batch(features, loader, epoch, s, device, what):
-    """Step s of the epoch, made in a prefetch thread (data.prefetched, as the loader's batches):
+    """Step s of the epoch, made in a prefetch thread (runtime.prefetched, as the loader's batches):
     this rank's indices, captions and frozen features, gathered from the memory maps into pinned
     memory on CUDA, so that the copies to the device are asynchronous and the step never waits
     for the disk; plain memory on a CPU (the same bits as a gather in the main thread). A failure

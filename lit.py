@@ -45,7 +45,7 @@ from tqdm import tqdm
 from checkpoints import from_pretrained
 from contrastive import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
 import data
-from data import Loader, prefetched
+from data import Loader
 import image_features
 import files
 from files import rng_state, set_rng_state
@@ -53,7 +53,7 @@ import jobs
 from model import PRESETS, AugAwareVision, TextTransformer, Towers, VisionTransformer, text_config
 import optim
 import provenance
-from runtime import stop
+from runtime import prefetched, stop
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's LiT recipe (Tables 9, 10); config/*.py override them

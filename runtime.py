@@ -1,6 +1,6 @@
 """
 The process every stage script runs in: torch's threads, one-line stops, the device check,
-bf16 autocast, each rank's share of the rows, the run id and progress bars.
+bf16 autocast, each rank's share of the rows, the run id, progress bars and prefetch threads.
 
 Import this module before torch: OMP_WAIT_POLICY is read once, when torch loads its OpenMP
 runtime. PASSIVE (unless the user set a policy) makes idle OpenMP threads sleep instead of
@@ -11,11 +11,14 @@ import os
 
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
+import atexit
 import contextlib
 import json
 import math
+import queue
 import secrets
 import sys
+import threading
 import time
 
 import torch
@@ -163,3 +166,64 @@ def progress(iterable=None, **kwargs):
         kwargs = dict(kwargs, file=_Lines(sys.stderr), mininterval=PROGRESS_SECONDS,
                       maxinterval=PROGRESS_SECONDS, dynamic_ncols=False, ncols=100)
     return tqdm(iterable, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# a prefetch thread: the loader's batches, lit.py's precomputed features, cluster.py's rows
+
+class OneLine(Exception):
+    """An error whose message says it all (a bad shard, a failed prefetch): raised in a prefetch
+    thread, it stops the main thread with that one line instead of a traceback."""
+
+
+_running = set()  # (stop event, thread) of every live prefetcher
+
+
+@atexit.register
+def _stop_prefetchers():
+    # A generator left unfinished (training ends mid-epoch) is only closed when the interpreter
+    # tears down, and a worker thread still inside a torch op at that point aborts the process
+    # ("terminate called without an active exception"): stop and join the workers first.
+    for done, thread in list(_running):
+        done.set()
+        thread.join()
+
+
+def prefetched(fn, args, depth):
+    """Yields fn(a) for a in args, computed `depth` ahead in a background thread."""
+    q, done = queue.Queue(depth), threading.Event()
+
+    def put(x):
+        while not done.is_set():
+            try:
+                return q.put(x, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work():
+        try:
+            for a in args:
+                if done.is_set():
+                    return
+                put((0, fn(a)))
+            put((1, None))
+        except BaseException as e:  # re-raised in the consumer
+            put((2, e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    _running.add((done, thread))
+    thread.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == 1:
+                return
+            if kind == 2:
+                if isinstance(x, OneLine):  # a bad shard, too many open files: one line
+                    stop(str(x))
+                raise x
+            yield x
+    finally:
+        done.set()
+        thread.join()
+        _running.discard((done, thread))

@@ -933,13 +933,13 @@ def test_cifar10_folders_build(tmp_path):
 def test_unfinished_loader_exits_cleanly():
     # training that stops mid-epoch leaves loader.iterate() unfinished with its worker busy in
     # torch ops; the interpreter must still exit with status 0 (it used to abort, status 134)
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch, data\n"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch, runtime\n"
             "def slow(a):\n"
             "    x = torch.randn(300, 300)\n"
             "    for _ in range(40):\n"
             "        x = x @ x.T / 300\n"
             "    return x\n"
-            "g = data.prefetched(slow, range(1000), 4)\n"
+            "g = runtime.prefetched(slow, range(1000), 4)\n"
             "next(g)\n")
     for _ in range(2):
         r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)

@@ -1,5 +1,5 @@
 """lit.py with precompute_features: each step's frozen features and captions are gathered in a
-prefetch thread (image_features.feature_batch through data.prefetched; pinned memory and non-blocking copies
+prefetch thread (image_features.feature_batch through runtime.prefetched; pinned memory and non-blocking copies
 on CUDA). The rows it hands the step are the right ones: a step's loss equals, bit for bit, the
 loss computed here from image_features.npy, the step's indices and the checkpoint before it,
 across an epoch boundary (a new thread); a failure in the thread stops the run with one line.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import test_lit_microbatch as tm
-from data import prefetched
+from runtime import prefetched
 from sync_count import count_syncs
 from test_lit_microbatch import ROOT, lit
 
