@@ -209,3 +209,20 @@ def simclr_loss(views, logit_scale):
         dist.all_reduce(total)
         loss = WithValue.apply(loss, total / world)
     return loss
+
+
+def check_settings(loss, lock_image, views, precompute_features, augment):
+    """lit.py's loss settings, checked (ValueError) before any work: (locked, views), locked True
+    for LiT (the image tower frozen), views 0 resolved to the loss's own (CLIP 1, else 2)."""
+    if loss not in ('clip', 'uniclip', 'simclr'):
+        raise ValueError(f"loss must be 'clip', 'uniclip' or 'simclr', got {loss!r}")
+    locked = loss == 'clip' and lock_image
+    views = views or (1 if loss == 'clip' else 2)
+    need = {'clip': 1, 'simclr': 2}.get(loss)  # uniclip: any number
+    if (need and views != need) or views < 1:
+        raise ValueError(f"loss={loss!r} takes views={need or '>= 1'}, got {views}")
+    if precompute_features and not locked:
+        raise ValueError("precompute_features needs a frozen image tower (loss='clip', lock_image=True)")
+    if augment not in ('rrc', 'pad_crop', 'flip', 'none'):
+        raise ValueError(f"augment must be 'rrc', 'pad_crop', 'flip' or 'none', got {augment!r}")
+    return locked, views

@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
-from contrastive import DomainSimilarity, clip_loss, mp_nce_loss, multiview_rows, simclr_loss
+from contrastive import (DomainSimilarity, check_settings, clip_loss, mp_nce_loss, multiview_rows,
+                         simclr_loss)
 import data
 from data import Loader
 import image_features
@@ -125,19 +126,10 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
-if loss not in ('clip', 'uniclip', 'simclr'):
-    raise SystemExit(f"config error: loss must be 'clip', 'uniclip' or 'simclr', got {loss!r}")
-locked = loss == 'clip' and lock_image  # LiT: the image tower is frozen
-views = views or (1 if loss == 'clip' else 2)
-need = {'clip': 1, 'simclr': 2}.get(loss)  # uniclip: any number
-if (need and views != need) or views < 1:
-    raise SystemExit(f"config error: loss={loss!r} takes views={need or '>= 1'}, got {views}")
-if precompute_features and not locked:
-    raise SystemExit("config error: precompute_features needs a frozen image tower (loss='clip', "
-                     'lock_image=True)')
-if augment not in ('rrc', 'pad_crop', 'flip', 'none'):
-    raise SystemExit(f"config error: augment must be 'rrc', 'pad_crop', 'flip' or 'none', got "
-                     f'{augment!r}')
+try:  # every setting of the losses checked once, before any work
+    locked, views = check_settings(loss, lock_image, views, precompute_features, augment)
+except ValueError as e:
+    raise SystemExit(f'config error: {e}')
 threads = runtime.set_threads(threads)
 ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
