@@ -1,6 +1,7 @@
 """The instance discrimination losses of contrastive.py (UniCLIP's MP-NCE with domain dependent
 similarity, SimCLR's NT-Xent) and model.AugAwareVision, against float64 references written from
 the formulas with loops over every pair, against clip_loss, and 2 gloo processes against 1."""
+import faulthandler
 import math
 import os
 import socket
@@ -399,6 +400,7 @@ def run_loss(i, rank, world):
 
 
 def _worker(rank, port, out_dir):
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT) leaves its threads' stacks in stderr
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)

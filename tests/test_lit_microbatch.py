@@ -3,6 +3,7 @@ float64 the step gives the one-shot step's gradients, towers and temperatures al
 (LiT from precomputed features, and CLIP from scratch), uniclip and simclr, on 1 process and on
 2 gloo ranks under DDP; lit.py with micro-batches trains as it does without them (1 process and
 2 ranks) and resumes exactly; the frozen features are written as whole rows by every rank."""
+import faulthandler
 import json
 import math
 import os
@@ -152,6 +153,7 @@ def test_grad_cache_gives_the_one_shot_gradients_float64(mode):
 
 
 def _worker(rank, port, out_dir):
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT) leaves its threads' stacks in stderr
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)

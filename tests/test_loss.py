@@ -2,6 +2,7 @@
 [B, k] cosine matrix with explicit per-row negative masks, margin softmax cross-entropy, plain
 CLIP InfoNCE, and 2 gloo processes against 1 process on the same global batch; forward and
 backward of PartialFC run no op that would stall a GPU on a host sync."""
+import faulthandler
 import math
 import os
 import socket
@@ -730,6 +731,7 @@ def clip_data():
 
 
 def _worker(rank, port, out_dir):
+    faulthandler.enable()  # a rank killed by a signal (SIGABRT) leaves its threads' stacks in stderr
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD)
