@@ -507,7 +507,7 @@ if todo['assign']:
     starts = range(r0, r1, chunk_rows)
     # the next chunks are read in a thread while this one is searched
     rows = runtime.prefetched(lambda i: npy_rows(emb_path, slice(i, min(i + chunk_rows, r1)), np.float16),
-                         starts, 2)
+                              starts, 2)
     for i, x in runtime.progress(zip(starts, rows), desc=f'assign top-{l}', disable=not master,
                                  total=len(starts)):
         _, I = f(x, l)  # sorted, nearest first

@@ -211,7 +211,7 @@ def simclr_loss(views, logit_scale):
     return loss
 
 
-def check_settings(loss, lock_image, views, precompute_features, augment):
+def check_settings(loss, lock_image, views, precompute_features):
     """lit.py's loss settings, checked (ValueError) before any work: (locked, views), locked True
     for LiT (the image tower frozen), views 0 resolved to the loss's own (CLIP 1, else 2)."""
     if loss not in ('clip', 'uniclip', 'simclr'):
@@ -223,6 +223,4 @@ def check_settings(loss, lock_image, views, precompute_features, augment):
         raise ValueError(f"loss={loss!r} takes views={need or '>= 1'}, got {views}")
     if precompute_features and not locked:
         raise ValueError("precompute_features needs a frozen image tower (loss='clip', lock_image=True)")
-    if augment not in ('rrc', 'pad_crop', 'flip', 'none'):
-        raise ValueError(f"augment must be 'rrc', 'pad_crop', 'flip' or 'none', got {augment!r}")
     return locked, views

@@ -127,9 +127,11 @@ runtime.check_device(device)  # before anything is made: one line, no out_dir
 # -----------------------------------------------------------------------------
 
 try:  # every setting of the losses checked once, before any work
-    locked, views = check_settings(loss, lock_image, views, precompute_features, augment)
+    locked, views = check_settings(loss, lock_image, views, precompute_features)
 except ValueError as e:
     raise SystemExit(f'config error: {e}')
+if augment not in data.AUGMENTS:  # the loader's own list, checked before any work
+    raise SystemExit(f"config error: augment must be one of {', '.join(map(repr, data.AUGMENTS))}, got {augment!r}")
 threads = runtime.set_threads(threads)
 ddp, rank, world, device = jobs.init_distributed(device, timeout_minutes)
 master = rank == 0
